@@ -1,0 +1,69 @@
+"""Every option of dvr-agent, declared once (oslo.config), listed for oslo-config-generator.
+
+Options live on a private ConfigOpts built by `make_conf()`; the planner never sees them, the
+agent passes plain values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from oslo_config import cfg
+
+DEFAULT_OPTS = [
+    cfg.StrOpt("node", required=True,
+               help="This node's name, as it appears under `nodes:` in the topology."),
+]
+
+OVS_OPTS = [
+    cfg.StrOpt("ovsdb_connection", default="unix:/var/run/openvswitch/db.sock",
+               help="OVSDB server of this node's Open vSwitch."),
+    cfg.StrOpt("ovs_rundir", default="/var/run/openvswitch",
+               help="Run directory of ovs-vswitchd, where <bridge>.mgmt sockets live."),
+    cfg.StrOpt("openflow_connection",
+               help="OpenFlow endpoint of the integration bridge (unix:PATH or tcp:HOST:PORT); "
+                    "default: unix:<ovs_rundir>/<integration_bridge>.mgmt."),
+    cfg.StrOpt("integration_bridge", default="br-int",
+               help="The bridge VM ports are plugged into."),
+    cfg.StrOpt("datapath_type", default="system", choices=["system", "netdev"],
+               help="Datapath of the bridges the agent creates (netdev: userspace)."),
+    cfg.StrOpt("tunnel_type", default="vxlan", choices=["vxlan", "geneve"],
+               help="Overlay encapsulation between nodes."),
+    cfg.StrOpt("local_ip", help="This node's tunnel endpoint address."),
+    cfg.FloatOpt("ovsdb_timeout", default=10.0, min=1.0,
+                 help="Seconds to wait for an OVSDB transaction."),
+]
+
+TOPOLOGY_OPTS = [
+    cfg.StrOpt("source", default="file", choices=["file"],
+               help="Where the desired state comes from."),
+    cfg.StrOpt("file", help="Topology file (YAML), for source=file."),
+]
+
+AGENT_OPTS = [
+    cfg.StrOpt("status_file", default="/var/lib/dvr/agent-status.json",
+               help="Where the agent reports liveness and convergence (JSON)."),
+    cfg.FloatOpt("poll_interval", default=0.05, min=0.01,
+                 help="Seconds between checks of the topology source and local ports."),
+    cfg.FloatOpt("resync_interval", default=5.0, min=0.5,
+                 help="Seconds between full comparisons of desired and installed flows."),
+    cfg.FloatOpt("heartbeat_interval", default=1.0, min=0.1,
+                 help="Seconds between status reports while nothing changes."),
+]
+
+
+def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
+    return [
+        (None, DEFAULT_OPTS),
+        ("ovs", OVS_OPTS),
+        ("topology", TOPOLOGY_OPTS),
+        ("agent", AGENT_OPTS),
+    ]
+
+
+def make_conf(argv: Sequence[str] | None = None) -> cfg.ConfigOpts:
+    conf = cfg.ConfigOpts()
+    for group, opts in list_opts():
+        conf.register_opts(opts, group=group)
+    conf(list(argv or []), project="dvr", prog="dvr-agent", default_config_files=[])
+    return conf

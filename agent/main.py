@@ -1,0 +1,196 @@
+"""dvr-agent: keeps one node's Open vSwitch in step with the desired state.
+
+The loop: wake on a change of the topology source or of OVSDB (a port plugged, a tunnel got
+its OpenFlow number), or on the resync timer; plan the node's flows (pure); diff them against
+the flows carrying our cookie; apply the difference in one bundle; report. Flows of any other
+cookie are never read or touched, nothing is flushed on start, and stopping the agent leaves
+the dataplane as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import config
+from agent.ofswitch import OpenFlowError, Switch
+from agent.ovsdb import Ovsdb, OvsdbError
+from agent.source import FileSource, Source
+from dvr.model import Topology, TopologyError
+from flows.planner import NodePorts, plan
+
+LOG = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+@dataclass
+class SyncResult:
+    added: int
+    deleted: int
+    flows: int
+    vms: list[str] = field(default_factory=list)
+
+
+class DvrAgent:
+    def __init__(self, conf: Any, source: Source | None = None):
+        self.conf = conf
+        self.node: str = conf.node
+        self.bridge: str = conf.ovs.integration_bridge
+        self.source = source or FileSource(conf.topology.file)
+        target = conf.ovs.openflow_connection or (
+            f"unix:{os.path.join(conf.ovs.ovs_rundir, self.bridge)}.mgmt")
+        self.switch = Switch(target)
+        self.ovsdb: Ovsdb | None = None
+        self.topo: Topology | None = None
+        self.running = True
+        self.status: dict[str, Any] = {
+            "node": self.node, "pid": os.getpid(), "version": VERSION, "converged": False,
+            "generation": None, "flows": 0, "vms": [], "error": None, "syncs": 0,
+        }
+        self._last_report = 0.0
+
+    # --- status ---------------------------------------------------------------------------
+    def report(self, **changes: Any) -> None:
+        self.status.update(changes)
+        self.status["heartbeat"] = time.time()
+        path = self.conf.agent.status_file
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.status, f, sort_keys=True)
+        os.replace(tmp, path)
+        self._last_report = time.monotonic()
+
+    # --- one reconciliation ---------------------------------------------------------------
+    def sync(self) -> SyncResult:
+        assert self.topo is not None and self.ovsdb is not None
+        topo = self.topo
+        peers = {
+            n.name: str(n.tunnel_ip)
+            for n in topo.nodes.values()
+            if n.name != self.node and n.tunnel_ip is not None
+        }
+        self.ovsdb.ensure_tunnels(self.bridge, peers, self.conf.ovs.tunnel_type,
+                                  self.conf.ovs.local_ip)
+        plugged = self.ovsdb.plugged(self.bridge)
+        vms = {}
+        for iface_id, ofport in plugged.ports.items():
+            vm = topo.vm_by_port(iface_id)
+            if vm is not None:
+                vms[vm.name] = ofport
+        ports = NodePorts(vms=vms, tunnels={p: n for p, n in plugged.tunnels.items()
+                                            if p in peers})
+        desired = {f.cookie: f for f in plan(topo, self.node, ports)}
+        installed = self.switch.dump_owned()
+        have = {i.cookie for i in installed}
+        stale = [i for i in installed if i.cookie not in desired]
+        missing = [f for c, f in desired.items() if c not in have]
+        # a cookie installed twice (another table or priority): remove the extra copies
+        seen: set[int] = set()
+        for inst in installed:
+            if inst.cookie in desired and inst.cookie in seen:
+                stale.append(inst)
+            seen.add(inst.cookie)
+        self.switch.apply(stale, missing)
+        if stale or missing:
+            LOG.info("node %s: +%d -%d flows (%d desired)", self.node, len(missing),
+                     len(stale), len(desired))
+        return SyncResult(len(missing), len(stale), len(desired), sorted(vms))
+
+    # --- the loop -------------------------------------------------------------------------
+    def _load(self) -> bool:
+        try:
+            topo = self.source.load()
+        except TopologyError as exc:
+            LOG.error("desired state refused, keeping the last one: %s", exc)
+            self.report(error=str(exc))
+            return False
+        if self.node not in topo.nodes:
+            LOG.error("node %s is not in the topology; keeping the last state", self.node)
+            self.report(error=f"node {self.node} is not in the topology")
+            return False
+        self.topo = topo
+        return True
+
+    def run(self) -> int:
+        conf = self.conf
+        self.report()
+        while self.running and self.ovsdb is None:
+            try:
+                self.ovsdb = Ovsdb(conf.ovs.ovsdb_connection, conf.ovs.ovsdb_timeout)
+                self.ovsdb.ensure_bridge(self.bridge, conf.ovs.datapath_type)
+            except OvsdbError as exc:
+                self.ovsdb = None
+                self.report(error=str(exc), converged=False)
+                LOG.warning("%s; retrying", exc)
+                time.sleep(1)
+        dirty = True
+        next_resync = 0.0
+        backoff = 0.1
+        while self.running:
+            now = time.monotonic()
+            if self.source.poll() and self._load():
+                dirty = True
+            if self.ovsdb is not None and self.ovsdb.changed.is_set():
+                self.ovsdb.changed.clear()
+                dirty = True
+            if now >= next_resync:
+                dirty = True
+            if dirty and self.topo is not None:
+                try:
+                    result = self.sync()
+                except (OpenFlowError, OvsdbError) as exc:
+                    LOG.warning("sync failed: %s", exc)
+                    self.report(converged=False, error=str(exc))
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                backoff = 0.1
+                dirty = False
+                next_resync = now + conf.agent.resync_interval
+                self.report(converged=True, generation=self.topo.digest, flows=result.flows,
+                            vms=result.vms, error=None, syncs=self.status["syncs"] + 1,
+                            last_change={"added": result.added, "deleted": result.deleted})
+            elif now - self._last_report >= conf.agent.heartbeat_interval:
+                self.report()
+            if self.ovsdb is not None:
+                self.ovsdb.changed.wait(conf.agent.poll_interval)
+            else:
+                time.sleep(conf.agent.poll_interval)
+        if self.ovsdb is not None:
+            self.ovsdb.close()
+        self.switch.close()
+        return 0
+
+    def stop(self, *_: Any) -> None:
+        self.running = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+    )
+    try:
+        conf = config.make_conf(argv)
+        if conf.topology.source == "file" and not conf.topology.file:
+            raise ValueError("[topology] file is required with source=file")
+    except Exception as exc:
+        print(f"dvr-agent: {exc}", file=sys.stderr)
+        return 2
+    agent = DvrAgent(conf)
+    signal.signal(signal.SIGTERM, agent.stop)
+    signal.signal(signal.SIGINT, agent.stop)
+    return agent.run()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The `dvr` command: `dvr lab ...` (see the topology contract)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from agent.netlink import NetlinkError
+from dvr.lab import Lab, LabError
+from dvr.model import TopologyError
+
+
+def _lab_parser(sub: argparse._SubParsersAction) -> None:
+    lab = sub.add_parser("lab", help="run a multi-node cloud on this machine")
+    lab.add_argument("--prefix", default="dvr", help="name of the lab (default: dvr)")
+    cmds = lab.add_subparsers(dest="lab_cmd", required=True, metavar="COMMAND")
+    up = cmds.add_parser("up", help="build the lab, or apply a new topology to it")
+    up.add_argument("topology", nargs="?", help="topology file (default: built-in example)")
+    up.add_argument("--timeout", type=float, default=60.0)
+    ap = cmds.add_parser("apply", help="change the desired state of a running lab")
+    ap.add_argument("topology")
+    ap.add_argument("--timeout", type=float, default=60.0)
+    cmds.add_parser("down", help="remove everything the lab created")
+    st = cmds.add_parser("status", help="nodes, agents, VMs and SNAT")
+    st.add_argument("--json", action="store_true")
+    for name, what in (("exec", "VM"), ("node", "NODE")):
+        p = cmds.add_parser(name, help=f"run a command inside a {what.lower()}")
+        p.add_argument("target", metavar=what)
+        p.add_argument("argv", nargs=argparse.REMAINDER)
+    ext = cmds.add_parser("ext", help="run a command on the external host")
+    ext.add_argument("argv", nargs=argparse.REMAINDER)
+    for name, what in (("kill", "stop a node at once, as a power cut would"),
+                       ("start", "bring a killed node back"),
+                       ("restart-agent", "restart only the node's agent"),
+                       ("restart-ovs", "restart only the node's ovs-vswitchd")):
+        p = cmds.add_parser(name, help=what)
+        p.add_argument("node")
+
+
+def _print_status(st: dict) -> None:
+    print(f"lab {st['prefix']}: {st['topology']} (generation {st['generation']})")
+    print(f"{'NODE':<12} {'ROLE':<8} {'TUNNEL IP':<15} {'OVS':<5} {'AGENT':<6} "
+          f"{'CONVERGED':<10} {'FLOWS':>6}  VMS")
+    for name, n in st["nodes"].items():
+        ovs = "up" if n["ovsdb_server"] and n["ovs_vswitchd"] else "down"
+        a = n["agent"]
+        print(f"{name:<12} {n['role']:<8} {n['tunnel_ip'] or '-':<15} {ovs:<5} "
+              f"{'alive' if a['alive'] else 'dead':<6} {'yes' if a['converged'] else 'no':<10} "
+              f"{a['flows']:>6}  {' '.join(a['vms'])}")
+    print(f"\n{'VM':<12} {'NODE':<12} {'NETWORK':<12} {'IP':<15} {'MAC':<18} FLOATING IP")
+    for name, v in st["vms"].items():
+        print(f"{name:<12} {v['node']:<12} {v['network']:<12} {v['ip']:<15} {v['mac']:<18} "
+              f"{v['floating_ip'] or '-'}")
+    for router, s in st["snat"].items():
+        active = ", ".join(s["active"]) or "none"
+        print(f"\nSNAT {router} ({s['external_ip']}): nodes {', '.join(s['snat_nodes'])}; "
+              f"active: {active}")
+
+
+def _run_inside(lab: Lab, kind: str, target: str, cmd: list[str]) -> int:
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise LabError("no command given (usage: ... -- CMD [ARGS...])")
+    argv, env = lab.exec_argv(kind, target, cmd)
+    return subprocess.call(argv, env=env)
+
+
+def lab_main(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        raise LabError("dvr lab needs root (network namespaces and Open vSwitch)")
+    lab = Lab(args.prefix)
+    cmd = args.lab_cmd
+    if cmd == "up":
+        t0 = time.monotonic()
+        lab.up(args.topology, timeout=args.timeout)
+        st = lab.status()
+        print(f"lab {lab.prefix} up: {len(st['nodes'])} nodes, {len(st['vms'])} VMs, "
+              f"converged in {time.monotonic() - t0:.2f}s")
+    elif cmd == "apply":
+        t0 = time.monotonic()
+        lab.apply(args.topology, timeout=args.timeout)
+        print(f"lab {lab.prefix}: applied, converged in {time.monotonic() - t0:.2f}s")
+    elif cmd == "down":
+        lab.down()
+    elif cmd == "status":
+        st = lab.status()
+        if args.json:
+            print(json.dumps(st, indent=2))
+        else:
+            _print_status(st)
+    elif cmd == "exec":
+        return _run_inside(lab, "vm", args.target, args.argv)
+    elif cmd == "node":
+        return _run_inside(lab, "node", args.target, args.argv)
+    elif cmd == "ext":
+        return _run_inside(lab, "ext", "", args.argv)
+    elif cmd == "kill":
+        lab.kill_node(args.node)
+    elif cmd == "start":
+        lab.start_node(args.node)
+    elif cmd == "restart-agent":
+        lab.restart_agent(args.node)
+    elif cmd == "restart-ovs":
+        lab.restart_ovs(args.node)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dvr", description="Distributed Virtual Router")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    _lab_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="dvr: %(levelname)s: %(message)s")
+    try:
+        if args.cmd == "lab":
+            return lab_main(args)
+    except (LabError, TopologyError, NetlinkError) as exc:
+        print(f"dvr: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"dvr: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

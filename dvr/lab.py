@@ -1,0 +1,606 @@
+"""`dvr lab`: a multi-node cloud on one machine.
+
+Every node is a network namespace running its own ovsdb-server, ovs-vswitchd (userspace
+datapath) and dvr-agent; nodes reach each other over an underlay segment (a Linux bridge in
+the lab's underlay namespace) where each node's tunnel endpoint sits on its `br-phy`. VMs are
+namespaces plugged into their node's `br-int` the way Nova/os-vif plugs them. The external
+host holds the provider network's gateway and an "internet" address behind it.
+
+Every resource carries the lab's prefix: namespaces `<prefix>-n-<node>`, `<prefix>-v-<vm>`,
+`<prefix>-ul`, `<prefix>-ext`; files under `<rundir>/<prefix>-lab/`; processes whose command
+line names that directory. `down` finds and removes all of them, whatever state `up` left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.netlink import NetlinkError, Netns, delete_namespace, ensure_namespace, list_namespaces
+from dvr.model import VM, Topology, TopologyError, load_topology, parse_topology
+
+LOG = logging.getLogger(__name__)
+PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+UNDERLAY = ipaddress.IPv4Network("198.18.0.0/16")  # RFC 2544 benchmarking range
+UNDERLAY_MTU = 1600
+VSWITCH_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
+DEFAULT_TOPOLOGY = Path(__file__).parent / "examples" / "default.yaml"
+CONVERGE_TIMEOUT = 60.0
+
+
+class LabError(Exception):
+    """A lab operation failed; the message is one line for the operator."""
+
+
+def rundir() -> Path:
+    return Path(os.environ.get("DVR_LAB_RUNDIR", "/run"))
+
+
+@dataclass(frozen=True)
+class Proc:
+    name: str
+    pidfile: Path
+
+
+class Lab:
+    def __init__(self, prefix: str = "dvr"):
+        if not PREFIX_RE.match(prefix):
+            raise LabError(f"invalid prefix {prefix!r}: use [a-z][a-z0-9]{{0,7}}")
+        self.prefix = prefix
+        self.dir = rundir() / f"{prefix}-lab"
+        self.ul_ns = f"{prefix}-ul"
+        self.ext_ns = f"{prefix}-ext"
+
+    # --- names ----------------------------------------------------------------------------
+    def node_ns(self, node: str) -> str:
+        return f"{self.prefix}-n-{node}"
+
+    def vm_ns(self, vm: str) -> str:
+        return f"{self.prefix}-v-{vm}"
+
+    def node_dir(self, node: str) -> Path:
+        return self.dir / "nodes" / node
+
+    @property
+    def topology_file(self) -> Path:
+        """The desired state the agents watch (the user's file plus lab facts)."""
+        return self.dir / "topology.yaml"
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "lab.json"
+
+    def ovs_env(self, node: str) -> dict[str, str]:
+        d = str(self.node_dir(node))
+        return {**os.environ, "OVS_RUNDIR": d, "OVS_DBDIR": d, "OVS_LOGDIR": d,
+                "OVS_SYSCONFDIR": d}
+
+    def is_up(self) -> bool:
+        return self.state_file.exists()
+
+    def state(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            raise LabError(f"lab {self.prefix} is not up (no {self.state_file})") from None
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        os.replace(tmp, self.state_file)
+
+    def topology(self) -> Topology:
+        return load_topology(self.topology_file)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        rundir().mkdir(parents=True, exist_ok=True)
+        path = rundir() / f"{self.prefix}-lab.lock"
+        with open(path, "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # --- commands -------------------------------------------------------------------------
+    def up(self, topology: str | Path | None = None, timeout: float = CONVERGE_TIMEOUT) -> None:
+        path = Path(topology) if topology else DEFAULT_TOPOLOGY
+        topo = load_topology(path)  # validate before anything is created
+        raw = yaml.safe_load(path.read_text())
+        with self.locked():
+            if self.is_up():
+                self._apply(topo, raw, path, timeout)
+                return
+            try:
+                self._create(topo, raw, path, timeout)
+            except BaseException:
+                LOG.error("lab %s: up failed; removing what was created", self.prefix)
+                self._down()
+                raise
+
+    def apply(self, topology: str | Path, timeout: float = CONVERGE_TIMEOUT) -> None:
+        path = Path(topology)
+        topo = load_topology(path)
+        raw = yaml.safe_load(path.read_text())
+        with self.locked():
+            if not self.is_up():
+                raise LabError(f"lab {self.prefix} is not up: run `dvr lab up` first")
+            self._apply(topo, raw, path, timeout)
+
+    def down(self) -> None:
+        with self.locked():
+            self._down()
+        with contextlib.suppress(OSError):
+            (rundir() / f"{self.prefix}-lab.lock").unlink()
+
+    # --- building -------------------------------------------------------------------------
+    def _effective(self, raw: dict[str, Any], underlay: dict[str, str]) -> tuple[str, Topology]:
+        """The user's topology with each node's tunnel endpoint filled in by the lab."""
+        data = json.loads(json.dumps(raw))  # deep copy of plain YAML data
+        for name, spec in (data.get("nodes") or {}).items():
+            if isinstance(spec, dict) and name in underlay and "tunnel_ip" not in spec:
+                spec["tunnel_ip"] = underlay[name]
+        text = yaml.safe_dump(data, sort_keys=False)
+        return text, parse_topology(text, str(self.topology_file))
+
+    def _allocate_underlay(self, topo: Topology, current: dict[str, str]) -> dict[str, str]:
+        out = {n: ip for n, ip in current.items() if n in topo.nodes}
+        used = set(out.values())
+        hosts = (str(h) for h in UNDERLAY.hosts())
+        for node in sorted(topo.nodes.values(), key=lambda n: n.index):
+            if node.name in out:
+                continue
+            if node.tunnel_ip is not None:
+                out[node.name] = str(node.tunnel_ip)
+            else:
+                ip = next(h for h in hosts if h not in used and not h.endswith(".0.1"))
+                out[node.name] = ip
+            used.add(out[node.name])
+        return out
+
+    def _write_topology(self, text: str) -> None:
+        tmp = self.topology_file.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.topology_file)
+
+    def _create(self, topo: Topology, raw: dict[str, Any], path: Path, timeout: float) -> None:
+        for cmd in ("ovsdb-server", "ovs-vswitchd", "ovs-vsctl", "ovsdb-tool", "ethtool"):
+            if shutil.which(cmd) is None:
+                raise LabError(f"{cmd} not found: install openvswitch-switch and ethtool")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        underlay = self._allocate_underlay(topo, {})
+        text, eff = self._effective(raw, underlay)
+        self._write_topology(text)
+        state = {"prefix": self.prefix, "source": str(path.resolve()), "underlay": underlay,
+                 "vms": {}, "nodes": sorted(eff.nodes)}
+        self._save_state(state)
+        ensure_namespace(self.ul_ns)
+        with Netns(self.ul_ns) as ul:
+            ul.up_loopback()
+            ul.add_bridge("ul")
+            ul.add_bridge("ex")
+        self._create_external(eff)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda n: self._create_node(n, underlay[n]), sorted(eff.nodes)))
+        for vm in eff.vms.values():
+            self._plug_vm(eff, vm)
+            state["vms"][vm.name] = vm.node
+        self._save_state(state)
+        self.wait_converged(eff, timeout)
+
+    def _create_external(self, topo: Topology) -> None:
+        ensure_namespace(self.ext_ns)
+        with Netns(self.ul_ns) as ul:
+            ul.add_veth("x-ext", "ext0", self.ext_ns)
+            ul.set_link("x-ext", master="ex", up=True)
+        with Netns(self.ext_ns) as ext:
+            ext.up_loopback()
+            ext.set_link("ext0", up=True)
+            if topo.external:
+                ext.add_address("ext0", f"{topo.external.gateway_ip}/"
+                                f"{topo.external.cidr.prefixlen}")
+                # the "internet" host: an address behind the gateway (no dummy module here)
+                ext.add_address("lo", f"{topo.external.remote_ip}/32")
+        self._sh(self.ext_ns, ["ethtool", "-K", "ext0", "tx", "off"], check=False)
+
+    def _sh(
+        self, ns: str, cmd: list[str], node: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        env = self.ovs_env(node) if node else None
+        res = subprocess.run(["ip", "netns", "exec", ns, *cmd], env=env, text=True,
+                             capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+        if check and res.returncode != 0:
+            err = (res.stderr.strip().splitlines() or ["failed"])[-1]
+            raise LabError(f"{ns}: {' '.join(cmd[:3])}: {err}")
+        return res
+
+    def _vsctl(self, node: str, *args: str) -> str:
+        return self._sh(self.node_ns(node), ["ovs-vsctl", "--timeout=20", *args],
+                        node=node).stdout
+
+    def _create_node(self, node: str, tunnel_ip: str) -> None:
+        ns = self.node_ns(node)
+        d = self.node_dir(node)
+        d.mkdir(parents=True, exist_ok=True)
+        ensure_namespace(ns)
+        with Netns(self.ul_ns) as ul:
+            ul.add_veth(f"n-{node}", "ul0", ns, mtu=UNDERLAY_MTU)
+            ul.set_link(f"n-{node}", master="ul", up=True, mtu=UNDERLAY_MTU)
+        with Netns(ns) as n:
+            n.up_loopback()
+            n.set_link("ul0", up=True, mtu=UNDERLAY_MTU)
+        db = d / "conf.db"
+        if not db.exists():
+            subprocess.run(["ovsdb-tool", "create", str(db), VSWITCH_SCHEMA], check=True,
+                           capture_output=True)
+        self._start_ovsdb(node)
+        self._start_vswitchd(node)
+        self._vsctl(node, "--no-wait", "init")
+        self._vsctl(node, "--may-exist", "add-br", "br-phy", "--", "set", "bridge", "br-phy",
+                    "datapath_type=netdev", "--", "--may-exist", "add-port", "br-phy", "ul0")
+        self._vsctl(node, "--may-exist", "add-br", "br-int", "--", "set", "bridge", "br-int",
+                    "datapath_type=netdev", "fail_mode=secure")
+        with Netns(ns) as n:
+            n.set_link("br-phy", up=True, mtu=UNDERLAY_MTU)
+            n.add_address("br-phy", f"{tunnel_ip}/{UNDERLAY.prefixlen}")
+        self._write_agent_config(node, tunnel_ip)
+        self._start_agent(node)
+
+    def _write_agent_config(self, node: str, tunnel_ip: str) -> None:
+        d = self.node_dir(node)
+        (d / "agent.ini").write_text(
+            "[DEFAULT]\n"
+            f"node = {node}\n"
+            "[ovs]\n"
+            f"ovsdb_connection = unix:{d}/db.sock\n"
+            f"ovs_rundir = {d}\n"
+            "integration_bridge = br-int\n"
+            "datapath_type = netdev\n"
+            "tunnel_type = vxlan\n"
+            f"local_ip = {tunnel_ip}\n"
+            "[topology]\n"
+            "source = file\n"
+            f"file = {self.topology_file}\n"
+            "[agent]\n"
+            f"status_file = {d}/agent-status.json\n"
+            "resync_interval = 5\n"
+        )
+
+    # --- processes ------------------------------------------------------------------------
+    def _procs(self, node: str) -> dict[str, Path]:
+        d = self.node_dir(node)
+        return {"agent": d / "agent.pid", "ovs-vswitchd": d / "ovs-vswitchd.pid",
+                "ovsdb-server": d / "ovsdb-server.pid"}
+
+    def _start_ovsdb(self, node: str) -> None:
+        d = self.node_dir(node)
+        self._sh(self.node_ns(node), [
+            "ovsdb-server", str(d / "conf.db"), f"--remote=punix:{d}/db.sock",
+            f"--pidfile={d}/ovsdb-server.pid", f"--unixctl={d}/ovsdb-server.ctl",
+            f"--log-file={d}/ovsdb-server.log", "--detach", "--no-chdir", "-vconsole:off",
+        ], node=node)
+
+    def _start_vswitchd(self, node: str) -> None:
+        d = self.node_dir(node)
+        self._sh(self.node_ns(node), [
+            "ovs-vswitchd", f"unix:{d}/db.sock", f"--pidfile={d}/ovs-vswitchd.pid",
+            f"--log-file={d}/ovs-vswitchd.log", "--detach", "--no-chdir", "-vconsole:off",
+        ], node=node)
+
+    def _start_agent(self, node: str) -> None:
+        d = self.node_dir(node)
+        exe = shutil.which("dvr-agent")
+        cmd = [exe] if exe else [sys.executable, "-m", "agent.main"]
+        with open(d / "agent.log", "ab") as log:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.node_ns(node), *cmd,
+                 "--config-file", str(d / "agent.ini")],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd="/",
+                env={**os.environ, "PYTHONPATH": _pythonpath()},
+            )
+        (d / "agent.pid").write_text(f"{proc.pid}\n")
+
+    def kill_node(self, node: str) -> None:
+        self._need_node(node)
+        for pidfile in self._procs(node).values():
+            _kill_pidfile(pidfile, signal.SIGKILL)
+
+    def start_node(self, node: str, timeout: float = CONVERGE_TIMEOUT) -> None:
+        self._need_node(node)
+        procs = self._procs(node)
+        if not _alive(_read_pid(procs["ovsdb-server"])):
+            self._start_ovsdb(node)
+        if not _alive(_read_pid(procs["ovs-vswitchd"])):
+            self._start_vswitchd(node)
+        if not _alive(_read_pid(procs["agent"])):
+            self._start_agent(node)
+        self.wait_converged(self.topology(), timeout, nodes=[node])
+
+    def restart_agent(self, node: str, timeout: float = CONVERGE_TIMEOUT) -> None:
+        self._need_node(node)
+        _kill_pidfile(self._procs(node)["agent"], signal.SIGTERM)
+        self._start_agent(node)
+        self.wait_converged(self.topology(), timeout, nodes=[node])
+
+    def restart_ovs(self, node: str, timeout: float = CONVERGE_TIMEOUT) -> None:
+        self._need_node(node)
+        _kill_pidfile(self._procs(node)["ovs-vswitchd"], signal.SIGKILL)
+        self._start_vswitchd(node)
+        self.wait_converged(self.topology(), timeout, nodes=[node])
+
+    def _need_node(self, node: str) -> None:
+        if node not in self.state()["underlay"]:
+            raise LabError(f"unknown node {node!r} in lab {self.prefix}")
+
+    # --- VMs (the lab plays Nova and os-vif) ----------------------------------------------
+    def _plug_vm(self, topo: Topology, vm: VM) -> None:
+        net = topo.networks[vm.network]
+        ns, node_ns, tap = self.vm_ns(vm.name), self.node_ns(vm.node), f"tap{vm.name}"
+        ensure_namespace(ns)
+        with Netns(node_ns) as n:
+            n.add_veth(tap, "eth0", ns)
+            n.set_link(tap, up=True, mtu=net.mtu)
+        with Netns(ns) as v:
+            v.up_loopback()
+            v.set_link("eth0", mac=vm.mac, mtu=net.mtu, up=True)
+            v.add_address("eth0", f"{vm.ip}/{net.cidr.prefixlen}")
+            if topo.router_of(vm.network) is not None:
+                v.add_route("0.0.0.0/0", str(net.gateway_ip))
+        # userspace datapath: checksums must be complete on the wire (see lab facts)
+        self._sh(ns, ["ethtool", "-K", "eth0", "tx", "off"], check=False)
+        self._sh(node_ns, ["ethtool", "-K", tap, "tx", "off"], check=False)
+        self._vsctl(vm.node, "--may-exist", "add-port", "br-int", tap, "--", "set",
+                    "Interface", tap, f"external_ids:iface-id={vm.port_id}",
+                    f"external_ids:attached-mac={vm.mac}", "external_ids:iface-status=active",
+                    f"external_ids:vm-id={vm.name}")
+
+    def _unplug_vm(self, name: str, node: str) -> None:
+        ns = self.node_ns(node)
+        if ns in list_namespaces():
+            self._sh(ns, ["ovs-vsctl", "--timeout=20", "--if-exists", "del-port", "br-int",
+                          f"tap{name}"], node=node, check=False)
+        delete_namespace(self.vm_ns(name))
+
+    # --- changing a running lab -----------------------------------------------------------
+    def _apply(self, topo: Topology, raw: dict[str, Any], path: Path, timeout: float) -> None:
+        state = self.state()
+        old = self.topology()
+        underlay = self._allocate_underlay(topo, state["underlay"])
+        text, eff = self._effective(raw, underlay)
+        for name, node in list(state["vms"].items()):
+            new = eff.vms.get(name)
+            was = old.vms.get(name)
+            if new is None or was is None or (new.node, new.network, new.ip, new.mac) != (
+                    was.node, was.network, was.ip, was.mac):
+                self._unplug_vm(name, node)
+                del state["vms"][name]
+        for node in set(state["underlay"]) - set(eff.nodes):
+            self._destroy_node(node)
+        state["underlay"] = underlay
+        state["nodes"] = sorted(eff.nodes)
+        state["source"] = str(path.resolve())
+        self._save_state(state)
+        new_nodes = [n for n in eff.nodes if not (self.node_dir(n) / "agent.ini").exists()]
+        # the new desired state first, so that new agents start with it
+        self._write_topology(text)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda n: self._create_node(n, underlay[n]), new_nodes))
+        if eff.external and old.external != eff.external:
+            delete_namespace(self.ext_ns)
+            with Netns(self.ul_ns) as ul, contextlib.suppress(NetlinkError):
+                ul.ipr.link("del", index=ul.index("x-ext"))
+            self._create_external(eff)
+        for vm in eff.vms.values():
+            if vm.name not in state["vms"]:
+                self._plug_vm(eff, vm)
+                state["vms"][vm.name] = vm.node
+        self._save_state(state)
+        self.wait_converged(eff, timeout)
+
+    def _destroy_node(self, node: str) -> None:
+        for pidfile in self._procs(node).values():
+            _kill_pidfile(pidfile, signal.SIGKILL)
+        delete_namespace(self.node_ns(node))
+        with Netns(self.ul_ns) as ul, contextlib.suppress(NetlinkError):
+            ul.ipr.link("del", index=ul.index(f"n-{node}"))
+        shutil.rmtree(self.node_dir(node), ignore_errors=True)
+
+    # --- convergence and status -----------------------------------------------------------
+    def agent_status(self, node: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.node_dir(node) / "agent-status.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _node_converged(self, topo: Topology, node: str) -> tuple[bool, str]:
+        st = self.agent_status(node)
+        if st is None:
+            return False, "no status yet"
+        if not _alive(_read_pid(self._procs(node)["agent"])):
+            return False, "agent is not running"
+        if st.get("generation") != topo.digest:
+            return False, st.get("error") or "working on an older topology"
+        if not st.get("converged"):
+            return False, st.get("error") or "not converged"
+        want = sorted(vm.name for vm in topo.vms_on(node))
+        if st.get("vms") != want:
+            return False, f"bound VMs {st.get('vms')} != {want}"
+        return True, ""
+
+    def wait_converged(
+        self, topo: Topology, timeout: float = CONVERGE_TIMEOUT, nodes: list[str] | None = None
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(nodes or topo.nodes)
+        why = ""
+        while pending:
+            still = []
+            for node in pending:
+                ok, reason = self._node_converged(topo, node)
+                if not ok:
+                    still.append(node)
+                    why = f"{node}: {reason}"
+            pending = still
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"agents did not converge within {timeout:.0f}s ({why})")
+            time.sleep(0.02)
+
+    def status(self) -> dict[str, Any]:
+        state = self.state()
+        topo = self.topology()
+        nodes = {}
+        for name in sorted(topo.nodes):
+            procs = {k: _alive(_read_pid(p)) for k, p in self._procs(name).items()}
+            st = self.agent_status(name) or {}
+            converged, reason = self._node_converged(topo, name)
+            nodes[name] = {
+                "role": topo.nodes[name].role,
+                "namespace": self.node_ns(name),
+                "tunnel_ip": state["underlay"].get(name),
+                "ovsdb_server": procs["ovsdb-server"],
+                "ovs_vswitchd": procs["ovs-vswitchd"],
+                "agent": {
+                    "alive": procs["agent"] and time.time() - st.get("heartbeat", 0) < 10,
+                    "converged": converged,
+                    "reason": reason or None,
+                    "flows": st.get("flows", 0),
+                    "generation": st.get("generation"),
+                    "vms": st.get("vms", []),
+                },
+            }
+        vms = {
+            vm.name: {"node": vm.node, "network": vm.network, "ip": str(vm.ip), "mac": vm.mac,
+                      "floating_ip": str(vm.floating_ip) if vm.floating_ip else None,
+                      "namespace": self.vm_ns(vm.name)}
+            for vm in sorted(topo.vms.values(), key=lambda v: v.name)
+        }
+        snat = {
+            r.name: {"external_ip": str(r.external_ip), "snat_nodes": list(r.snat_nodes),
+                     "active": [n for n in r.snat_nodes
+                                if r.name in (self.agent_status(n) or {}).get("snat", [])]}
+            for r in topo.routers.values() if r.external_gateway
+        }
+        return {"prefix": self.prefix, "topology": state.get("source"),
+                "generation": topo.digest, "nodes": nodes, "vms": vms, "snat": snat,
+                "external": {"namespace": self.ext_ns,
+                             "gateway_ip": str(topo.external.gateway_ip),
+                             "remote_ip": str(topo.external.remote_ip)}
+                if topo.external else None}
+
+    # --- running commands inside --------------------------------------------------------
+    def exec_argv(self, kind: str, name: str, cmd: list[str]) -> tuple[list[str], dict[str, str]]:
+        topo = self.topology()
+        if kind == "vm":
+            if name not in topo.vms:
+                raise LabError(f"unknown VM {name!r} in lab {self.prefix}")
+            return ["ip", "netns", "exec", self.vm_ns(name), *cmd], dict(os.environ)
+        if kind == "node":
+            if name not in topo.nodes:
+                raise LabError(f"unknown node {name!r} in lab {self.prefix}")
+            return ["ip", "netns", "exec", self.node_ns(name), *cmd], self.ovs_env(name)
+        return ["ip", "netns", "exec", self.ext_ns, *cmd], dict(os.environ)
+
+    # --- tearing down ---------------------------------------------------------------------
+    def _down(self) -> None:
+        marker = str(self.dir)
+        pids = set()
+        if (self.dir / "nodes").is_dir():
+            for node_dir in (self.dir / "nodes").iterdir():
+                for p in ("agent.pid", "ovs-vswitchd.pid", "ovsdb-server.pid"):
+                    pid = _read_pid(node_dir / p)
+                    if pid:
+                        pids.add(pid)
+        pids.update(_pids_mentioning(marker))
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in pids:
+            _wait_dead(pid, 5.0)
+        pattern = re.compile(rf"^{re.escape(self.prefix)}-(n-|v-|ul$|ext$)")
+        for ns in list_namespaces():
+            if pattern.match(ns):
+                delete_namespace(ns)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _pythonpath() -> str:
+    """Let agents import this project even when it runs from a source checkout."""
+    here = str(Path(__file__).resolve().parent.parent)
+    old = os.environ.get("PYTHONPATH")
+    return f"{here}:{old}" if old else here
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    """True for a running process; a zombie counts as dead."""
+    if not pid:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _wait_dead(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.01)
+
+
+def _kill_pidfile(pidfile: Path, sig: int) -> None:
+    pid = _read_pid(pidfile)
+    if pid and _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        _wait_dead(pid, 10.0)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            _wait_dead(pid, 5.0)
+
+
+def _pids_mentioning(marker: str) -> list[int]:
+    out = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker + "/" in cmdline or cmdline.rstrip().endswith(marker):
+            out.append(int(entry))
+    return out
+
+
+__all__ = ["Lab", "LabError", "TopologyError"]

@@ -1,0 +1,306 @@
+"""A small, pure model of OpenFlow 1.3 flows as this project uses them.
+
+Field names are the OXM names os-ken uses (`eth_dst`, `ipv4_dst`, `tunnel_id`, `reg0`, ...).
+Values are canonical: MAC and IPv4 addresses as lowercase strings (an IPv4 prefix as
+`a.b.c.d/len`), everything else as ints; an int field may carry a mask as `(value, mask)`.
+
+A `Flow`'s identity is (table, priority, match): the one place where what is added and what is
+deleted is decided. Its cookie is derived from the whole flow, so a changed flow is a new flow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+OWNER_COOKIE = 0xD7A5  # top 16 bits of every cookie this project installs
+OWNER_MASK = 0xFFFF << 48
+IN_PORT = 0xFFFFFFF8  # OFPP_IN_PORT
+
+ETH_IP = 0x0800
+ETH_ARP = 0x0806
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+
+# field -> (kind, width in bits)
+FIELDS: dict[str, tuple[str, int]] = {
+    "in_port": ("int", 32),
+    "metadata": ("int", 64),
+    "tunnel_id": ("int", 64),
+    "eth_src": ("mac", 48),
+    "eth_dst": ("mac", 48),
+    "eth_type": ("int", 16),
+    "ip_proto": ("int", 8),
+    "ipv4_src": ("ip", 32),
+    "ipv4_dst": ("ip", 32),
+    "icmpv4_type": ("int", 8),
+    "icmpv4_code": ("int", 8),
+    "tcp_src": ("int", 16),
+    "tcp_dst": ("int", 16),
+    "udp_src": ("int", 16),
+    "udp_dst": ("int", 16),
+    "arp_op": ("int", 16),
+    "arp_spa": ("ip", 32),
+    "arp_tpa": ("ip", 32),
+    "arp_sha": ("mac", 48),
+    "arp_tha": ("mac", 48),
+    **{f"reg{i}": ("int", 32) for i in range(8)},
+}
+
+# what a field needs matched before it may be matched (OpenFlow prerequisites)
+PREREQS: dict[str, tuple[tuple[str, int], ...]] = {
+    "ip_proto": (("eth_type", ETH_IP),),
+    "ipv4_src": (("eth_type", ETH_IP),),
+    "ipv4_dst": (("eth_type", ETH_IP),),
+    "icmpv4_type": (("eth_type", ETH_IP), ("ip_proto", PROTO_ICMP)),
+    "icmpv4_code": (("eth_type", ETH_IP), ("ip_proto", PROTO_ICMP)),
+    "tcp_src": (("eth_type", ETH_IP), ("ip_proto", PROTO_TCP)),
+    "tcp_dst": (("eth_type", ETH_IP), ("ip_proto", PROTO_TCP)),
+    "udp_src": (("eth_type", ETH_IP), ("ip_proto", PROTO_UDP)),
+    "udp_dst": (("eth_type", ETH_IP), ("ip_proto", PROTO_UDP)),
+    "arp_op": (("eth_type", ETH_ARP),),
+    "arp_spa": (("eth_type", ETH_ARP),),
+    "arp_tpa": (("eth_type", ETH_ARP),),
+    "arp_sha": (("eth_type", ETH_ARP),),
+    "arp_tha": (("eth_type", ETH_ARP),),
+}
+
+# ovs-ofctl spelling of each field
+OFCTL_NAMES = {
+    "tunnel_id": "tun_id",
+    "eth_src": "dl_src",
+    "eth_dst": "dl_dst",
+    "eth_type": "dl_type",
+    "ip_proto": "nw_proto",
+    "ipv4_src": "nw_src",
+    "ipv4_dst": "nw_dst",
+    "icmpv4_type": "icmp_type",
+    "icmpv4_code": "icmp_code",
+    "tcp_src": "tp_src",
+    "tcp_dst": "tp_dst",
+    "udp_src": "tp_src",
+    "udp_dst": "tp_dst",
+}
+
+Value = int | str | tuple[int, int]
+
+
+def canonical(fld: str, value: Value) -> Value:
+    """Normalise a field value; raises ValueError for a value the field cannot hold."""
+    if fld not in FIELDS:
+        raise ValueError(f"unknown field {fld!r}")
+    kind, width = FIELDS[fld]
+    if kind == "mac":
+        return str(value).lower()
+    if kind == "ip":
+        net = ipaddress.IPv4Network(str(value), strict=True)
+        return str(net.network_address) if net.prefixlen == 32 else str(net)
+    if isinstance(value, tuple):
+        v, m = value
+        if m == (1 << width) - 1:
+            return int(v)
+        return (int(v) & int(m), int(m))
+    if not 0 <= int(value) < (1 << width):
+        raise ValueError(f"{fld}={value} does not fit {width} bits")
+    return int(value)
+
+
+def value_matches(fld: str, want: Value, have: Value | None) -> bool:
+    """Does a packet's field value `have` satisfy the match value `want`?"""
+    if have is None:
+        return False
+    kind, _ = FIELDS[fld]
+    if kind == "ip":
+        return ipaddress.IPv4Address(str(have)) in ipaddress.IPv4Network(str(want))
+    if kind == "mac":
+        return str(have).lower() == want
+    if isinstance(want, tuple):
+        v, m = want
+        return (int(have) & m) == v
+    return int(have) == want
+
+
+def format_value(fld: str, value: Value) -> str:
+    if isinstance(value, tuple):
+        return f"{value[0]:#x}/{value[1]:#x}"
+    if FIELDS[fld][0] == "int" and fld not in ("in_port", "eth_type") and value > 9:  # type: ignore[operator]
+        return f"{value:#x}"
+    if fld == "eth_type":
+        return f"{value:#06x}"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Match:
+    fields: tuple[tuple[str, Value], ...] = ()
+
+    @classmethod
+    def of(cls, **kw: Value | None) -> Match:
+        items = [(k, canonical(k, v)) for k, v in kw.items() if v is not None]
+        return cls(tuple(sorted(items)))
+
+    def get(self, fld: str) -> Value | None:
+        for k, v in self.fields:
+            if k == fld:
+                return v
+        return None
+
+    def as_dict(self) -> dict[str, Value]:
+        return dict(self.fields)
+
+    def missing_prereqs(self) -> list[str]:
+        have = self.as_dict()
+        out = []
+        for fld in have:
+            for pre, val in PREREQS.get(fld, ()):
+                if have.get(pre) != val:
+                    out.append(f"{fld} needs {pre}={val:#x}")
+        return out
+
+    def to_ofctl(self) -> str:
+        return ",".join(
+            f"{OFCTL_NAMES.get(k, k)}={format_value(k, v)}" for k, v in self.fields
+        )
+
+
+# --- actions ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Output:
+    port: int
+
+    def to_ofctl(self) -> str:
+        return "IN_PORT" if self.port == IN_PORT else f"output:{self.port}"
+
+
+@dataclass(frozen=True)
+class SetField:
+    field: str
+    value: Value
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "value", canonical(self.field, self.value))
+
+    def to_ofctl(self) -> str:
+        name = OFCTL_NAMES.get(self.field, self.field)
+        return f"set_field:{format_value(self.field, self.value)}->{name}"
+
+
+@dataclass(frozen=True)
+class Move:
+    """Copy a whole field into another of the same width (NXAST_REG_MOVE)."""
+
+    src: str
+    dst: str
+
+    def __post_init__(self) -> None:
+        if FIELDS[self.src][1] != FIELDS[self.dst][1]:
+            raise ValueError(f"move {self.src}->{self.dst}: widths differ")
+
+    @property
+    def n_bits(self) -> int:
+        return FIELDS[self.src][1]
+
+    def to_ofctl(self) -> str:
+        s, d = OFCTL_NAMES.get(self.src, self.src), OFCTL_NAMES.get(self.dst, self.dst)
+        return f"move:{s}[]->{d}[]"
+
+
+@dataclass(frozen=True)
+class DecTTL:
+    def to_ofctl(self) -> str:
+        return "dec_ttl"
+
+
+@dataclass(frozen=True)
+class SetTTL:
+    ttl: int
+
+    def to_ofctl(self) -> str:
+        return f"mod_nw_ttl:{self.ttl}"
+
+
+@dataclass(frozen=True)
+class Goto:
+    """goto_table (an instruction: always the last step of a flow)."""
+
+    table: str
+
+    def to_ofctl(self) -> str:
+        from flows.pipeline import TABLES
+
+        return f"goto_table:{TABLES[self.table].number}"
+
+
+Action = Output | SetField | Move | DecTTL | SetTTL | Goto
+
+
+class Purpose(IntEnum):
+    """What a flow is for: the second byte of its cookie."""
+
+    DEFAULT = 1
+    PORT_SECURITY = 2
+    TUNNEL = 3
+    GATEWAY = 4
+    ROUTE = 5
+    DELIVERY_LOCAL = 6
+    DELIVERY_REMOTE = 7
+    DST_KEY = 8
+
+
+@dataclass(frozen=True)
+class Hint:
+    """Where a flow comes from: the builder and the model object behind it."""
+
+    purpose: Purpose
+    kind: str = ""  # router | network | vm | node | pipeline
+    name: str = ""
+    note: str = ""  # what the flow does, in words (drops say why)
+
+    def __str__(self) -> str:
+        obj = f"{self.kind} {self.name}" if self.kind else "pipeline"
+        return f"{self.purpose.name.lower()} [{obj}]" + (f": {self.note}" if self.note else "")
+
+
+@dataclass(frozen=True)
+class Flow:
+    table: str
+    priority: int
+    match: Match
+    actions: tuple[Action, ...]
+    hint: Hint = field(compare=False, hash=False, default=Hint(Purpose.DEFAULT))
+
+    @property
+    def identity(self) -> tuple[str, int, Match]:
+        return (self.table, self.priority, self.match)
+
+    @property
+    def cookie(self) -> int:
+        text = f"{self.table}|{self.priority}|{self.match.to_ofctl()}|{self.actions_ofctl()}"
+        h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=5).digest(), "big")
+        return (OWNER_COOKIE << 48) | (int(self.hint.purpose) << 40) | h
+
+    def actions_ofctl(self) -> str:
+        return ",".join(a.to_ofctl() for a in self.actions) or "drop"
+
+    def to_ofctl(self) -> str:
+        from flows.pipeline import TABLES
+
+        m = self.match.to_ofctl()
+        return (
+            f"cookie={self.cookie:#x},table={TABLES[self.table].number},"
+            f"priority={self.priority}{',' + m if m else ''} actions={self.actions_ofctl()}"
+        )
+
+
+def purpose_of_cookie(cookie: int) -> Purpose | None:
+    if cookie >> 48 != OWNER_COOKIE:
+        return None
+    try:
+        return Purpose((cookie >> 40) & 0xFF)
+    except ValueError:
+        return None

@@ -1,0 +1,264 @@
+"""The offline simulator: push a packet through planned flows, node to node.
+
+It interprets this project's flow model with OpenFlow's semantics (highest priority match
+wins, goto moves forward, output to the input port is dropped, tunnels carry the tunnel id to
+the peer's tunnel port with registers cleared) so that tests and `dvr trace --offline` can
+assert where a packet goes and with which headers, without a switch.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dvr.model import Topology
+from flows.ofp import (
+    ETH_ARP,
+    ETH_IP,
+    FIELDS,
+    IN_PORT,
+    DecTTL,
+    Flow,
+    Goto,
+    Move,
+    Output,
+    SetField,
+    SetTTL,
+    value_matches,
+)
+from flows.pipeline import FIRST_TABLE, TABLES
+from flows.planner import NodePorts, assumed_ports, plan
+
+MAX_STEPS = 256
+Packet = dict[str, Any]
+
+
+@dataclass
+class NodePlan:
+    name: str
+    ports: NodePorts
+    flows: frozenset[Flow]
+    _tables: dict[str, list[Flow]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for flow in self.flows:
+            self._tables.setdefault(flow.table, []).append(flow)
+        for flows in self._tables.values():
+            flows.sort(key=lambda f: -f.priority)
+
+    def lookup(self, table: str, pkt: Packet) -> Flow | None:
+        for flow in self._tables.get(table, ()):
+            if all(value_matches(k, v, pkt.get(k)) for k, v in flow.match.fields):
+                return flow
+        return None
+
+    def port_owner(self, ofport: int) -> tuple[str, str] | None:
+        for vm, p in self.ports.vms.items():
+            if p == ofport:
+                return ("vm", vm)
+        for node, p in self.ports.tunnels.items():
+            if p == ofport:
+                return ("tunnel", node)
+        return None
+
+
+@dataclass
+class Step:
+    node: str
+    table: str
+    flow: Flow | None
+    changes: list[str]
+
+
+@dataclass
+class End:
+    """Where one copy of the packet ended."""
+
+    kind: str  # delivered | dropped
+    node: str
+    packet: Packet
+    vm: str | None = None
+    reason: str = ""
+
+
+@dataclass
+class Trace:
+    steps: list[Step]
+    ends: list[End]
+    tunnels: list[tuple[str, str]]  # (from node, to node) crossings, in order
+
+    @property
+    def delivered(self) -> list[End]:
+        return [e for e in self.ends if e.kind == "delivered"]
+
+    @property
+    def nodes(self) -> list[str]:
+        out: list[str] = []
+        for s in self.steps:
+            if not out or out[-1] != s.node:
+                out.append(s.node)
+        return out
+
+
+class Cloud:
+    """The planned flows of every node of a topology."""
+
+    def __init__(self, topo: Topology, nodes: Mapping[str, NodePlan]):
+        self.topo = topo
+        self.nodes = dict(nodes)
+
+    @classmethod
+    def offline(cls, topo: Topology) -> Cloud:
+        plans = {}
+        for name in topo.nodes:
+            ports = assumed_ports(topo, name)
+            plans[name] = NodePlan(name, ports, plan(topo, name, ports))
+        return cls(topo, plans)
+
+    def vm_port(self, vm: str) -> tuple[str, int]:
+        for node in self.nodes.values():
+            if vm in node.ports.vms:
+                return node.name, node.ports.vms[vm]
+        raise KeyError(f"VM {vm} is bound on no node")
+
+    def send_from_vm(self, vm: str, pkt: Packet) -> Trace:
+        node, port = self.vm_port(vm)
+        return self.run(node, port, pkt)
+
+    def run(self, node: str, in_port: int, pkt: Packet) -> Trace:
+        trace = Trace([], [], [])
+        pkt = dict(pkt)
+        pkt["in_port"] = in_port
+        self._pipeline(trace, node, pkt, FIRST_TABLE)
+        return trace
+
+    def _pipeline(self, trace: Trace, node: str, pkt: Packet, table: str) -> None:
+        plan_ = self.nodes[node]
+        while True:
+            if len(trace.steps) > MAX_STEPS:
+                trace.ends.append(End("dropped", node, pkt, reason="loop: too many steps"))
+                return
+            flow = plan_.lookup(table, pkt)
+            if flow is None:
+                trace.steps.append(Step(node, table, None, []))
+                trace.ends.append(End("dropped", node, pkt, reason=f"table {table}: no flow"))
+                return
+            step = Step(node, table, flow, [])
+            trace.steps.append(step)
+            goto: str | None = None
+            for action in flow.actions:
+                if isinstance(action, SetField):
+                    _set(pkt, step, action.field, action.value)
+                elif isinstance(action, Move):
+                    _set(pkt, step, action.dst, _convert(pkt.get(action.src), action.src,
+                                                         action.dst))
+                elif isinstance(action, DecTTL):
+                    ttl = int(pkt.get("ip_ttl", 64))
+                    if ttl <= 1:
+                        trace.ends.append(End("dropped", node, pkt, reason="TTL exceeded"))
+                        return
+                    _set(pkt, step, "ip_ttl", ttl - 1)
+                elif isinstance(action, SetTTL):
+                    _set(pkt, step, "ip_ttl", action.ttl)
+                elif isinstance(action, Output):
+                    self._output(trace, node, copy.deepcopy(pkt), action.port)
+                elif isinstance(action, Goto):
+                    goto = action.table
+            if goto is None:
+                if not any(isinstance(a, Output) for a in flow.actions):
+                    trace.ends.append(End("dropped", node, pkt, reason=flow.hint.note or
+                                          f"table {table}: drop"))
+                return
+            table = goto
+
+    def _output(self, trace: Trace, node: str, pkt: Packet, port: int) -> None:
+        plan_ = self.nodes[node]
+        if port == IN_PORT:
+            port = pkt["in_port"]
+        elif port == pkt["in_port"]:
+            trace.ends.append(End("dropped", node, pkt, reason="output to the input port"))
+            return
+        owner = plan_.port_owner(port)
+        wire = {k: v for k, v in pkt.items()
+                if not k.startswith("reg") and k not in ("metadata", "in_port")}
+        if owner is None:
+            trace.ends.append(End("dropped", node, wire, reason=f"output to unknown port {port}"))
+        elif owner[0] == "vm":
+            wire.pop("tunnel_id", None)
+            trace.ends.append(End("delivered", node, wire, vm=owner[1]))
+        else:
+            peer = owner[1]
+            trace.tunnels.append((node, peer))
+            back = self.nodes[peer].ports.tunnels.get(node)
+            if back is None:
+                trace.ends.append(End("dropped", peer, wire, reason=f"{peer} has no tunnel "
+                                      f"from {node}"))
+                return
+            wire["in_port"] = back
+            self._pipeline(trace, peer, wire, FIRST_TABLE)
+
+
+def _set(pkt: Packet, step: Step, fld: str, value: Any) -> None:
+    old = pkt.get(fld)
+    pkt[fld] = value
+    if old != value and not fld.startswith("reg") and fld != "metadata":
+        step.changes.append(f"{fld}: {old} -> {value}")
+
+
+def _convert(value: Any, src: str, dst: str) -> Any:
+    skind = "ttl" if src == "ip_ttl" else FIELDS[src][0]
+    dkind = FIELDS[dst][0]
+    if value is None:
+        return None
+    if skind == dkind:
+        return value
+    if skind == "ip" and dkind == "int":
+        return int(ipaddress.IPv4Address(str(value)))
+    if skind == "int" and dkind == "ip":
+        return str(ipaddress.IPv4Address(int(value)))
+    raise ValueError(f"cannot move {src} to {dst}")
+
+
+def packet(**kw: Any) -> Packet:
+    """A packet dict from keyword fields; `icmp`, `tcp`, `udp` and `arp` set their types."""
+    pkt: Packet = {}
+    if kw.pop("arp", False):
+        pkt.update(eth_type=ETH_ARP, arp_op=1)
+    for proto, num in (("icmp", 1), ("tcp", 6), ("udp", 17)):
+        if kw.pop(proto, False):
+            pkt.update(eth_type=ETH_IP, ip_proto=num, ip_ttl=64)
+    if "eth_type" not in pkt and any(k.startswith("ipv4") for k in kw):
+        pkt.update(eth_type=ETH_IP, ip_ttl=64)
+    pkt.update(kw)
+    return pkt
+
+
+def from_scapy(p: Any) -> Packet:
+    """The simulator's view of a scapy packet (Ether / ARP or IP with ICMP, TCP or UDP)."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.l2 import ARP, Ether
+
+    pkt: Packet = {"eth_src": p[Ether].src.lower(), "eth_dst": p[Ether].dst.lower()}
+    if ARP in p:
+        a = p[ARP]
+        pkt.update(eth_type=ETH_ARP, arp_op=a.op, arp_spa=a.psrc, arp_tpa=a.pdst,
+                   arp_sha=a.hwsrc.lower(), arp_tha=a.hwdst.lower())
+    elif IP in p:
+        ip = p[IP]
+        pkt.update(eth_type=ETH_IP, ipv4_src=ip.src, ipv4_dst=ip.dst, ip_proto=ip.proto,
+                   ip_ttl=ip.ttl)
+        if ICMP in p:
+            pkt.update(icmpv4_type=p[ICMP].type, icmpv4_code=p[ICMP].code)
+        elif TCP in p:
+            pkt.update(tcp_src=p[TCP].sport, tcp_dst=p[TCP].dport)
+        elif UDP in p:
+            pkt.update(udp_src=p[UDP].sport, udp_dst=p[UDP].dport)
+    else:
+        pkt["eth_type"] = p[Ether].type
+    return pkt
+
+
+__all__ = ["TABLES", "Cloud", "End", "NodePlan", "Step", "Trace", "from_scapy", "packet"]
