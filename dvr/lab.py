@@ -200,6 +200,7 @@ class Lab:
         self._create_external(eff)
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda n: self._create_node(n, underlay[n]), sorted(eff.nodes)))
+        self._warm_underlay(underlay)
         for vm in eff.vms.values():
             self._plug_vm(eff, vm)
             state["vms"][vm.name] = vm.node
@@ -263,6 +264,17 @@ class Lab:
             n.add_address("br-phy", f"{tunnel_ip}/{UNDERLAY.prefixlen}")
         self._write_agent_config(node, tunnel_ip)
         self._start_agent(node)
+
+    def _warm_underlay(self, underlay: dict[str, str]) -> None:
+        """Resolve every peer's underlay MAC once, so that OVS's tunnel neighbour cache
+        (which snoops these ARP replies) does not drop the first packet of the overlay."""
+        def warm(node: str) -> None:
+            peers = " ".join(ip for n, ip in underlay.items() if n != node)
+            self._sh(self.node_ns(node), ["sh", "-c", f"for ip in {peers}; do "
+                     "ping -n -q -c1 -W1 $ip >/dev/null 2>&1 & done; wait"], check=False)
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(warm, sorted(underlay)))
 
     def _write_agent_config(self, node: str, tunnel_ip: str) -> None:
         d = self.node_dir(node)
@@ -404,6 +416,8 @@ class Lab:
         self._write_topology(text)
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda n: self._create_node(n, underlay[n]), new_nodes))
+        if new_nodes:
+            self._warm_underlay(underlay)
         if eff.external and old.external != eff.external:
             delete_namespace(self.ext_ns)
             with Netns(self.ul_ns) as ul, contextlib.suppress(NetlinkError):

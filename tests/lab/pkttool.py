@@ -1,0 +1,162 @@
+"""Packet tools run inside a lab namespace (`ip netns exec NS python3 -m tests.lab.pkttool`).
+
+- `sniff IFACE --seconds S [--proto icmp|arp|tcp|udp|vxlan] [--host IP]`: prints READY once
+  capturing, then one JSON list of the packets seen (headers the tests assert on).
+- `arp IFACE TARGET_IP`: sends one ARP request from IFACE's address, prints the reply (JSON)
+  or `null`.
+- `tcp-server PORT`: accepts one connection, prints {"bytes": N, "sha256": H}.
+- `tcp-client IP PORT BYTES`: sends BYTES random bytes, prints {"bytes": N, "sha256": H}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+
+def describe(p: Any) -> dict[str, Any]:
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.l2 import ARP, Ether
+    from scapy.layers.vxlan import VXLAN
+
+    d: dict[str, Any] = {"eth_src": p[Ether].src, "eth_dst": p[Ether].dst, "len": len(p)}
+    if ARP in p:
+        a = p[ARP]
+        d.update(proto="arp", op=a.op, psrc=a.psrc, pdst=a.pdst, hwsrc=a.hwsrc, hwdst=a.hwdst)
+    elif IP in p:
+        ip = p[IP]
+        d.update(proto="ip", src=ip.src, dst=ip.dst, ttl=ip.ttl)
+        if VXLAN in p:
+            d.update(proto="vxlan", vni=p[VXLAN].vni)
+            inner = p[VXLAN].payload
+            if IP in inner:
+                d.update(inner_src=inner[IP].src, inner_dst=inner[IP].dst)
+        elif ICMP in p:
+            d.update(proto="icmp", icmp_type=p[ICMP].type)
+        elif TCP in p:
+            d.update(proto="tcp", sport=p[TCP].sport, dport=p[TCP].dport)
+        elif UDP in p:
+            d.update(proto="udp", sport=p[UDP].sport, dport=p[UDP].dport)
+    else:
+        d.update(proto=hex(p[Ether].type))
+    return d
+
+
+def cmd_sniff(args: argparse.Namespace) -> int:
+    from scapy.all import AsyncSniffer, conf
+    from scapy.layers.l2 import Ether
+
+    conf.verb = 0
+
+    def keep(p: Any) -> bool:
+        if Ether not in p:
+            return False
+        d = describe(p)
+        if args.proto and d.get("proto") != args.proto:
+            return False
+        if args.host and args.host not in (d.get("src"), d.get("dst"), d.get("psrc"),
+                                           d.get("pdst"), d.get("inner_src"),
+                                           d.get("inner_dst")):
+            return False
+        return True
+
+    sniffer = AsyncSniffer(iface=args.iface, lfilter=keep, store=True)
+    sniffer.start()
+    deadline = time.monotonic() + 3
+    while not getattr(sniffer, "running", False) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # the socket is bound once running is set; give it a moment
+    print("READY", flush=True)
+    sniffer.join(timeout=args.seconds)
+    if sniffer.running:
+        sniffer.stop()
+    print(json.dumps([describe(p) for p in (sniffer.results or [])]), flush=True)
+    return 0
+
+
+def cmd_arp(args: argparse.Namespace) -> int:
+    from scapy.all import conf, get_if_addr, get_if_hwaddr, srp1
+    from scapy.layers.l2 import ARP, Ether
+
+    conf.verb = 0
+    mac, ip = get_if_hwaddr(args.iface), get_if_addr(args.iface)
+    req = Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
+        op=1, hwsrc=mac, psrc=ip, hwdst="00:00:00:00:00:00", pdst=args.target)
+    reply = srp1(req, iface=args.iface, timeout=args.timeout, verbose=0)
+    print(json.dumps(describe(reply) if reply is not None else None), flush=True)
+    return 0
+
+
+def cmd_tcp_server(args: argparse.Namespace) -> int:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", args.port))
+    srv.listen(1)
+    srv.settimeout(args.timeout)
+    print("READY", flush=True)
+    conn, _ = srv.accept()
+    conn.settimeout(args.timeout)
+    h, n = hashlib.sha256(), 0
+    while True:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        h.update(chunk)
+        n += len(chunk)
+    conn.close()
+    print(json.dumps({"bytes": n, "sha256": h.hexdigest()}), flush=True)
+    return 0
+
+
+def cmd_tcp_client(args: argparse.Namespace) -> int:
+    data = os.urandom(args.bytes)
+    deadline = time.monotonic() + args.timeout
+    while True:
+        try:
+            sock = socket.create_connection((args.ip, args.port), timeout=args.timeout)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+    sock.close()
+    print(json.dumps({"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}),
+          flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pkttool")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sniff")
+    s.add_argument("iface")
+    s.add_argument("--seconds", type=float, default=3.0)
+    s.add_argument("--proto")
+    s.add_argument("--host")
+    a = sub.add_parser("arp")
+    a.add_argument("iface")
+    a.add_argument("target")
+    a.add_argument("--timeout", type=float, default=2.0)
+    ts = sub.add_parser("tcp-server")
+    ts.add_argument("port", type=int)
+    ts.add_argument("--timeout", type=float, default=20.0)
+    tc = sub.add_parser("tcp-client")
+    tc.add_argument("ip")
+    tc.add_argument("port", type=int)
+    tc.add_argument("bytes", type=int)
+    tc.add_argument("--timeout", type=float, default=20.0)
+    args = p.parse_args(argv)
+    return {"sniff": cmd_sniff, "arp": cmd_arp, "tcp-server": cmd_tcp_server,
+            "tcp-client": cmd_tcp_client}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

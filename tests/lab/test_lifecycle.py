@@ -1,0 +1,164 @@
+"""The lab's life cycle and the agent's manners: bad input changes nothing, down leaves
+nothing, the agent never touches a flow it does not own and never flushes."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.lab.conftest import LabHandle, dvr, leftovers, running_lab, unique_prefix
+
+BROKEN = """
+nodes:
+  compute1: {role: compute}
+networks:
+  blue: {cidr: 10.1.0.0/24}
+vms:
+  vm1: {node: compute1, network: blue, ip: 10.7.0.5}
+"""
+
+
+@pytest.fixture(scope="module")
+def default_lab() -> LabHandle:
+    with running_lab(None) as lab:
+        yield lab
+
+
+def test_broken_topology_creates_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BROKEN)
+    prefix = unique_prefix()
+    res = dvr("lab", "--prefix", prefix, "up", str(bad), check=False)
+    assert res.returncode != 0
+    line = res.stderr.strip()
+    assert len(line.splitlines()) == 1
+    assert "vms.vm1.ip" in line and str(bad) in line and "outside" in line
+    assert leftovers(prefix) == []
+
+
+def test_failed_up_cleans_up_and_down_is_safe_to_repeat() -> None:
+    prefix = unique_prefix()
+    try:
+        # a convergence timeout of a millisecond makes `up` fail after creating everything
+        res = dvr("lab", "--prefix", prefix, "up", "--timeout", "0.001", check=False)
+        assert res.returncode != 0
+        assert "did not converge" in res.stderr
+        assert leftovers(prefix) == []
+    finally:
+        dvr("lab", "--prefix", prefix, "down", check=False)
+    for _ in range(2):
+        assert dvr("lab", "--prefix", prefix, "down", check=False).returncode == 0
+    assert leftovers(prefix) == []
+
+
+def test_down_removes_every_namespace_process_and_file() -> None:
+    with running_lab(None) as lab:
+        found = leftovers(lab.prefix)
+        assert any(f.startswith("netns") for f in found)
+        assert any(f.startswith("process") for f in found)
+    assert leftovers(lab.prefix) == []
+
+
+def test_builtin_lab_routes_between_hypervisors(default_lab: LabHandle) -> None:
+    st = default_lab.status()
+    assert {n: v["role"] for n, v in st["nodes"].items()} == {
+        "compute1": "compute", "compute2": "compute", "net1": "network"}
+    assert {v["node"] for v in st["vms"].values()} == {"compute1", "compute2"}
+    assert default_lab.ping("vm1", st["vms"]["vm2"]["ip"], count=2)
+    assert default_lab.ping("vm2", st["vms"]["vm1"]["ip"], count=2)
+
+
+def test_exec_node_and_ext_pass_exit_status_and_output(default_lab: LabHandle) -> None:
+    res = default_lab.exec("vm1", "ip", "-4", "-o", "addr", "show", "eth0")
+    assert res.returncode == 0 and "10.1.0.11/24" in res.stdout
+    assert default_lab.exec("vm1", "sh", "-c", "exit 7").returncode == 7
+    res = default_lab.dvr("node", "compute1", "--", "ovs-vsctl", "br-exists", "br-int",
+                          check=False)
+    assert res.returncode == 0
+    res = default_lab.dvr("ext", "--", "ip", "-4", "-o", "addr", check=False)
+    assert "203.0.113.1/24" in res.stdout and "198.51.100.10/32" in res.stdout
+    bad = default_lab.dvr("exec", "nosuchvm", "--", "true", check=False)
+    assert bad.returncode != 0 and "unknown VM" in bad.stderr
+
+
+def _dump(lab: LabHandle, node: str) -> str:
+    return lab.node(node, "ovs-ofctl", "-O", "OpenFlow13", "dump-flows", "br-int")
+
+
+def _cookies(dump: str) -> set[str]:
+    return set(re.findall(r"cookie=(0x[0-9a-f]+)", dump))
+
+
+def _wait_for(predicate, timeout: float = 15.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_agent_keeps_foreign_flows_and_removes_its_own_stale_ones(
+    default_lab: LabHandle,
+) -> None:
+    lab = default_lab
+    # a flow of another owner (the Neutron L2 agent, say) in a table of ours and in table 0
+    lab.node("compute1", "ovs-ofctl", "add-flow", "br-int",
+             "cookie=0x1234,table=0,priority=1,actions=drop")
+    lab.node("compute1", "ovs-ofctl", "add-flow", "br-int",
+             "cookie=0x1235,table=45,priority=7,ip,nw_dst=10.99.0.1,actions=drop")
+    # a flow with our owner bits that the plan does not contain: stale, must go
+    lab.node("compute1", "ovs-ofctl", "add-flow", "br-int",
+             "cookie=0xd7a5010000000bad,table=45,priority=9,ip,nw_dst=10.99.0.2,actions=drop")
+    try:
+        assert _wait_for(lambda: "0xd7a5010000000bad" not in _dump(lab, "compute1")), (
+            "the agent did not remove its stale flow")
+        dump = _dump(lab, "compute1")
+        assert "cookie=0x1234," in dump and "cookie=0x1235," in dump
+    finally:
+        lab.node("compute1", "ovs-ofctl", "del-flows", "br-int", "cookie=0x1234/-1")
+        lab.node("compute1", "ovs-ofctl", "del-flows", "br-int", "cookie=0x1235/-1")
+
+
+def test_agent_restart_does_not_flush_or_rewrite_flows(default_lab: LabHandle) -> None:
+    lab = default_lab
+    before = _dump(lab, "compute1")
+    cookies = _cookies(before)
+    assert len(cookies) > 10
+    lab.dvr("restart-agent", "compute1")
+    after = _dump(lab, "compute1")
+    assert _cookies(after) == cookies
+    # durations keep counting from the original install: nothing was deleted and re-added
+    old = {c: float(d) for c, d in re.findall(r"cookie=(0x[0-9a-f]+), duration=([\d.]+)s",
+                                              before)}
+    new = {c: float(d) for c, d in re.findall(r"cookie=(0x[0-9a-f]+), duration=([\d.]+)s",
+                                              after)}
+    for cookie, age in old.items():
+        assert new[cookie] >= age, cookie
+    assert lab.ping("vm1", "10.2.0.12")
+
+
+def test_restart_ovs_recovers_flows(default_lab: LabHandle) -> None:
+    lab = default_lab
+    cookies = _cookies(_dump(lab, "compute2"))
+    lab.dvr("restart-ovs", "compute2")
+    assert _wait_for(lambda: _cookies(_dump(lab, "compute2")) == cookies)
+    assert _wait_for(lambda: lab.ping("vm1", "10.2.0.12", wait=1), timeout=10)
+
+
+def test_apply_refuses_a_broken_topology_and_keeps_the_lab(
+    default_lab: LabHandle, tmp_path: Path
+) -> None:
+    lab = default_lab
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BROKEN)
+    generation = lab.status()["generation"]
+    flows = _cookies(_dump(lab, "compute1"))
+    res = lab.dvr("apply", str(bad), check=False)
+    assert res.returncode != 0 and "vms.vm1.ip" in res.stderr
+    assert lab.status()["generation"] == generation
+    assert _cookies(_dump(lab, "compute1")) == flows
+    assert lab.ping("vm1", "10.2.0.12")
