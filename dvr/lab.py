@@ -256,7 +256,11 @@ class Lab:
         self._start_vswitchd(node)
         self._vsctl(node, "--no-wait", "init")
         self._vsctl(node, "--may-exist", "add-br", "br-phy", "--", "set", "bridge", "br-phy",
-                    "datapath_type=netdev", "--", "--may-exist", "add-port", "br-phy", "ul0")
+                    "datapath_type=netdev", f"other-config:hwaddr={underlay_mac(tunnel_ip)}",
+                    "--", "--may-exist", "add-port", "br-phy", "ul0")
+        # ul0 belongs to OVS: the node's kernel must not answer ARP or speak IPv6 on it
+        self._sh(ns, ["sysctl", "-q", "-w", "net.ipv4.conf.ul0.arp_ignore=8",
+                      "net.ipv6.conf.ul0.disable_ipv6=1"], check=False)
         self._vsctl(node, "--may-exist", "add-br", "br-int", "--", "set", "bridge", "br-int",
                     "datapath_type=netdev", "fail_mode=secure")
         with Netns(ns) as n:
@@ -266,12 +270,17 @@ class Lab:
         self._start_agent(node)
 
     def _warm_underlay(self, underlay: dict[str, str]) -> None:
-        """Resolve every peer's underlay MAC once, so that OVS's tunnel neighbour cache
-        (which snoops these ARP replies) does not drop the first packet of the overlay."""
+        """Fill every node's tunnel neighbour table with its peers' underlay MACs.
+
+        OVS's userspace tunnels drop the packet that triggers an ARP for the remote
+        endpoint; the lab knows every endpoint's MAC, so it sets them, as a pre-resolved
+        underlay would."""
         def warm(node: str) -> None:
-            peers = " ".join(ip for n, ip in underlay.items() if n != node)
-            self._sh(self.node_ns(node), ["sh", "-c", f"for ip in {peers}; do "
-                     "ping -n -q -c1 -W1 $ip >/dev/null 2>&1 & done; wait"], check=False)
+            cmds = "; ".join(
+                f"ovs-appctl tnl/neigh/set br-phy {ip} {underlay_mac(ip)} >/dev/null"
+                for n, ip in sorted(underlay.items()) if n != node)
+            if cmds:
+                self._sh(self.node_ns(node), ["sh", "-c", cmds], node=node, check=False)
 
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(warm, sorted(underlay)))
@@ -319,8 +328,9 @@ class Lab:
 
     def _start_agent(self, node: str) -> None:
         d = self.node_dir(node)
-        exe = shutil.which("dvr-agent")
-        cmd = [exe] if exe else [sys.executable, "-m", "agent.main"]
+        # the agent of the same installation as this command (a venv's, say)
+        exe = Path(sys.executable).parent / "dvr-agent"
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "agent.main"]
         with open(d / "agent.log", "ab") as log:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.node_ns(node), *cmd,
@@ -509,6 +519,12 @@ class Lab:
                       "namespace": self.vm_ns(vm.name)}
             for vm in sorted(topo.vms.values(), key=lambda v: v.name)
         }
+        routers = {
+            r.name: {"interfaces": {i.network: {"ip": str(i.ip), "mac": i.mac}
+                                    for i in r.interfaces},
+                     "external_gateway": r.external_gateway}
+            for r in topo.routers.values()
+        }
         snat = {
             r.name: {"external_ip": str(r.external_ip), "snat_nodes": list(r.snat_nodes),
                      "active": [n for n in r.snat_nodes
@@ -516,7 +532,8 @@ class Lab:
             for r in topo.routers.values() if r.external_gateway
         }
         return {"prefix": self.prefix, "topology": state.get("source"),
-                "generation": topo.digest, "nodes": nodes, "vms": vms, "snat": snat,
+                "generation": topo.digest, "nodes": nodes, "vms": vms, "routers": routers,
+                "snat": snat,
                 "external": {"namespace": self.ext_ns,
                              "gateway_ip": str(topo.external.gateway_ip),
                              "remote_ip": str(topo.external.remote_ip)}
@@ -556,6 +573,12 @@ class Lab:
             if pattern.match(ns):
                 delete_namespace(ns)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def underlay_mac(ip: str) -> str:
+    """The MAC of a node's br-phy, derived from its underlay address."""
+    octets = ipaddress.IPv4Address(ip).packed
+    return "02:d7:" + ":".join(f"{b:02x}" for b in octets)
 
 
 def _pythonpath() -> str:
