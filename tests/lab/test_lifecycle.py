@@ -162,3 +162,61 @@ def test_apply_refuses_a_broken_topology_and_keeps_the_lab(
     assert lab.status()["generation"] == generation
     assert _cookies(_dump(lab, "compute1")) == flows
     assert lab.ping("vm1", "10.2.0.12")
+
+
+CHANGED = """
+nodes:
+  compute1: {role: compute}
+  compute2: {role: compute}
+  net1: {role: network}
+external:
+  cidr: 203.0.113.0/24
+  gateway_ip: 203.0.113.1
+  remote_ip: 198.51.100.10
+networks:
+  blue: {cidr: 10.1.0.0/24}
+  red: {cidr: 10.2.0.0/24}
+routers:
+  r1:
+    interfaces: [blue, red]
+    external_gateway: true
+    external_ip: 203.0.113.10
+vms:
+  vm1: {node: compute1, network: blue, ip: 10.1.0.11}
+  vm2: {node: compute2, network: red, ip: 10.2.0.12}
+  vm3: {node: compute2, network: red, ip: 10.2.0.13}    # moved from compute1
+  vm9: {node: compute1, network: red, ip: 10.2.0.19}    # new; vm4 is gone
+"""
+
+
+def test_apply_converges_incrementally_without_disturbing_other_traffic(
+    default_lab: LabHandle, tmp_path: Path
+) -> None:
+    import subprocess
+
+    lab = default_lab
+    new = tmp_path / "changed.yaml"
+    new.write_text(CHANGED)
+    # vm1 -> vm2 is not concerned by the change: not one packet of it may be lost
+    ping = subprocess.Popen(
+        ["ip", "netns", "exec", lab.vm_ns("vm1"), "ping", "-n", "-q", "-i", "0.02",
+         "-c", "200", "-W", "1", "10.2.0.12"], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    res = lab.dvr("apply", str(new), check=False)
+    out, _ = ping.communicate(timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert " 0% packet loss" in out, out
+    st = lab.status()
+    assert st["nodes"]["compute2"]["agent"]["vms"] == ["vm2", "vm3"]
+    assert st["nodes"]["compute1"]["agent"]["vms"] == ["vm1", "vm9"]
+    assert "vm4" not in st["vms"]
+    assert lab.vm_ns("vm4") not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                  text=True).stdout
+    with lab.sniff(lab.vm_ns("vm3"), proto="icmp", host="10.2.0.13", seconds=2) as cap:
+        assert lab.ping("vm1", "10.2.0.13", count=2)  # now across nodes
+    assert [p for p in cap.packets if p["icmp_type"] == 8 and p["ttl"] == 63]
+    assert lab.ping("vm1", "10.2.0.19")
+    assert lab.ping("vm9", "10.1.0.11")
+    # compute1 no longer has a flow for the removed vm4
+    dump = _dump(lab, "compute1")
+    assert "reg0=0xa01000e" not in dump  # 10.1.0.14
