@@ -190,6 +190,19 @@ class LabHandle:
         return sum(n for port, n in self.port_packets(node).items()
                    if port.startswith(("vx-", "gnv-")))
 
+    def settled_tunnel_packets(self, nodes: tuple[str, ...]) -> dict[str, int]:
+        """Tunnel counters once they stop moving: the userspace datapath credits tunnel
+        ports when it revalidates its flows, up to a second or so after the packets."""
+        last = {n: self.tunnel_packets(n) for n in nodes}
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            time.sleep(1.2)
+            now = {n: self.tunnel_packets(n) for n in nodes}
+            if now == last:
+                return now
+            last = now
+        return last
+
     def flow_packets(self, node: str) -> int:
         out = self.node(node, "ovs-ofctl", "-O", "OpenFlow13", "dump-flows", "br-int")
         total = 0

@@ -73,16 +73,20 @@ def test_routed_icmp_and_tcp_rewrites_headers_once(
     lab.tcp_transfer(src, dst, ip)
 
 
+NODES = ("compute1", "compute2", "net1")
+
+
 def test_routed_same_node_never_leaves_the_node(lab: LabHandle) -> None:
-    before = {n: lab.tunnel_packets(n) for n in ("compute1", "compute2", "net1")}
-    assert lab.ping("vm1", "10.2.0.13", count=5)
-    lab.tcp_transfer("vm1", "vm3", "10.2.0.13", 256 * 1024)
-    after = {n: lab.tunnel_packets(n) for n in ("compute1", "compute2", "net1")}
-    assert after == before
+    before = lab.settled_tunnel_packets(NODES)
+    with lab.sniff(lab.ul_ns, iface="n-compute1", seconds=3, proto="vxlan") as underlay:
+        assert lab.ping("vm1", "10.2.0.13", count=5)
+        lab.tcp_transfer("vm1", "vm3", "10.2.0.13", 256 * 1024)
+    assert underlay.packets == []
+    assert lab.settled_tunnel_packets(NODES) == before
 
 
 def test_gateway_arp_is_answered_on_the_vms_own_node(lab: LabHandle) -> None:
-    before = {n: lab.tunnel_packets(n) for n in ("compute1", "compute2", "net1")}
+    before = lab.settled_tunnel_packets(NODES)
     with lab.sniff(lab.ul_ns, iface="n-compute1", seconds=2, proto="vxlan") as underlay:
         reply = lab.arp("vm1", "10.1.0.1")
     assert reply is not None, "no ARP reply for the gateway"
@@ -91,8 +95,7 @@ def test_gateway_arp_is_answered_on_the_vms_own_node(lab: LabHandle) -> None:
     assert reply["hwsrc"] == router_mac(lab, "r1", "blue")
     assert reply["eth_src"] == router_mac(lab, "r1", "blue")
     assert reply["hwdst"] == vm_mac(lab, "vm1")
-    after = {n: lab.tunnel_packets(n) for n in ("compute1", "compute2", "net1")}
-    assert after == before, "the ARP request left compute1"
+    assert lab.settled_tunnel_packets(NODES) == before, "the ARP request left compute1"
     assert underlay.packets == []
 
 
