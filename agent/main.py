@@ -15,15 +15,16 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent import config
-from agent.ofswitch import OpenFlowError, Switch
+from agent.ofswitch import InstalledFlow, OpenFlowError, Switch
 from agent.ovsdb import Ovsdb, OvsdbError
 from agent.source import FileSource, Source
 from dvr.model import Topology, TopologyError
+from flows.ofp import Flow
 from flows.planner import NodePorts, plan
 
 LOG = logging.getLogger(__name__)
@@ -36,6 +37,24 @@ class SyncResult:
     deleted: int
     flows: int
     vms: list[str] = field(default_factory=list)
+
+
+def diff(
+    desired: Iterable[Flow], installed: Iterable[InstalledFlow]
+) -> tuple[list[InstalledFlow], list[Flow]]:
+    """What to delete and what to add so that the flows we own become `desired`.
+
+    Cookies identify content, so a flow whose actions changed is deleted and re-added (in
+    the same bundle). A cookie installed twice keeps one copy."""
+    want = {f.cookie: f for f in desired}
+    stale: list[InstalledFlow] = []
+    seen: set[int] = set()
+    for inst in installed:
+        if inst.cookie not in want or inst.cookie in seen:
+            stale.append(inst)
+        seen.add(inst.cookie)
+    missing = [f for c, f in want.items() if c not in seen]
+    return stale, missing
 
 
 class DvrAgent:
@@ -87,17 +106,8 @@ class DvrAgent:
                 vms[vm.name] = ofport
         ports = NodePorts(vms=vms, tunnels={p: n for p, n in plugged.tunnels.items()
                                             if p in peers})
-        desired = {f.cookie: f for f in plan(topo, self.node, ports)}
-        installed = self.switch.dump_owned()
-        have = {i.cookie for i in installed}
-        stale = [i for i in installed if i.cookie not in desired]
-        missing = [f for c, f in desired.items() if c not in have]
-        # a cookie installed twice (another table or priority): remove the extra copies
-        seen: set[int] = set()
-        for inst in installed:
-            if inst.cookie in desired and inst.cookie in seen:
-                stale.append(inst)
-            seen.add(inst.cookie)
+        desired = plan(topo, self.node, ports)
+        stale, missing = diff(desired, self.switch.dump_owned())
         self.switch.apply(stale, missing)
         if stale or missing:
             LOG.info("node %s: +%d -%d flows (%d desired)", self.node, len(missing),

@@ -1,0 +1,72 @@
+"""docs/pipeline.md and the pipeline declaration (flows/pipeline.py) stay in step.
+
+Every declared table has a section headed exactly `## Table N: name`, and every such section
+is a declared table: adding, renaming or renumbering a table on either side alone fails here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from flows.pipeline import BY_NUMBER, FIRST_TABLE, TABLES
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "pipeline.md"
+HEADING = re.compile(r"^## Table (\d+): (\S+)\s*$")
+
+
+def documented_tables() -> list[tuple[int, str]]:
+    out = []
+    for line in DOC.read_text().splitlines():
+        m = HEADING.match(line)
+        if m:
+            out.append((int(m.group(1)), m.group(2)))
+    return out
+
+
+def test_every_declared_table_is_documented_and_nothing_else() -> None:
+    documented = documented_tables()
+    declared = {(t.number, t.name) for t in TABLES.values()}
+    assert set(documented) == declared
+
+
+def test_each_table_is_documented_once_and_in_pipeline_order() -> None:
+    documented = documented_tables()
+    assert len(documented) == len(set(documented))
+    assert documented == sorted(documented)
+
+
+def test_table_headings_use_the_exact_format() -> None:
+    """A heading that almost matches (wrong level, no colon, extra words) is a mistake."""
+    for line in DOC.read_text().splitlines():
+        if re.match(r"^#+\s*Table\b", line):
+            assert HEADING.match(line), f"malformed table heading: {line!r}"
+
+
+def test_declaration_is_consistent() -> None:
+    assert FIRST_TABLE in TABLES
+    assert len(BY_NUMBER) == len(TABLES), "two tables share a number"
+    for table in TABLES.values():
+        assert BY_NUMBER[table.number] is table
+        assert 0 <= table.number <= 254
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_every_next_table_exists_and_is_further_down(name: str) -> None:
+    table = TABLES[name]
+    for nxt in table.next:
+        assert nxt in TABLES, f"{name} may go to undeclared table {nxt}"
+        assert TABLES[nxt].number > table.number, f"{name} -> {nxt} goes backwards"
+
+
+def test_every_table_is_reachable_from_the_first() -> None:
+    seen = {FIRST_TABLE}
+    todo = [FIRST_TABLE]
+    while todo:
+        for nxt in TABLES[todo.pop()].next:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    assert seen == set(TABLES)
