@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ovsdbapp.backend.ovs_idl import connection, idlutils
-from ovsdbapp.schema.open_vswitch import impl_idl
+# the ovs bindings import eventlet when it is installed, which warns about itself
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+
+from ovsdbapp.backend.ovs_idl import connection, idlutils  # noqa: E402
+from ovsdbapp.schema.open_vswitch import impl_idl  # noqa: E402
 
 LOG = logging.getLogger(__name__)
 TABLES = ("Open_vSwitch", "Bridge", "Port", "Interface")

@@ -201,9 +201,9 @@ class Lab:
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda n: self._create_node(n, underlay[n]), sorted(eff.nodes)))
         self._warm_underlay(underlay)
-        for vm in eff.vms.values():
-            self._plug_vm(eff, vm)
-            state["vms"][vm.name] = vm.node
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda vm: self._plug_vm(eff, vm), eff.vms.values()))
+        state["vms"] = {vm.name: vm.node for vm in eff.vms.values()}
         self._save_state(state)
         self.wait_converged(eff, timeout)
 
