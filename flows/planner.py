@@ -77,7 +77,7 @@ def plan(topo: Topology, node: str, ports: NodePorts) -> frozenset[Flow]:
     for peer, ofport in sorted(ports.tunnels.items()):
         flows.append(_flow(
             "classify", 100, Match.of(in_port=ofport), [Goto("tunnel_in")],
-            Hint(Purpose.TUNNEL, "node", peer, f"from the tunnel to {peer}"),
+            Hint(Purpose.TUNNEL, "node", peer, f"arrived through the tunnel from {peer}"),
         ))
     for net_name in sorted(local_nets):
         net = topo.networks[net_name]
@@ -152,7 +152,6 @@ def _router(topo: Topology, router: Router, local_nets: set[str]) -> list[Flow]:
     """The router's distributed part on this node: every interface is served on every node
     that has a VM on one of the router's networks, so routing happens at the source."""
     out: list[Flow] = []
-    hint = Hint(Purpose.GATEWAY, "router", router.name)
     for itf in router.interfaces:
         net = topo.networks[itf.network]
         if itf.network in local_nets:
@@ -200,5 +199,4 @@ def _router(topo: Topology, router: Router, local_nets: set[str]) -> list[Flow]:
              Goto("dst_key")],
             Hint(Purpose.ROUTE, "router", router.name, f"route {net.cidr} to {net.name}"),
         ))
-    del hint
     return out

@@ -29,7 +29,7 @@ from flows.ofp import (
     SetTTL,
     value_matches,
 )
-from flows.pipeline import FIRST_TABLE, TABLES
+from flows.pipeline import FIRST_TABLE
 from flows.planner import NodePorts, assumed_ports, plan
 
 MAX_STEPS = 256
@@ -261,4 +261,4 @@ def from_scapy(p: Any) -> Packet:
     return pkt
 
 
-__all__ = ["TABLES", "Cloud", "End", "NodePlan", "Step", "Trace", "from_scapy", "packet"]
+__all__ = ["Cloud", "End", "NodePlan", "Step", "Trace", "from_scapy", "packet"]

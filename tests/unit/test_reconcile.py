@@ -48,3 +48,4 @@ def test_flows_no_longer_wanted_are_stale_and_duplicates_are_removed() -> None:
     stale, missing = diff(want[1:], [*have, have[1]])
     assert sorted(s.cookie for s in stale) == sorted([want[0].cookie, want[1].cookie])
     assert missing == []
+
