@@ -365,8 +365,15 @@ class Lab:
 
     def restart_ovs(self, node: str, timeout: float = CONVERGE_TIMEOUT) -> None:
         self._need_node(node)
+        syncs = (self.agent_status(node) or {}).get("syncs", 0)
         _kill_pidfile(self._procs(node)["ovs-vswitchd"], signal.SIGKILL)
         self._start_vswitchd(node)
+        # converged again only once the agent has synced with the new ovs-vswitchd
+        deadline = time.monotonic() + timeout
+        while (self.agent_status(node) or {}).get("syncs", 0) <= syncs:
+            if time.monotonic() > deadline:
+                raise LabError(f"{node}: the agent did not resync within {timeout:.0f}s")
+            time.sleep(0.02)
         self.wait_converged(self.topology(), timeout, nodes=[node])
 
     def _need_node(self, node: str) -> None:
@@ -459,8 +466,11 @@ class Lab:
         st = self.agent_status(node)
         if st is None:
             return False, "no status yet"
-        if not _alive(_read_pid(self._procs(node)["agent"])):
+        pid = _read_pid(self._procs(node)["agent"])
+        if not _alive(pid):
             return False, "agent is not running"
+        if st.get("pid") != pid:
+            return False, "agent is starting"
         if st.get("generation") != topo.digest:
             return False, st.get("error") or "working on an older topology"
         if not st.get("converged"):

@@ -220,3 +220,16 @@ def test_apply_converges_incrementally_without_disturbing_other_traffic(
     # compute1 no longer has a flow for the removed vm4
     dump = _dump(lab, "compute1")
     assert "reg0=0xa01000e" not in dump  # 10.1.0.14
+
+
+def test_kill_and_start_a_node(default_lab: LabHandle) -> None:
+    lab = default_lab
+    lab.dvr("kill", "compute2")
+    node = lab.status()["nodes"]["compute2"]
+    assert not node["ovs_vswitchd"] and not node["ovsdb_server"]
+    assert not node["agent"]["alive"] and not node["agent"]["converged"]
+    assert not lab.ping("vm1", "10.2.0.12", wait=1)
+    lab.dvr("start", "compute2")
+    node = lab.status()["nodes"]["compute2"]
+    assert node["ovs_vswitchd"] and node["agent"]["converged"], node
+    assert _wait_for(lambda: lab.ping("vm1", "10.2.0.12", wait=1), timeout=10)
