@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -400,7 +401,7 @@ class Lab:
         self._vsctl(vm.node, "--may-exist", "add-port", "br-int", tap, "--", "set",
                     "Interface", tap, f"external_ids:iface-id={vm.port_id}",
                     f"external_ids:attached-mac={vm.mac}", "external_ids:iface-status=active",
-                    f"external_ids:vm-id={vm.name}")
+                    f"external_ids:vm-uuid={uuid.uuid5(uuid.NAMESPACE_DNS, vm.name)}")
 
     def _unplug_vm(self, name: str, node: str) -> None:
         ns = self.node_ns(node)
