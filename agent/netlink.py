@@ -85,11 +85,6 @@ class Netns:
                      kind="bridge")
         self.set_link(ifname, up=True)
 
-    def add_dummy(self, ifname: str) -> None:
-        if not self.exists(ifname):
-            self._do(f"add dummy {ifname}", self.ipr.link, "add", ifname=ifname, kind="dummy")
-        self.set_link(ifname, up=True)
-
     def set_link(
         self,
         ifname: str,

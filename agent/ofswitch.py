@@ -94,6 +94,14 @@ def to_ofp_instructions(flow: Flow) -> list[Any]:
     return instructions
 
 
+def _describe(item: InstalledFlow | Flow | str) -> str:
+    if isinstance(item, InstalledFlow):
+        return f"delete cookie={item.cookie:#x}"
+    if isinstance(item, Flow):
+        return f"add {item.to_ofctl()}"
+    return item
+
+
 class Switch:
     """One OpenFlow connection to one bridge. Thread-safe; reconnects on demand."""
 
@@ -179,8 +187,8 @@ class Switch:
                 raise OpenFlowError(f"{self.target}: connection closed by the switch")
             self._buf += chunk
 
-    def _until_barrier(self, xid_names: dict[int, str]) -> list[str]:
-        """Send a barrier, read up to its reply, return errors for the xids given."""
+    def _until_barrier(self, sent: dict[int, InstalledFlow | Flow | str]) -> list[str]:
+        """Send a barrier, read up to its reply, return errors naming what was refused."""
         barrier = self._send(parser.OFPBarrierRequest(self.dp))
         errors = []
         while True:
@@ -188,7 +196,7 @@ class Switch:
             if msg.msg_type == ofp.OFPT_BARRIER_REPLY and msg.xid == barrier:
                 return errors
             if msg.msg_type == ofp.OFPT_ERROR:
-                what = xid_names.get(msg.xid, f"xid {msg.xid}")
+                what = _describe(sent.get(msg.xid, f"xid {msg.xid}"))
                 errors.append(f"{what}: OpenFlow error type={msg.type} code={msg.code}")
 
     # --- queries ------------------------------------------------------------------------
@@ -238,8 +246,6 @@ class Switch:
         with self._lock:
             try:
                 self._apply(delete, add)
-            except OpenFlowError:
-                raise
             except OSError as exc:
                 self.close()
                 raise OpenFlowError(f"{self.target}: {exc}") from None
@@ -249,8 +255,9 @@ class Switch:
         self._bundle = (self._bundle + 1) & 0xFFFFFFFF or 1
         bid = self._bundle
         flags = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED
-        names: dict[int, str] = {}
-        names[self._send(parser.ONFBundleCtrlMsg(
+        # what each message was, to name it if OVS refuses it (formatted only then)
+        sent: dict[int, InstalledFlow | Flow | str] = {}
+        sent[self._send(parser.ONFBundleCtrlMsg(
             self.dp, bundle_id=bid, type_=ofp.ONF_BCT_OPEN_REQUEST, flags=flags,
             properties=[]))] = "bundle open"
         for inst in delete:
@@ -258,16 +265,14 @@ class Switch:
                 self.dp, cookie=inst.cookie, cookie_mask=ALL_ONES64, table_id=inst.table_id,
                 command=ofp.OFPFC_DELETE_STRICT, priority=inst.priority,
                 out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY, match=inst.match)
-            names[self._send(parser.ONFBundleAddMsg(self.dp, bid, flags, mod, []))] = (
-                f"delete cookie={inst.cookie:#x}")
+            sent[self._send(parser.ONFBundleAddMsg(self.dp, bid, flags, mod, []))] = inst
         for flow in add:
             mod = parser.OFPFlowMod(
                 self.dp, cookie=flow.cookie, table_id=TABLES[flow.table].number,
                 command=ofp.OFPFC_ADD, priority=flow.priority, match=to_ofp_match(flow),
                 instructions=to_ofp_instructions(flow))
-            names[self._send(parser.ONFBundleAddMsg(self.dp, bid, flags, mod, []))] = (
-                f"add {flow.to_ofctl()}")
-        errors = self._until_barrier(names)
+            sent[self._send(parser.ONFBundleAddMsg(self.dp, bid, flags, mod, []))] = flow
+        errors = self._until_barrier(sent)
         if errors:
             self._send(parser.ONFBundleCtrlMsg(
                 self.dp, bundle_id=bid, type_=ofp.ONF_BCT_DISCARD_REQUEST, flags=flags,

@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import cached_property
 
 OWNER_COOKIE = 0xD7A5  # top 16 bits of every cookie this project installs
 OWNER_MASK = 0xFFFF << 48
@@ -278,8 +279,9 @@ class Flow:
     def identity(self) -> tuple[str, int, Match]:
         return (self.table, self.priority, self.match)
 
-    @property
+    @cached_property
     def cookie(self) -> int:
+        """Owner bits, purpose byte and a hash of the flow (computed once per flow)."""
         text = f"{self.table}|{self.priority}|{self.match.to_ofctl()}|{self.actions_ofctl()}"
         h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=5).digest(), "big")
         return (OWNER_COOKIE << 48) | (int(self.hint.purpose) << 40) | h

@@ -141,22 +141,21 @@ def test_networks_without_a_shared_router_are_isolated(lab: LabHandle) -> None:
     assert not lab.ping("vm7", "10.1.0.14", count=1, wait=1)
 
 
-def test_overlapping_cidrs_each_router_reaches_its_own_vm(lab: LabHandle) -> None:
+@pytest.mark.parametrize(("src", "src_ip", "reached", "not_reached"), [
+    ("vm6", "10.3.0.16", "vm5", "vm1"),  # yellow, behind r2: green's 10.1.0.11
+    ("vm3", "10.2.0.13", "vm1", "vm5"),  # red, behind r1: blue's 10.1.0.11
+])
+def test_overlapping_cidrs_each_router_reaches_its_own_vm(
+    lab: LabHandle, src: str, src_ip: str, reached: str, not_reached: str
+) -> None:
     # 10.1.0.11 is vm1 behind r1 (blue) and vm5 behind r2 (green)
     with (
-        lab.sniff(lab.vm_ns("vm1"), proto="icmp", host="10.3.0.16", seconds=2) as at_vm1,
-        lab.sniff(lab.vm_ns("vm5"), proto="icmp", host="10.3.0.16", seconds=2) as at_vm5,
+        lab.sniff(lab.vm_ns(reached), proto="icmp", host=src_ip, seconds=2) as hit,
+        lab.sniff(lab.vm_ns(not_reached), proto="icmp", host=src_ip, seconds=2) as miss,
     ):
-        assert lab.ping("vm6", "10.1.0.11", count=2)
-    assert [p for p in at_vm5.packets if p["icmp_type"] == 8]
-    assert at_vm1.packets == []
-    with (
-        lab.sniff(lab.vm_ns("vm1"), proto="icmp", host="10.2.0.13", seconds=2) as at_vm1,
-        lab.sniff(lab.vm_ns("vm5"), proto="icmp", host="10.2.0.13", seconds=2) as at_vm5,
-    ):
-        assert lab.ping("vm3", "10.1.0.11", count=2)
-    assert [p for p in at_vm1.packets if p["icmp_type"] == 8]
-    assert at_vm5.packets == []
+        assert lab.ping(src, "10.1.0.11", count=2)
+    assert [p for p in hit.packets if p["icmp_type"] == 8]
+    assert miss.packets == []
 
 
 def test_network_node_without_vms_has_only_tunnel_and_default_flows(lab: LabHandle) -> None:
