@@ -28,7 +28,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +51,6 @@ class LabError(Exception):
 
 def rundir() -> Path:
     return Path(os.environ.get("DVR_LAB_RUNDIR", "/run"))
-
-
-@dataclass(frozen=True)
-class Proc:
-    name: str
-    pidfile: Path
 
 
 class Lab:
@@ -270,8 +263,9 @@ class Lab:
         self._write_agent_config(node, tunnel_ip)
         self._start_agent(node)
 
-    def _warm_underlay(self, underlay: dict[str, str]) -> None:
-        """Fill every node's tunnel neighbour table with its peers' underlay MACs.
+    def _warm_underlay(self, underlay: dict[str, str], nodes: list[str] | None = None) -> None:
+        """Fill the nodes' tunnel neighbour tables (all nodes by default) with their peers'
+        underlay MACs. The table lives in ovs-vswitchd: a restarted one needs it again.
 
         OVS's userspace tunnels drop the packet that triggers an ARP for the remote
         endpoint; the lab knows every endpoint's MAC, so it sets them, as a pre-resolved
@@ -284,7 +278,7 @@ class Lab:
                 self._sh(self.node_ns(node), ["sh", "-c", cmds], node=node, check=False)
 
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(warm, sorted(underlay)))
+            list(pool.map(warm, sorted(nodes or underlay)))
 
     def _write_agent_config(self, node: str, tunnel_ip: str) -> None:
         d = self.node_dir(node)
@@ -353,10 +347,15 @@ class Lab:
         if not _alive(_read_pid(procs["ovsdb-server"])):
             self._start_ovsdb(node)
         if not _alive(_read_pid(procs["ovs-vswitchd"])):
-            self._start_vswitchd(node)
+            self._restart_vswitchd(node)
         if not _alive(_read_pid(procs["agent"])):
             self._start_agent(node)
         self.wait_converged(self.topology(), timeout, nodes=[node])
+
+    def _restart_vswitchd(self, node: str) -> None:
+        self._start_vswitchd(node)
+        self._vsctl(node, "wait-until", "Interface", "br-phy", "ofport>0")
+        self._warm_underlay(self.state()["underlay"], nodes=[node])
 
     def restart_agent(self, node: str, timeout: float = CONVERGE_TIMEOUT) -> None:
         self._need_node(node)
@@ -368,7 +367,7 @@ class Lab:
         self._need_node(node)
         syncs = (self.agent_status(node) or {}).get("syncs", 0)
         _kill_pidfile(self._procs(node)["ovs-vswitchd"], signal.SIGKILL)
-        self._start_vswitchd(node)
+        self._restart_vswitchd(node)
         # converged again only once the agent has synced with the new ovs-vswitchd
         deadline = time.monotonic() + timeout
         while (self.agent_status(node) or {}).get("syncs", 0) <= syncs:
