@@ -25,6 +25,10 @@ OVS_OPTS = [
                     "default: unix:<ovs_rundir>/<integration_bridge>.mgmt."),
     cfg.StrOpt("integration_bridge", default="br-int",
                help="The bridge VM ports are plugged into."),
+    cfg.StrOpt("external_bridge", default="br-ex",
+               help="The provider bridge on the external network (created by the operator "
+                    "with its uplink); the agent patches it to the integration bridge. "
+                    "Empty: this node has no external network."),
     cfg.StrOpt("datapath_type", default="system", choices=["system", "netdev"],
                help="Datapath of the bridges the agent creates (netdev: userspace)."),
     cfg.StrOpt("tunnel_type", default="vxlan", choices=["vxlan", "geneve"],

@@ -9,6 +9,7 @@ the dataplane as it is.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -25,10 +26,22 @@ from agent.ovsdb import Ovsdb, OvsdbError
 from agent.source import FileSource, Source
 from dvr.model import Topology, TopologyError
 from flows.ofp import Flow
-from flows.planner import NodePorts, plan
+from flows.planner import NodePorts, announcements, plan, snat_routers
 
 LOG = logging.getLogger(__name__)
-VERSION = "0.1.0"
+VERSION = "0.2.0"
+# a newly hosted address is announced by gratuitous ARP at these delays (seconds): several,
+# because one can be lost, or ignored by a neighbour that updated its entry a moment ago
+GARP_DELAYS = (0.0, 0.5, 1.5)
+
+
+def gratuitous_arp(ip: str, mac: str) -> bytes:
+    """A broadcast gratuitous ARP request: `ip` is at `mac`."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    addr = ipaddress.IPv4Address(ip).packed
+    return (b"\xff" * 6 + hw + b"\x08\x06"  # Ethernet: broadcast, from mac, ARP
+            + b"\x00\x01\x08\x00\x06\x04\x00\x01"  # Ethernet/IPv4, request
+            + hw + addr + b"\x00" * 6 + addr)
 
 
 @dataclass
@@ -37,6 +50,9 @@ class SyncResult:
     deleted: int
     flows: int
     vms: list[str] = field(default_factory=list)
+    snat: list[str] = field(default_factory=list)
+    announce: dict[str, str] = field(default_factory=dict)
+    provider: int | None = None
 
 
 def diff(
@@ -71,9 +87,11 @@ class DvrAgent:
         self.running = True
         self.status: dict[str, Any] = {
             "node": self.node, "pid": os.getpid(), "version": VERSION, "converged": False,
-            "generation": None, "flows": 0, "vms": [], "error": None, "syncs": 0,
+            "generation": None, "flows": 0, "vms": [], "snat": [], "error": None, "syncs": 0,
         }
         self._last_report = 0.0
+        self._announced: dict[str, str] = {}  # provider addresses answered here -> MAC
+        self._garps: list[tuple[float, str, str, int]] = []  # (due, ip, mac, port)
 
     # --- status ---------------------------------------------------------------------------
     def report(self, **changes: Any) -> None:
@@ -98,21 +116,55 @@ class DvrAgent:
         }
         self.ovsdb.ensure_tunnels(self.bridge, peers, self.conf.ovs.tunnel_type,
                                   self.conf.ovs.local_ip)
+        provider_bridge = self.conf.ovs.external_bridge
+        if topo.external is not None and provider_bridge:
+            self.ovsdb.ensure_provider_patch(self.bridge, provider_bridge)
         plugged = self.ovsdb.plugged(self.bridge)
         vms = {}
         for iface_id, ofport in plugged.ports.items():
             vm = topo.vm_by_port(iface_id)
             if vm is not None:
                 vms[vm.name] = ofport
-        ports = NodePorts(vms=vms, tunnels={p: n for p, n in plugged.tunnels.items()
-                                            if p in peers})
+        ext = topo.external
+        ports = NodePorts(
+            vms=vms, tunnels={p: n for p, n in plugged.tunnels.items() if p in peers},
+            provider=plugged.provider if ext else None,
+            gateway_mac=ext.gateway_mac if ext else None,
+            snat=snat_routers(topo, self.node))
         desired = plan(topo, self.node, ports)
         stale, missing = diff(desired, self.switch.dump_owned())
         self.switch.apply(stale, missing)
         if stale or missing:
             LOG.info("node %s: +%d -%d flows (%d desired)", self.node, len(missing),
                      len(stale), len(desired))
-        return SyncResult(len(missing), len(stale), len(desired), sorted(vms))
+        return SyncResult(len(missing), len(stale), len(desired), sorted(vms),
+                          sorted(ports.snat), announcements(topo, self.node, ports),
+                          ports.provider)
+
+    # --- gratuitous ARP -------------------------------------------------------------------
+    def _announce(self, result: SyncResult) -> None:
+        """Schedule gratuitous ARPs for provider addresses newly answered here."""
+        now = time.monotonic()
+        if result.provider is not None:
+            for ip, mac in sorted(result.announce.items()):
+                if self._announced.get(ip) != mac:
+                    LOG.info("node %s: announcing %s at %s", self.node, ip, mac)
+                    self._garps += [(now + d, ip, mac, result.provider) for d in GARP_DELAYS]
+        self._announced = dict(result.announce)
+        # forget announcements of addresses that are no longer here
+        self._garps = [g for g in self._garps if self._announced.get(g[1]) == g[2]]
+
+    def _send_due_garps(self) -> None:
+        now = time.monotonic()
+        due = [g for g in self._garps if g[0] <= now]
+        if not due:
+            return
+        self._garps = [g for g in self._garps if g[0] > now]
+        for _, ip, mac, port in due:
+            try:
+                self.switch.packet_out(port, gratuitous_arp(ip, mac))
+            except OpenFlowError as exc:
+                LOG.warning("gratuitous ARP for %s failed: %s", ip, exc)
 
     # --- the loop -------------------------------------------------------------------------
     def _load(self) -> bool:
@@ -165,11 +217,14 @@ class DvrAgent:
                 backoff = 0.1
                 dirty = False
                 next_resync = now + conf.agent.resync_interval
+                self._announce(result)
                 self.report(converged=True, generation=self.topo.digest, flows=result.flows,
-                            vms=result.vms, error=None, syncs=self.status["syncs"] + 1,
+                            vms=result.vms, snat=result.snat, error=None,
+                            syncs=self.status["syncs"] + 1,
                             last_change={"added": result.added, "deleted": result.deleted})
             elif now - self._last_report >= conf.agent.heartbeat_interval:
                 self.report()
+            self._send_due_garps()
             if self.ovsdb is not None:
                 self.ovsdb.changed.wait(conf.agent.poll_interval)
             else:

@@ -22,6 +22,7 @@ from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
 from flows.ofp import (
+    CT,
     FIELDS,
     OWNER_COOKIE,
     OWNER_MASK,
@@ -81,6 +82,8 @@ def to_ofp_instructions(flow: Flow) -> list[Any]:
             actions.append(parser.OFPActionDecNwTtl())
         elif isinstance(a, SetTTL):
             actions.append(parser.OFPActionSetNwTtl(a.ttl))
+        elif isinstance(a, CT):
+            actions.append(_ct_action(a))
         elif isinstance(a, Goto):
             if actions:
                 instructions.append(parser.OFPInstructionActions(ofp.OFPIT_APPLY_ACTIONS,
@@ -92,6 +95,22 @@ def to_ofp_instructions(flow: Flow) -> list[Any]:
     if actions:
         instructions.insert(0, parser.OFPInstructionActions(ofp.OFPIT_APPLY_ACTIONS, actions))
     return instructions
+
+
+NAT_FLAGS = {"": 0, "src": 1, "dst": 2}  # NX_NAT_F_SRC, NX_NAT_F_DST
+
+
+def _ct_action(a: CT) -> Any:
+    nat = []
+    if a.nat is not None:
+        if a.nat.ip:
+            nat.append(parser.NXActionNAT(NAT_FLAGS[a.nat.kind], range_ipv4_min=a.nat.ip,
+                                          range_ipv4_max=a.nat.ip))
+        else:
+            nat.append(parser.NXActionNAT(0))
+    return parser.NXActionCT(flags=1 if a.commit else 0, zone_src="",
+                             zone_ofs_nbits=a.zone, recirc_table=TABLES[a.table].number,
+                             alg=0, actions=nat)
 
 
 def _describe(item: InstalledFlow | Flow | str) -> str:
@@ -236,6 +255,21 @@ class Switch:
                                        "rx_bytes": st.rx_bytes, "tx_bytes": st.tx_bytes}
                 if not msg.flags & ofp.OFPMPF_REPLY_MORE:
                     return out
+
+    def packet_out(self, port: int, frame: bytes) -> None:
+        """Send one frame out of `port` (as if from the controller)."""
+        with self._lock:
+            try:
+                self._connect()
+                self._send(parser.OFPPacketOut(
+                    self.dp, buffer_id=ofp.OFP_NO_BUFFER, in_port=ofp.OFPP_CONTROLLER,
+                    actions=[parser.OFPActionOutput(port, 0)], data=frame))
+                errors = self._until_barrier({})
+            except OSError as exc:
+                self.close()
+                raise OpenFlowError(f"{self.target}: {exc}") from None
+        if errors:
+            raise OpenFlowError(f"packet out to port {port}: {errors[0]}")
 
     # --- changes ------------------------------------------------------------------------
     def apply(self, delete: Iterable[InstalledFlow], add: Iterable[Flow]) -> None:

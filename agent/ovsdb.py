@@ -24,6 +24,9 @@ from ovsdbapp.schema.open_vswitch import impl_idl  # noqa: E402
 LOG = logging.getLogger(__name__)
 TABLES = ("Open_vSwitch", "Bridge", "Port", "Interface")
 PEER_KEY = "dvr-peer"
+# the patch pair between the integration bridge and the provider (external) bridge
+PROVIDER_PATCH = "patch-dvr-ext"  # on the integration bridge
+PROVIDER_PEER = "patch-dvr-int"  # on the provider bridge
 
 
 class OvsdbError(Exception):
@@ -44,6 +47,7 @@ class Plugged:
     ports: Mapping[str, int]  # iface-id -> ofport
     tunnels: Mapping[str, int]  # peer node -> ofport
     tunnel_config: Mapping[str, tuple[str, str]]  # peer node -> (type, remote_ip)
+    provider: int | None = None  # the patch port to the provider bridge
 
 
 class Ovsdb:
@@ -128,9 +132,13 @@ class Ovsdb:
         ports: dict[str, int] = {}
         tunnels: dict[str, int] = {}
         config: dict[str, tuple[str, str]] = {}
+        provider = None
         with self._conn.lock:
             for iface in self._interfaces(bridge):
                 ofport = iface.ofport[0] if iface.ofport else -1
+                if iface.name == PROVIDER_PATCH:
+                    provider = ofport if ofport > 0 else None
+                    continue
                 peer = iface.external_ids.get(PEER_KEY)
                 if peer:
                     config[peer] = (iface.type, iface.options.get("remote_ip", ""))
@@ -140,7 +148,31 @@ class Ovsdb:
                 iface_id = iface.external_ids.get("iface-id")
                 if iface_id and ofport > 0:
                     ports[iface_id] = ofport
-        return Plugged(ports, tunnels, config)
+        return Plugged(ports, tunnels, config, provider)
+
+    def has_bridge(self, bridge: str) -> bool:
+        with self._conn.lock:
+            return any(br.name == bridge
+                       for br in self._conn.idl.tables["Bridge"].rows.values())
+
+    def ensure_provider_patch(self, bridge: str, provider_bridge: str) -> bool:
+        """Patch the integration bridge to the provider bridge (which the operator creates,
+        with its uplink, as for Neutron's bridge_mappings). False when it does not exist."""
+        if not self.has_bridge(provider_bridge):
+            return False
+        names = {i.name for i in self._interfaces(bridge)}
+        peer_names = {i.name for i in self._interfaces(provider_bridge)}
+        if PROVIDER_PATCH in names and PROVIDER_PEER in peer_names:
+            return True
+        self._execute(f"patch {bridge} to {provider_bridge}", [
+            self.api.add_port(bridge, PROVIDER_PATCH, may_exist=True),
+            self.api.db_set("Interface", PROVIDER_PATCH, ("type", "patch"),
+                            ("options", {"peer": PROVIDER_PEER})),
+            self.api.add_port(provider_bridge, PROVIDER_PEER, may_exist=True),
+            self.api.db_set("Interface", PROVIDER_PEER, ("type", "patch"),
+                            ("options", {"peer": PROVIDER_PATCH})),
+        ])
+        return True
 
 
 def tunnel_port_name(tunnel_type: str, peer: str) -> str:

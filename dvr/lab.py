@@ -43,6 +43,9 @@ UNDERLAY_MTU = 1600
 VSWITCH_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 DEFAULT_TOPOLOGY = Path(__file__).parent / "examples" / "default.yaml"
 CONVERGE_TIMEOUT = 60.0
+# the external host's MAC on the provider segment (each lab has its own segment)
+GATEWAY_MAC = "02:d7:ee:00:00:01"
+PROVIDER_BRIDGE = "br-ex"
 
 
 class LabError(Exception):
@@ -147,11 +150,15 @@ class Lab:
 
     # --- building -------------------------------------------------------------------------
     def _effective(self, raw: dict[str, Any], underlay: dict[str, str]) -> tuple[str, Topology]:
-        """The user's topology with each node's tunnel endpoint filled in by the lab."""
+        """The user's topology with what the lab knows filled in: each node's tunnel
+        endpoint, and the MAC of the external host (the upstream gateway)."""
         data = json.loads(json.dumps(raw))  # deep copy of plain YAML data
         for name, spec in (data.get("nodes") or {}).items():
             if isinstance(spec, dict) and name in underlay and "tunnel_ip" not in spec:
                 spec["tunnel_ip"] = underlay[name]
+        ext = data.get("external")
+        if isinstance(ext, dict) and "gateway_mac" not in ext:
+            ext["gateway_mac"] = GATEWAY_MAC
         text = yaml.safe_dump(data, sort_keys=False)
         return text, parse_topology(text, str(self.topology_file))
 
@@ -208,7 +215,8 @@ class Lab:
             ul.set_link("x-ext", master="ex", up=True)
         with Netns(self.ext_ns) as ext:
             ext.up_loopback()
-            ext.set_link("ext0", up=True)
+            mac = topo.external.gateway_mac if topo.external else None
+            ext.set_link("ext0", up=True, mac=mac or GATEWAY_MAC)
             if topo.external:
                 ext.add_address("ext0", f"{topo.external.gateway_ip}/"
                                 f"{topo.external.cidr.prefixlen}")
@@ -239,9 +247,13 @@ class Lab:
         with Netns(self.ul_ns) as ul:
             ul.add_veth(f"n-{node}", "ul0", ns, mtu=UNDERLAY_MTU)
             ul.set_link(f"n-{node}", master="ul", up=True, mtu=UNDERLAY_MTU)
+            # the provider (external) network: a flat segment every node is on
+            ul.add_veth(f"e-{node}", "ex0", ns)
+            ul.set_link(f"e-{node}", master="ex", up=True)
         with Netns(ns) as n:
             n.up_loopback()
             n.set_link("ul0", up=True, mtu=UNDERLAY_MTU)
+            n.set_link("ex0", up=True)
         db = d / "conf.db"
         if not db.exists():
             subprocess.run(["ovsdb-tool", "create", str(db), VSWITCH_SCHEMA], check=True,
@@ -257,6 +269,14 @@ class Lab:
                       "net.ipv6.conf.ul0.disable_ipv6=1"], check=False)
         self._vsctl(node, "--may-exist", "add-br", "br-int", "--", "set", "bridge", "br-int",
                     "datapath_type=netdev", "fail_mode=secure")
+        # the provider bridge, as an operator sets it up for Neutron: the uplink on a
+        # bridge of its own (standalone: it switches normally); the agent patches it to br-int
+        self._vsctl(node, "--may-exist", "add-br", PROVIDER_BRIDGE, "--", "set", "bridge",
+                    PROVIDER_BRIDGE, "datapath_type=netdev", "--", "--may-exist",
+                    "add-port", PROVIDER_BRIDGE, "ex0")
+        self._sh(ns, ["sysctl", "-q", "-w", "net.ipv4.conf.ex0.arp_ignore=8",
+                      "net.ipv6.conf.ex0.disable_ipv6=1"], check=False)
+        self._sh(ns, ["ethtool", "-K", "ex0", "tx", "off"], check=False)
         with Netns(ns) as n:
             n.set_link("br-phy", up=True, mtu=UNDERLAY_MTU)
             n.add_address("br-phy", f"{tunnel_ip}/{UNDERLAY.prefixlen}")
@@ -289,6 +309,7 @@ class Lab:
             f"ovsdb_connection = unix:{d}/db.sock\n"
             f"ovs_rundir = {d}\n"
             "integration_bridge = br-int\n"
+            f"external_bridge = {PROVIDER_BRIDGE}\n"
             "datapath_type = netdev\n"
             "tunnel_type = vxlan\n"
             f"local_ip = {tunnel_ip}\n"
@@ -451,8 +472,9 @@ class Lab:
         for pidfile in self._procs(node).values():
             _kill_pidfile(pidfile, signal.SIGKILL)
         delete_namespace(self.node_ns(node))
-        with Netns(self.ul_ns) as ul, contextlib.suppress(NetlinkError):
-            ul.ipr.link("del", index=ul.index(f"n-{node}"))
+        for link in (f"n-{node}", f"e-{node}"):
+            with Netns(self.ul_ns) as ul, contextlib.suppress(NetlinkError):
+                ul.ipr.link("del", index=ul.index(link))
         shutil.rmtree(self.node_dir(node), ignore_errors=True)
 
     # --- convergence and status -----------------------------------------------------------

@@ -11,6 +11,7 @@ Nothing here has side effects; the model is immutable.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import re
@@ -32,6 +33,7 @@ MAC_PREFIX = (0xFA, 0x16, 0x3E)
 PORT_NAMESPACE = uuid.UUID("5b1f9a52-3d5e-4c1e-9a57-6d7672000000")
 MAX_VNI = (1 << 24) - 1
 ROUTER_KEY_BASE = 1 << 24  # router datapath keys live above the VNI range
+MAX_ZONE = (1 << 16) - 1  # conntrack zones are 16 bits; 0 is the default zone, never used
 
 
 class TopologyError(ValueError):
@@ -54,6 +56,8 @@ class Node:
     role: str
     index: int  # position in the file: stable identity for the lab's underlay address
     tunnel_ip: ipaddress.IPv4Address | None = None  # overlay endpoint (VXLAN/Geneve)
+    # the node's own MAC on the provider network: floating IPs hosted here answer with it
+    external_mac: str = ""
 
     @property
     def is_network(self) -> bool:
@@ -65,6 +69,9 @@ class External:
     cidr: ipaddress.IPv4Network
     gateway_ip: ipaddress.IPv4Address
     remote_ip: ipaddress.IPv4Address
+    # the upstream gateway's MAC when it is known in advance (extension key, the lab sets
+    # it); otherwise agents resolve it by ARP on the provider network
+    gateway_mac: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,8 @@ class Router:
     external_ip: ipaddress.IPv4Address | None
     external_mac: str | None
     snat_nodes: tuple[str, ...]
+    snat_zone: int = 0  # conntrack zone of the router's source NAT (16 bits)
+    dnat_zone: int = 0  # conntrack zone of its destination NAT (floating IPs inbound)
 
     def interface_on(self, network: str) -> RouterInterface | None:
         for itf in self.interfaces:
@@ -143,6 +152,10 @@ class Topology:
             if router:
                 out.update(i.network for i in router.interfaces)
         return out
+
+    def floating_ips(self) -> dict[ipaddress.IPv4Address, VM]:
+        """Every associated floating IP and the VM it belongs to."""
+        return {vm.floating_ip: vm for vm in self.vms.values() if vm.floating_ip}
 
     def network_nodes(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.is_network]
@@ -343,7 +356,7 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
     external: External | None = None
     if data.get("external") is not None:
         ext = c.mapping(data.get("external"), "external")
-        c.known_keys(ext, "external", ("cidr", "gateway_ip", "remote_ip"))
+        c.known_keys(ext, "external", ("cidr", "gateway_ip", "remote_ip", "gateway_mac"))
         cidr = c.cidr(ext.get("cidr"), "external.cidr") if "cidr" in ext else None
         if "cidr" not in ext:
             c.err("external.cidr", "is required")
@@ -355,7 +368,14 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
             if remote and remote in cidr:
                 c.err("external.remote_ip", f"{remote} must be outside external.cidr {cidr}")
             elif remote:
-                external = External(cidr, gw, remote)
+                gw_mac = None
+                if ext.get("gateway_mac") is not None:
+                    gw_mac = str(ext["gateway_mac"]).lower()
+                    if not MAC_RE.match(gw_mac) or int(gw_mac[:2], 16) & 1:
+                        c.err("external.gateway_mac",
+                              f"{ext['gateway_mac']!r} is not a unicast MAC address")
+                        gw_mac = None
+                external = External(cidr, gw, remote, gw_mac)
 
     # networks
     networks: dict[str, Network] = {}
@@ -621,12 +641,20 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
     vms = dict(sorted(vms.items()))
 
     router_keys: set[int] = set()
+    zones: set[int] = set()
     for name in sorted(router_specs):
         spec = router_specs[name]
         key = ROUTER_KEY_BASE + _digest(f"router:{name}") % MAX_VNI
         while key in router_keys:
             key += 1
         router_keys.add(key)
+        router_zones = []
+        for kind in ("snat", "dnat"):
+            zone = 1 + _digest(f"zone:{kind}:{name}") % MAX_ZONE
+            while zone in zones:
+                zone = zone % MAX_ZONE + 1
+            zones.add(zone)
+            router_zones.append(zone)
         itfs = tuple(
             RouterInterface(net, networks[net].gateway_ip, _mac_for(f"rif:{name}:{net}", macs))
             for net in spec.get("interfaces", [])
@@ -642,7 +670,12 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
             external_ip=ext_ips.get(name) if ext_gw else None,
             external_mac=_mac_for(f"rgw:{name}", macs) if ext_gw else None,
             snat_nodes=tuple(snat) if ext_gw else (),
+            snat_zone=router_zones[0],
+            dnat_zone=router_zones[1],
         )
+    # each node's MAC on the provider network, after every other MAC is taken
+    nodes = {n: dataclasses.replace(node, external_mac=_mac_for(f"node:{n}", macs))
+             for n, node in nodes.items()}
 
     return Topology(
         source=source,
@@ -670,6 +703,8 @@ def to_dict(topo: Topology) -> dict:
             "gateway_ip": str(topo.external.gateway_ip),
             "remote_ip": str(topo.external.remote_ip),
         }
+        if topo.external.gateway_mac:
+            out["external"]["gateway_mac"] = topo.external.gateway_mac
     out["networks"] = {
         n.name: {"cidr": str(n.cidr), "gateway_ip": str(n.gateway_ip), "mtu": n.mtu,
                  "vni": n.vni}

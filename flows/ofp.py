@@ -49,7 +49,18 @@ FIELDS: dict[str, tuple[str, int]] = {
     "arp_sha": ("mac", 48),
     "arp_tha": ("mac", 48),
     **{f"reg{i}": ("int", 32) for i in range(8)},
+    "ct_state": ("int", 32),
 }
+
+# conntrack state bits (ct_state)
+CT_NEW, CT_EST, CT_REL, CT_RPL, CT_INV, CT_TRK = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+CT_STATE_NAMES = {CT_NEW: "new", CT_EST: "est", CT_REL: "rel", CT_RPL: "rpl", CT_INV: "inv",
+                  CT_TRK: "trk"}
+
+
+def ct_state(*, on: int = 0, off: int = 0) -> tuple[int, int]:
+    """A ct_state match: the bits in `on` set, those in `off` clear, the rest ignored."""
+    return (on, on | off)
 
 # what a field needs matched before it may be matched (OpenFlow prerequisites)
 PREREQS: dict[str, tuple[tuple[str, int], ...]] = {
@@ -125,6 +136,10 @@ def value_matches(fld: str, want: Value, have: Value | None) -> bool:
 
 
 def format_value(fld: str, value: Value) -> str:
+    if fld == "ct_state" and isinstance(value, tuple):
+        v, m = value
+        return "".join(("+" if v & bit else "-") + name
+                       for bit, name in sorted(CT_STATE_NAMES.items()) if m & bit)
     if isinstance(value, tuple):
         return f"{value[0]:#x}/{value[1]:#x}"
     if FIELDS[fld][0] == "int" and fld not in ("in_port", "eth_type") and value > 9:  # type: ignore[operator]
@@ -237,7 +252,39 @@ class Goto:
         return f"goto_table:{TABLES[self.table].number}"
 
 
-Action = Output | SetField | Move | DecTTL | SetTTL | Goto
+@dataclass(frozen=True)
+class NAT:
+    """The NAT of a ct action: `src` or `dst` to one address, or bare (`kind=""`): apply the
+    translation of an existing connection (un-NAT replies)."""
+
+    kind: str = ""  # "" | src | dst
+    ip: str = ""
+
+    def to_ofctl(self) -> str:
+        return f"nat({self.kind}={self.ip})" if self.kind else "nat"
+
+
+@dataclass(frozen=True)
+class CT:
+    """Send the packet through the connection tracker in `zone` (optionally committing it and
+    NATing it), then continue in `table` with ct_state set (a recirculation)."""
+
+    zone: int
+    table: str
+    commit: bool = False
+    nat: NAT | None = None
+
+    def to_ofctl(self) -> str:
+        from flows.pipeline import TABLES
+
+        parts = ["commit"] if self.commit else []
+        parts += [f"zone={self.zone}", f"table={TABLES[self.table].number}"]
+        if self.nat is not None:
+            parts.append(self.nat.to_ofctl())
+        return f"ct({','.join(parts)})"
+
+
+Action = Output | SetField | Move | DecTTL | SetTTL | Goto | CT
 
 
 class Purpose(IntEnum):
@@ -251,6 +298,9 @@ class Purpose(IntEnum):
     DELIVERY_LOCAL = 6
     DELIVERY_REMOTE = 7
     DST_KEY = 8
+    FLOATING_IP = 9
+    SNAT = 10
+    EXTERNAL = 11
 
 
 @dataclass(frozen=True)

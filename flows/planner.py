@@ -8,7 +8,11 @@ not from where the topology says VMs should be:
   shares a router with a local network;
 - a VM on another node costs this node exactly one flow, and only when its network is
   reachable from here;
-- a node with no bound VM installs only its tunnel classification and the table defaults.
+- a node with no bound VM installs only its tunnel classification and the table defaults;
+- floating IPs are NATed on the node where their VM is bound, and only that node answers ARP
+  for them on the provider network (with its own MAC);
+- a router's SNAT for VMs without a floating IP runs on its active SNAT node (`NodePorts.snat`):
+  that node routes for the router's networks and reaches all of their VMs.
 """
 
 from __future__ import annotations
@@ -18,9 +22,16 @@ from dataclasses import dataclass, field
 
 from dvr.model import VM, Network, Router, Topology
 from flows.ofp import (
+    CT,
+    CT_EST,
+    CT_INV,
+    CT_NEW,
+    CT_REL,
+    CT_TRK,
     ETH_ARP,
     ETH_IP,
     IN_PORT,
+    NAT,
     PROTO_ICMP,
     Action,
     DecTTL,
@@ -33,9 +44,12 @@ from flows.ofp import (
     Purpose,
     SetField,
     SetTTL,
+    ct_state,
 )
 from flows.pipeline import check_flow
 
+PROVIDER_PORT = 999  # the provider patch port's number when planning offline
+ASSUMED_GATEWAY_MAC = "02:00:00:00:00:01"  # offline stand-in for an unresolved gateway
 ARP_REQUEST, ARP_REPLY = 1, 2
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
 REPLY_TTL = 64
@@ -47,6 +61,20 @@ class NodePorts:
 
     vms: Mapping[str, int] = field(default_factory=dict)  # VM name -> ofport
     tunnels: Mapping[str, int] = field(default_factory=dict)  # peer node -> ofport
+    provider: int | None = None  # the patch port to the provider (external) bridge
+    gateway_mac: str | None = None  # the upstream gateway's MAC, when known
+    snat: frozenset[str] = frozenset()  # routers whose centralized SNAT is active here
+
+
+def snat_node(router: Router) -> str | None:
+    """The network node where a router's centralized SNAT is active: the first of its
+    `snat_nodes` (the order of preference)."""
+    return router.snat_nodes[0] if router.snat_nodes else None
+
+
+def snat_routers(topo: Topology, node: str) -> frozenset[str]:
+    return frozenset(r.name for r in topo.routers.values()
+                     if r.external_gateway and snat_node(r) == node)
 
 
 def assumed_ports(topo: Topology, node: str) -> NodePorts:
@@ -56,7 +84,26 @@ def assumed_ports(topo: Topology, node: str) -> NodePorts:
     tunnels = {
         n.name: 1000 + n.index for n in topo.nodes.values() if n.name != node
     }
-    return NodePorts(vms, tunnels)
+    ext = topo.external
+    return NodePorts(vms, tunnels, provider=PROVIDER_PORT if ext else None,
+                     gateway_mac=(ext.gateway_mac or ASSUMED_GATEWAY_MAC) if ext else None,
+                     snat=snat_routers(topo, node))
+
+
+def announcements(topo: Topology, node: str, ports: NodePorts) -> dict[str, str]:
+    """The addresses this node answers ARP for on the provider network, with their MAC:
+    floating IPs of VMs bound here, and the external IPs of routers whose SNAT is here.
+    When one appears, the agent announces it with a gratuitous ARP."""
+    if ports.provider is None or topo.external is None:
+        return {}
+    mac = topo.nodes[node].external_mac
+    out = {str(topo.vms[v].floating_ip): mac for v in ports.vms
+           if v in topo.vms and topo.vms[v].floating_ip}
+    for name in ports.snat:
+        r = topo.routers.get(name)
+        if r and r.external_gateway and r.external_mac:
+            out[str(r.external_ip)] = r.external_mac
+    return out
 
 
 def _flow(
@@ -71,9 +118,13 @@ def plan(topo: Topology, node: str, ports: NodePorts) -> frozenset[Flow]:
     flows: list[Flow] = []
     local = {name: topo.vms[name] for name in ports.vms if name in topo.vms}
     local_nets = {vm.network for vm in local.values()}
+    snat = {name: topo.routers[name] for name in sorted(ports.snat)
+            if name in topo.routers and topo.routers[name].external_gateway}
     reachable = topo.reachable_networks(local_nets)
+    for router in snat.values():
+        reachable.update(i.network for i in router.interfaces)
 
-    flows += _defaults()
+    flows += _defaults(ports)
     for peer, ofport in sorted(ports.tunnels.items()):
         flows.append(_flow(
             "classify", 100, Match.of(in_port=ofport), [Goto("tunnel_in")],
@@ -90,7 +141,13 @@ def plan(topo: Topology, node: str, ports: NodePorts) -> frozenset[Flow]:
         flows += _local_vm(topo.networks[vm.network], vm, ports.vms[name])
     routers = {r.name: r for r in (topo.router_of(n) for n in local_nets) if r}
     for router in routers.values():
-        flows += _router(topo, router, local_nets)
+        flows += _router(topo, router, local_nets, ports)
+    for router in snat.values():
+        if router.name not in routers:
+            flows += _router(topo, router, set(), ports)
+        flows += _snat(topo, router, local_nets)
+    if topo.external is not None and ports.provider is not None:
+        flows += _provider(topo, node, ports, local, routers, snat)
     for vm in sorted(topo.vms.values(), key=lambda v: v.name):
         if vm.name in local or vm.network not in reachable:
             continue
@@ -106,11 +163,26 @@ def plan(topo: Topology, node: str, ports: NodePorts) -> frozenset[Flow]:
     return frozenset(flows)
 
 
-def _defaults() -> list[Flow]:
+def _defaults(ports: NodePorts) -> list[Flow]:
     def miss(table: str, actions: list[Action], note: str) -> Flow:
         return _flow(table, 0, Match(), actions, Hint(Purpose.DEFAULT, note=note))
 
+    if ports.provider is None:
+        to_gateway = miss("ext_out", [], "drop: this node has no provider network")
+    elif ports.gateway_mac is None:
+        to_gateway = miss("ext_out", [], "drop: the upstream gateway's MAC is not known yet")
+    else:
+        to_gateway = _flow(
+            "ext_out", 0, Match(),
+            [SetField("eth_dst", ports.gateway_mac), Output(ports.provider)],
+            Hint(Purpose.EXTERNAL, note="to the upstream gateway"))
     return [
+        miss("ext_in", [], "drop: not for an address hosted on this node"),
+        miss("dnat", [], "drop: unsolicited, and not to a floating IP hosted here"),
+        miss("lr_egress", [], "drop: no route"),
+        miss("nat_out", [], "drop: conntrack refused it (invalid)"),
+        miss("ext_src", [], "drop: no external address for this source"),
+        to_gateway,
         miss("tunnel_in", [], "drop: unknown VNI"),
         miss("ls_gateway", [Goto("dst_key")], "not for the router: switch it"),
         miss("lr_routing", [], "drop: no route"),
@@ -148,7 +220,8 @@ def _local_vm(net: Network, vm: VM, ofport: int) -> list[Flow]:
     ]
 
 
-def _router(topo: Topology, router: Router, local_nets: set[str]) -> list[Flow]:
+def _router(topo: Topology, router: Router, local_nets: set[str], ports: NodePorts
+            ) -> list[Flow]:
     """The router's distributed part on this node: every interface is served on every node
     that has a VM on one of the router's networks, so routing happens at the source."""
     out: list[Flow] = []
@@ -160,10 +233,7 @@ def _router(topo: Topology, router: Router, local_nets: set[str]) -> list[Flow]:
                 "ls_gateway", 100,
                 Match.of(metadata=net.vni, eth_type=ETH_ARP, arp_op=ARP_REQUEST,
                          arp_tpa=str(itf.ip)),
-                [Move("eth_src", "eth_dst"), SetField("eth_src", itf.mac),
-                 SetField("arp_op", ARP_REPLY), Move("arp_sha", "arp_tha"),
-                 SetField("arp_sha", itf.mac), Move("arp_spa", "arp_tpa"),
-                 SetField("arp_spa", str(itf.ip)), Output(IN_PORT)],
+                _arp_reply(itf.mac, str(itf.ip)),
                 Hint(Purpose.GATEWAY, "router", router.name,
                      f"ARP reply: {itf.ip} is at {itf.mac}"),
             ))
@@ -181,17 +251,24 @@ def _router(topo: Topology, router: Router, local_nets: set[str]) -> list[Flow]:
                     Hint(Purpose.GATEWAY, "router", router.name,
                          f"echo reply from {target.ip}"),
                 ))
-            out.append(_flow(
-                "ls_gateway", 90, Match.of(metadata=net.vni, eth_type=ETH_IP, eth_dst=itf.mac),
-                [SetField("metadata", router.key), Goto("lr_routing")],
-                Hint(Purpose.GATEWAY, "router", router.name,
-                     f"enter router {router.name} from {net.name}"),
-            ))
+            out.append(_enter_router(router, net, itf.mac))
             out.append(_flow(
                 "ls_gateway", 80, Match.of(metadata=net.vni, eth_dst=itf.mac), [],
                 Hint(Purpose.GATEWAY, "router", router.name,
                      "drop: the router takes only IPv4 and ARP for its address"),
             ))
+            if router.external_gateway and router.name not in ports.snat:
+                # the default route of a VM without a floating IP: to the SNAT node,
+                # over the overlay in its own network's VNI, still addressed to the router
+                active = snat_node(router)
+                tunnel = ports.tunnels.get(active) if active else None
+                out.append(_flow(
+                    "lr_egress", 50, Match.of(metadata=router.key, reg2=net.vni),
+                    [SetField("tunnel_id", net.vni), Output(tunnel)] if tunnel else [],
+                    Hint(Purpose.SNAT, "router", router.name,
+                         f"from {net.name} to SNAT on {active}" if tunnel else
+                         f"drop: no tunnel to the SNAT node {active}"),
+                ))
         out.append(_flow(
             "lr_routing", 100 + net.cidr.prefixlen,
             Match.of(metadata=router.key, eth_type=ETH_IP, ipv4_dst=str(net.cidr)),
@@ -199,4 +276,171 @@ def _router(topo: Topology, router: Router, local_nets: set[str]) -> list[Flow]:
              Goto("dst_key")],
             Hint(Purpose.ROUTE, "router", router.name, f"route {net.cidr} to {net.name}"),
         ))
+    if router.external_gateway:
+        out.append(_flow(
+            "lr_routing", 100, Match.of(metadata=router.key, eth_type=ETH_IP),
+            [Goto("lr_egress")],
+            Hint(Purpose.ROUTE, "router", router.name, "default route: to the outside"),
+        ))
+    return out
+
+
+def _enter_router(router: Router, net: Network, mac: str) -> Flow:
+    return _flow(
+        "ls_gateway", 90, Match.of(metadata=net.vni, eth_type=ETH_IP, eth_dst=mac),
+        [SetField("metadata", router.key), SetField("reg2", net.vni), Goto("lr_routing")],
+        Hint(Purpose.GATEWAY, "router", router.name,
+             f"enter router {router.name} from {net.name}"),
+    )
+
+
+def _arp_reply(mac: str, ip: str) -> list[Action]:
+    """Turn an ARP request for `ip` into the reply `ip is at mac`, back where it came from."""
+    return [Move("eth_src", "eth_dst"), SetField("eth_src", mac),
+            SetField("arp_op", ARP_REPLY), Move("arp_sha", "arp_tha"),
+            SetField("arp_sha", mac), Move("arp_spa", "arp_tpa"),
+            SetField("arp_spa", ip), Output(IN_PORT)]
+
+
+def _conntrack_states(router: Router, dnat: bool) -> list[Flow]:
+    """Packets of known connections pass after conntrack, already translated. `dnat`: the
+    router also DNATs here (floating IPs), so outbound packets see the DNAT zone first."""
+    out = []
+    for bit, name in ((CT_EST, "established"), (CT_REL, "related")):
+        state = ct_state(on=CT_TRK | bit, off=CT_INV)
+        m = Match.of(metadata=router.key, ct_state=state)
+        hint = Hint(Purpose.SNAT, "router", router.name, f"{name}: already translated")
+        out.append(_flow("unsnat", 100, m, [Goto("lr_routing")], hint))
+        out.append(_flow("nat_out", 100, m, [Goto("ext_src")], hint))
+        if dnat:
+            out.append(_flow("dnat", 100, m, [Goto("lr_routing")], hint))
+            out.append(_flow("undnat", 100, m, [Goto("ext_src")], hint))
+    if dnat:
+        out.append(_flow(
+            "undnat", 50,
+            Match.of(metadata=router.key, ct_state=ct_state(on=CT_TRK | CT_NEW, off=CT_INV),
+                     eth_type=ETH_IP),
+            [SetField("reg3", 1), CT(router.snat_zone, "nat_out", nat=NAT())],
+            Hint(Purpose.FLOATING_IP, "router", router.name,
+                 "not a reply to an inbound connection: on to the SNAT zone")))
+    return out
+
+
+def _floating_ip(topo: Topology, node: str, vm: VM, router: Router) -> list[Flow]:
+    """DNAT in and SNAT out for a floating IP whose VM is bound on this node."""
+    fip, fixed = str(vm.floating_ip), str(vm.ip)
+    mac = topo.nodes[node].external_mac
+    hint = Hint(Purpose.FLOATING_IP, "vm", vm.name, f"floating IP {fip} of {vm.name}")
+    new = ct_state(on=CT_TRK | CT_NEW, off=CT_INV)
+    return [
+        _flow("ext_in", 100,
+              Match.of(eth_type=ETH_ARP, arp_op=ARP_REQUEST, arp_tpa=fip),
+              _arp_reply(mac, fip),
+              Hint(Purpose.FLOATING_IP, "vm", vm.name, f"ARP reply: {fip} is at {mac}")),
+        _flow("ext_in", 100, Match.of(eth_type=ETH_IP, eth_dst=mac, ipv4_dst=fip),
+              [SetField("metadata", router.key), CT(router.snat_zone, "unsnat", nat=NAT())],
+              hint),
+        _flow("unsnat", 90,
+              Match.of(metadata=router.key, ct_state=new, eth_type=ETH_IP, ipv4_dst=fip),
+              [CT(router.dnat_zone, "dnat", nat=NAT())],
+              Hint(Purpose.FLOATING_IP, "vm", vm.name, f"new, to {fip}: to the DNAT zone")),
+        _flow("dnat", 90,
+              Match.of(metadata=router.key, ct_state=new, eth_type=ETH_IP, ipv4_dst=fip),
+              [CT(router.dnat_zone, "lr_routing", commit=True, nat=NAT("dst", fixed))],
+              Hint(Purpose.FLOATING_IP, "vm", vm.name, f"DNAT {fip} to {fixed}")),
+        _flow("lr_egress", 100, Match.of(metadata=router.key, eth_type=ETH_IP, ipv4_src=fixed),
+              [CT(router.dnat_zone, "undnat", nat=NAT())], hint),
+        _flow("nat_out", 90,
+              Match.of(metadata=router.key, ct_state=new, eth_type=ETH_IP, ipv4_src=fixed),
+              [CT(router.snat_zone, "ext_src", commit=True, nat=NAT("src", fip))],
+              Hint(Purpose.FLOATING_IP, "vm", vm.name, f"SNAT {fixed} to {fip}")),
+        _flow("ext_src", 100, Match.of(eth_type=ETH_IP, ipv4_src=fip),
+              [SetField("eth_src", mac), DecTTL(), Goto("ext_out")], hint),
+    ]
+
+
+def _snat(topo: Topology, router: Router, local_nets: set[str]) -> list[Flow]:
+    """Centralized SNAT of a router, on its active SNAT node: traffic of VMs without a
+    floating IP arrives over the overlay addressed to the router, leaves with the router's
+    external IP; the replies are routed back to the VMs' nodes."""
+    ext_ip, mac = str(router.external_ip), str(router.external_mac)
+    out: list[Flow] = []
+    for itf in router.interfaces:
+        net = topo.networks[itf.network]
+        if itf.network not in local_nets:
+            out.append(_flow(
+                "tunnel_in", 100, Match.of(tunnel_id=net.vni),
+                [SetField("metadata", net.vni), SetField("reg1", 1), Goto("ls_gateway")],
+                Hint(Purpose.SNAT, "router", router.name,
+                     f"VNI {net.vni}: {net.name}, to router {router.name}'s SNAT"),
+            ))
+            out.append(_enter_router(router, net, itf.mac))
+    hint = Hint(Purpose.SNAT, "router", router.name, f"SNAT of {router.name} to {ext_ip}")
+    new = ct_state(on=CT_TRK | CT_NEW, off=CT_INV)
+    out += [
+        _flow("lr_egress", 50, Match.of(metadata=router.key, eth_type=ETH_IP),
+              [CT(router.snat_zone, "nat_out", nat=NAT())], hint),
+        _flow("nat_out", 50, Match.of(metadata=router.key, ct_state=new, eth_type=ETH_IP),
+              [CT(router.snat_zone, "ext_src", commit=True, nat=NAT("src", ext_ip))],
+              Hint(Purpose.SNAT, "router", router.name, f"SNAT to {ext_ip}")),
+        _flow("ext_src", 100, Match.of(eth_type=ETH_IP, ipv4_src=ext_ip),
+              [SetField("eth_src", mac), DecTTL(), Goto("ext_out")], hint),
+        _flow("ext_in", 100,
+              Match.of(eth_type=ETH_ARP, arp_op=ARP_REQUEST, arp_tpa=ext_ip),
+              _arp_reply(mac, ext_ip),
+              Hint(Purpose.SNAT, "router", router.name, f"ARP reply: {ext_ip} is at {mac}")),
+        _flow("ext_in", 100, Match.of(eth_type=ETH_IP, eth_dst=mac, ipv4_dst=ext_ip),
+              [SetField("metadata", router.key), CT(router.snat_zone, "unsnat", nat=NAT())],
+              hint),
+    ]
+    return out
+
+
+def _provider(topo: Topology, node: str, ports: NodePorts, local: Mapping[str, VM],
+              routers: Mapping[str, Router], snat: Mapping[str, Router]) -> list[Flow]:
+    """The provider network side: what comes in from it, and where NATed traffic goes."""
+    assert ports.provider is not None
+    out = [_flow("classify", 100, Match.of(in_port=ports.provider), [Goto("ext_in")],
+                 Hint(Purpose.EXTERNAL, note="arrived from the provider network"))]
+    fip_vms = [vm for _, vm in sorted(local.items())
+               if vm.floating_ip and (r := topo.router_of(vm.network)) and r.external_gateway]
+    natting = {r.name: r for r in snat.values()}
+    dnatting: set[str] = set()
+    for vm in fip_vms:
+        router = routers[topo.router_of(vm.network).name]  # type: ignore[union-attr]
+        natting[router.name] = router
+        dnatting.add(router.name)
+        out += _floating_ip(topo, node, vm, router)
+    for router in natting.values():
+        out += _conntrack_states(router, router.name in dnatting)
+    if not natting:
+        return out  # nothing leaves this node to the provider network
+    # where translated traffic goes on the provider network
+    for fip, vm in sorted(topo.floating_ips().items()):
+        router = topo.router_of(vm.network)
+        if router is None or not router.external_gateway:
+            continue
+        if vm.name in local:
+            # after the SNAT zone on the way out, the way in starts at the DNAT zone
+            out.append(_flow(
+                "ext_out", 110, Match.of(eth_type=ETH_IP, reg3=1, ipv4_dst=str(fip)),
+                [SetField("metadata", router.key), CT(router.dnat_zone, "dnat", nat=NAT())],
+                Hint(Purpose.EXTERNAL, "vm", vm.name,
+                     f"hairpin to floating IP {fip} of {vm.name}, on this node")))
+            actions: list[Action] = [SetField("metadata", router.key),
+                                     CT(router.snat_zone, "unsnat", nat=NAT())]
+            note = f"hairpin to floating IP {fip} of {vm.name}, on this node"
+        else:
+            actions = [SetField("eth_dst", topo.nodes[vm.node].external_mac),
+                       Output(ports.provider)]
+            note = f"to floating IP {fip} of {vm.name}, straight to {vm.node}"
+        out.append(_flow("ext_out", 100, Match.of(eth_type=ETH_IP, ipv4_dst=str(fip)),
+                         actions, Hint(Purpose.EXTERNAL, "vm", vm.name, note)))
+    for router in topo.routers.values():
+        if router.external_gateway and router.name not in snat and snat_node(router):
+            out.append(_flow(
+                "ext_out", 100, Match.of(eth_type=ETH_IP, ipv4_dst=str(router.external_ip)),
+                [SetField("eth_dst", str(router.external_mac)), Output(ports.provider)],
+                Hint(Purpose.EXTERNAL, "router", router.name,
+                     f"to {router.name}'s external IP on {snat_node(router)}")))
     return out

@@ -4,6 +4,17 @@ It interprets this project's flow model with OpenFlow's semantics (highest prior
 wins, goto moves forward, output to the input port is dropped, tunnels carry the tunnel id to
 the peer's tunnel port with registers cleared) so that tests and `dvr trace --offline` can
 assert where a packet goes and with which headers, without a switch.
+
+Conntrack is modelled per node and zone, as OVS does it: a `ct` looks the packet up (an
+original-direction or reply-direction match is established, anything else new), `nat`
+applies a committed connection's translation, `commit` records a new connection with its
+NAT; then the packet is recirculated. The tables persist across sends on one `Cloud`, so
+a request and its reply can be followed in turn (`reset_conntrack()` forgets them). ICMP
+errors (related) are not modelled.
+
+The provider network is one L2 segment: a frame sent out of a node's provider port goes to
+the node (or the external host, `gateway_mac`) that owns its destination MAC; a broadcast
+from the external host reaches every node.
 """
 
 from __future__ import annotations
@@ -16,6 +27,11 @@ from typing import Any
 
 from dvr.model import Topology
 from flows.ofp import (
+    CT,
+    CT_EST,
+    CT_NEW,
+    CT_RPL,
+    CT_TRK,
     ETH_ARP,
     ETH_IP,
     FIELDS,
@@ -30,10 +46,33 @@ from flows.ofp import (
     value_matches,
 )
 from flows.pipeline import FIRST_TABLE
-from flows.planner import NodePorts, assumed_ports, plan
+from flows.planner import ASSUMED_GATEWAY_MAC, NodePorts, assumed_ports, plan
 
 MAX_STEPS = 256
+BROADCAST = "ff:ff:ff:ff:ff:ff"
 Packet = dict[str, Any]
+Tuple5 = tuple[Any, Any, Any, Any, Any]
+
+
+@dataclass
+class Conn:
+    orig: Tuple5  # as first seen
+    xlat: Tuple5  # the original direction after NAT
+
+
+def _tuple(pkt: Packet) -> Tuple5:
+    proto = pkt.get("ip_proto")
+    if proto == 6:
+        ports = (pkt.get("tcp_src"), pkt.get("tcp_dst"))
+    elif proto == 17:
+        ports = (pkt.get("udp_src"), pkt.get("udp_dst"))
+    else:
+        ports = (None, None)
+    return (pkt.get("ipv4_src"), pkt.get("ipv4_dst"), proto, *ports)
+
+
+def _reverse(t: Tuple5) -> Tuple5:
+    return (t[1], t[0], t[2], t[4], t[3])
 
 
 @dataclass
@@ -62,6 +101,8 @@ class NodePlan:
         for node, p in self.ports.tunnels.items():
             if p == ofport:
                 return ("tunnel", node)
+        if ofport == self.ports.provider:
+            return ("provider", "")
         return None
 
 
@@ -80,8 +121,12 @@ class End:
     kind: str  # delivered | dropped
     node: str
     packet: Packet
-    vm: str | None = None
+    vm: str | None = None  # delivered to this VM, or (None) to the external host
     reason: str = ""
+
+    @property
+    def external(self) -> bool:
+        return self.kind == "delivered" and self.vm is None
 
 
 @dataclass
@@ -89,6 +134,8 @@ class Trace:
     steps: list[Step]
     ends: list[End]
     tunnels: list[tuple[str, str]]  # (from node, to node) crossings, in order
+    provider: list[tuple[str, str]] = field(default_factory=list)  # (from, to) on the
+    # provider network; "ext" is the external host
 
     @property
     def delivered(self) -> list[End]:
@@ -109,6 +156,58 @@ class Cloud:
     def __init__(self, topo: Topology, nodes: Mapping[str, NodePlan]):
         self.topo = topo
         self.nodes = dict(nodes)
+        self.conntrack: dict[tuple[str, int], list[Conn]] = {}
+        ext = topo.external
+        self.gateway_mac = (ext.gateway_mac or ASSUMED_GATEWAY_MAC) if ext else None
+
+    def reset_conntrack(self) -> None:
+        self.conntrack.clear()
+
+    def provider_owner(self, mac: str) -> str | None:
+        """The node whose provider port owns `mac` (its own, or a router's external MAC
+        whose SNAT it runs), or "ext" for the external host's."""
+        if mac == self.gateway_mac:
+            return "ext"
+        for name, plan_ in self.nodes.items():
+            if plan_.ports.provider is None:
+                continue
+            if self.topo.nodes[name].external_mac == mac:
+                return name
+            for r in plan_.ports.snat:
+                if r in self.topo.routers and self.topo.routers[r].external_mac == mac:
+                    return name
+        return None
+
+    def send_from_external(self, pkt: Packet) -> Trace:
+        """The external host sends `pkt` on the provider network."""
+        trace = Trace([], [], [])
+        pkt = dict(pkt)
+        pkt.setdefault("eth_src", self.gateway_mac)
+        self._on_provider(trace, "ext", pkt)
+        return trace
+
+    def _on_provider(self, trace: Trace, sender: str, wire: Packet) -> None:
+        dst = str(wire.get("eth_dst", "")).lower()
+        if dst == BROADCAST:
+            targets = [n for n, p in self.nodes.items()
+                       if p.ports.provider is not None and n != sender]
+            if sender != "ext":
+                targets.append("ext")
+        else:
+            owner = self.provider_owner(dst)
+            if owner is None or owner == sender:
+                trace.ends.append(End("dropped", sender, wire,
+                                      reason=f"no host with MAC {dst} on the provider network"))
+                return
+            targets = [owner]
+        for target in targets:
+            trace.provider.append((sender, target))
+            if target == "ext":
+                trace.ends.append(End("delivered", sender, dict(wire)))
+                continue
+            pkt = dict(wire)
+            pkt["in_port"] = self.nodes[target].ports.provider
+            self._pipeline(trace, target, pkt, FIRST_TABLE)
 
     @classmethod
     def offline(cls, topo: Topology) -> Cloud:
@@ -167,12 +266,47 @@ class Cloud:
                     self._output(trace, node, copy.deepcopy(pkt), action.port)
                 elif isinstance(action, Goto):
                     goto = action.table
+                elif isinstance(action, CT):
+                    self._conntrack(node, pkt, step, action)
+                    goto = action.table
             if goto is None:
                 if not any(isinstance(a, Output) for a in flow.actions):
                     trace.ends.append(End("dropped", node, pkt, reason=flow.hint.note or
                                           f"table {table}: drop"))
                 return
             table = goto
+
+    def _conntrack(self, node: str, pkt: Packet, step: Step, ct: CT) -> None:
+        conns = self.conntrack.setdefault((node, ct.zone), [])
+        key = _tuple(pkt)
+        found: Conn | None = None
+        reply = False
+        for conn in conns:
+            if conn.orig == key:
+                found = conn
+            elif _reverse(conn.xlat) == key:
+                found, reply = conn, True
+            if found:
+                break
+        if found is None and ct.commit:
+            xlat = list(key)
+            if ct.nat is not None and ct.nat.kind == "src":
+                xlat[0] = ct.nat.ip
+            elif ct.nat is not None and ct.nat.kind == "dst":
+                xlat[1] = ct.nat.ip
+            found = Conn(key, tuple(xlat))  # type: ignore[arg-type]
+            conns.append(found)
+            state = CT_TRK | CT_NEW
+        elif found is None:
+            state = CT_TRK | CT_NEW
+        else:
+            state = CT_TRK | CT_EST | (CT_RPL if reply else 0)
+        if found is not None and ct.nat is not None:
+            want = _reverse(found.orig) if reply else found.xlat
+            _set(pkt, step, "ipv4_src", want[0])
+            _set(pkt, step, "ipv4_dst", want[1])
+        pkt["ct_state"] = state
+        step.changes.append(f"ct(zone={ct.zone}): {'+'.join(_state_names(state))}")
 
     def _output(self, trace: Trace, node: str, pkt: Packet, port: int) -> None:
         plan_ = self.nodes[node]
@@ -183,7 +317,11 @@ class Cloud:
             return
         owner = plan_.port_owner(port)
         wire = {k: v for k, v in pkt.items()
-                if not k.startswith("reg") and k not in ("metadata", "in_port")}
+                if not k.startswith("reg") and k not in ("metadata", "in_port", "ct_state")}
+        if owner is not None and owner[0] == "provider":
+            wire.pop("tunnel_id", None)
+            self._on_provider(trace, node, wire)
+            return
         if owner is None:
             trace.ends.append(End("dropped", node, wire, reason=f"output to unknown port {port}"))
         elif owner[0] == "vm":
@@ -201,10 +339,16 @@ class Cloud:
             self._pipeline(trace, peer, wire, FIRST_TABLE)
 
 
+def _state_names(state: int) -> list[str]:
+    from flows.ofp import CT_STATE_NAMES
+
+    return [name for bit, name in sorted(CT_STATE_NAMES.items()) if state & bit]
+
+
 def _set(pkt: Packet, step: Step, fld: str, value: Any) -> None:
     old = pkt.get(fld)
     pkt[fld] = value
-    if old != value and not fld.startswith("reg") and fld != "metadata":
+    if old != value and not fld.startswith("reg") and fld not in ("metadata", "ct_state"):
         step.changes.append(f"{fld}: {old} -> {value}")
 
 

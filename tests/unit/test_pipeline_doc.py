@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline import BY_NUMBER, FIRST_TABLE, TABLES
+from flows.pipeline import BY_NUMBER, FIRST_TABLE, RECIRCULATE_BACK, TABLES
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "pipeline.md"
 HEADING = re.compile(r"^## Table (\d+): (\S+)\s*$")
@@ -58,7 +58,20 @@ def test_every_next_table_exists_and_is_further_down(name: str) -> None:
     table = TABLES[name]
     for nxt in table.next:
         assert nxt in TABLES, f"{name} may go to undeclared table {nxt}"
+        if (name, nxt) in RECIRCULATE_BACK:
+            continue
         assert TABLES[nxt].number > table.number, f"{name} -> {nxt} goes backwards"
+
+
+def test_only_conntrack_may_go_back() -> None:
+    """A goto backwards is refused even where a ct recirculation may go back."""
+    from flows.ofp import CT, Flow, Goto, Match
+    from flows.pipeline import PipelineError, check_flow
+
+    for name, nxt in RECIRCULATE_BACK:
+        check_flow(Flow(name, 1, Match(), (CT(1, nxt),)))
+        with pytest.raises(PipelineError, match="forward"):
+            check_flow(Flow(name, 1, Match(), (Goto(nxt),)))
 
 
 def test_every_table_is_reachable_from_the_first() -> None:
