@@ -148,6 +148,16 @@ def plan(topo: Topology, node: str, ports: NodePorts) -> frozenset[Flow]:
         flows += _snat(topo, router, local_nets)
     if topo.external is not None and ports.provider is not None:
         flows += _provider(topo, node, ports, local, routers, snat)
+    elif topo.external is not None:
+        # a floating IP must not quietly fall back to the SNAT node's address
+        for vm in sorted(local.values(), key=lambda v: v.name):
+            router = topo.router_of(vm.network)
+            if vm.floating_ip and router and router.external_gateway:
+                flows.append(_flow(
+                    "lr_egress", 100,
+                    Match.of(metadata=router.key, eth_type=ETH_IP, ipv4_src=str(vm.ip)), [],
+                    Hint(Purpose.FLOATING_IP, "vm", vm.name,
+                         f"drop: no provider network on this node for {vm.floating_ip}")))
     for vm in sorted(topo.vms.values(), key=lambda v: v.name):
         if vm.name in local or vm.network not in reachable:
             continue

@@ -143,31 +143,49 @@ class LabHandle:
         assert res.returncode == 0, res.stderr
         return json.loads(res.stdout.strip().splitlines()[-1])
 
-    def tcp_transfer(self, src: str, dst: str, dst_ip: str, nbytes: int = 1 << 20) -> None:
-        """Send nbytes over TCP from VM src to VM dst; assert they arrive intact."""
+    def ns(self, name: str) -> str:
+        """The namespace of a VM, or of the external host (`ext`)."""
+        return f"{self.prefix}-ext" if name == "ext" else self.vm_ns(name)
+
+    def tcp_transfer(self, src: str, dst: str, dst_ip: str, nbytes: int = 1 << 20,
+                     source: str | None = None, pace: float | None = None) -> dict[str, Any]:
+        """Send nbytes over TCP from src to dst (VM names, or `ext`); assert they arrive
+        intact; return what the receiver saw (bytes, sha256, peer address, max_gap)."""
         port = str(5000 + random.randrange(1000))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         server = subprocess.Popen(
-            ["ip", "netns", "exec", self.vm_ns(dst), sys.executable, "-m", "tests.lab.pkttool",
+            ["ip", "netns", "exec", self.ns(dst), sys.executable, "-m", "tests.lab.pkttool",
              "tcp-server", port], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             cwd=ROOT, env=env)
+        extra = (["--source", source] if source else []) + (
+            ["--pace", str(pace)] if pace else [])
         try:
             assert server.stdout is not None
             assert server.stdout.readline().strip() == "READY"
             client = subprocess.run(
-                ["ip", "netns", "exec", self.vm_ns(src), sys.executable, "-m",
-                 "tests.lab.pkttool", "tcp-client", dst_ip, port, str(nbytes)],
-                capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+                ["ip", "netns", "exec", self.ns(src), sys.executable, "-m",
+                 "tests.lab.pkttool", "tcp-client", dst_ip, port, str(nbytes), *extra],
+                capture_output=True, text=True, cwd=ROOT, env=env, timeout=90)
             assert client.returncode == 0, client.stderr
             out, _ = server.communicate(timeout=60)
             sent = json.loads(client.stdout.strip().splitlines()[-1])
             got = json.loads(out.strip().splitlines()[-1])
-            assert got == sent, f"TCP {src}->{dst}: sent {sent}, received {got}"
+            assert (got["bytes"], got["sha256"]) == (sent["bytes"], sent["sha256"]), (
+                f"TCP {src}->{dst}: sent {sent}, received {got}")
             assert got["bytes"] == nbytes
+            return got
         finally:
             if server.poll() is None:
                 server.kill()
                 server.wait()
+
+    def pkttool(self, ns: str, *args: str, timeout: float = 30) -> Any:
+        res = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m",
+                              "tests.lab.pkttool", *args], capture_output=True, text=True,
+                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             timeout=timeout)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout.strip().splitlines()[-1])
 
     def port_packets(self, node: str) -> dict[str, int]:
         """rx+tx packets of every port of the node's br-int, live from OpenFlow."""

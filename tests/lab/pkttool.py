@@ -4,8 +4,12 @@
   capturing, then one JSON list of the packets seen (headers the tests assert on).
 - `arp IFACE TARGET_IP`: sends one ARP request from IFACE's address, prints the reply (JSON)
   or `null`.
-- `tcp-server PORT`: accepts one connection, prints {"bytes": N, "sha256": H}.
-- `tcp-client IP PORT BYTES`: sends BYTES random bytes, prints {"bytes": N, "sha256": H}.
+- `tcp-server PORT`: accepts one connection, prints {"bytes": N, "sha256": H, "peer": IP,
+  "max_gap": S} (the longest wait between two arrivals of data, in seconds).
+- `tcp-client IP PORT BYTES [--source IP] [--pace S]`: sends BYTES random bytes (with
+  `--pace`, 1400 bytes every S seconds), prints {"bytes": N, "sha256": H}.
+- `send IFACE DST_MAC DST_IP [--src IP] [--count N]`: sends N ICMP echo requests in frames
+  built by hand (to reach what the kernel would not route), prints {"sent": N}.
 """
 
 from __future__ import annotations
@@ -100,17 +104,23 @@ def cmd_tcp_server(args: argparse.Namespace) -> int:
     srv.listen(1)
     srv.settimeout(args.timeout)
     print("READY", flush=True)
-    conn, _ = srv.accept()
+    conn, peer = srv.accept()
     conn.settimeout(args.timeout)
     h, n = hashlib.sha256(), 0
+    last, max_gap = time.monotonic(), 0.0
     while True:
         chunk = conn.recv(65536)
+        now = time.monotonic()
         if not chunk:
             break
+        if n:
+            max_gap = max(max_gap, now - last)
+        last = now
         h.update(chunk)
         n += len(chunk)
     conn.close()
-    print(json.dumps({"bytes": n, "sha256": h.hexdigest()}), flush=True)
+    print(json.dumps({"bytes": n, "sha256": h.hexdigest(), "peer": peer[0],
+                      "max_gap": round(max_gap, 4)}), flush=True)
     return 0
 
 
@@ -119,17 +129,37 @@ def cmd_tcp_client(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     while True:
         try:
-            sock = socket.create_connection((args.ip, args.port), timeout=args.timeout)
+            source = (args.source, 0) if args.source else None
+            sock = socket.create_connection((args.ip, args.port), timeout=args.timeout,
+                                            source_address=source)
             break
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
-    sock.sendall(data)
+    if args.pace:
+        for i in range(0, len(data), 1400):
+            sock.sendall(data[i:i + 1400])
+            time.sleep(args.pace)
+    else:
+        sock.sendall(data)
     sock.shutdown(socket.SHUT_WR)
     sock.close()
     print(json.dumps({"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}),
           flush=True)
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from scapy.all import conf, get_if_addr, get_if_hwaddr, sendp
+    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.l2 import Ether
+
+    conf.verb = 0
+    frame = Ether(src=get_if_hwaddr(args.iface), dst=args.dst_mac) / IP(
+        src=args.src or get_if_addr(args.iface), dst=args.dst) / ICMP(id=0x4242)
+    sendp(frame, iface=args.iface, count=args.count, inter=0.05, verbose=0)
+    print(json.dumps({"sent": args.count}), flush=True)
     return 0
 
 
@@ -153,9 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     tc.add_argument("port", type=int)
     tc.add_argument("bytes", type=int)
     tc.add_argument("--timeout", type=float, default=20.0)
+    tc.add_argument("--source")
+    tc.add_argument("--pace", type=float)
+    sd = sub.add_parser("send")
+    sd.add_argument("iface")
+    sd.add_argument("dst_mac")
+    sd.add_argument("dst")
+    sd.add_argument("--src")
+    sd.add_argument("--count", type=int, default=3)
     args = p.parse_args(argv)
     return {"sniff": cmd_sniff, "arp": cmd_arp, "tcp-server": cmd_tcp_server,
-            "tcp-client": cmd_tcp_client}[args.cmd](args)
+            "tcp-client": cmd_tcp_client, "send": cmd_send}[args.cmd](args)
 
 
 if __name__ == "__main__":
