@@ -61,6 +61,14 @@ log "integration bridge $BRIDGE"
 ovs-vsctl --may-exist add-br "$BRIDGE" -- set Bridge "$BRIDGE" datapath_type=system \
     fail_mode=secure protocols=OpenFlow10,OpenFlow13,OpenFlow14,OpenFlow15
 
+EXT_IF=${DVR_EXTERNAL_IF:-eth2}
+log "provider bridge br-ex (uplink $EXT_IF when the VM has one)"
+ovs-vsctl --may-exist add-br br-ex -- set Bridge br-ex datapath_type=system
+if ip link show "$EXT_IF" >/dev/null 2>&1; then
+    ovs-vsctl --may-exist add-port br-ex "$EXT_IF"
+    ip link set "$EXT_IF" up
+fi
+
 log "topology $ETC/topology.yaml (from $TOPOLOGY, with each node's tunnel_ip)"
 install -d -m 755 "$ETC" "$STATE"
 "$VENV/bin/python" - "$SRC/$TOPOLOGY" "$UNDERLAY" "$ETC/topology.yaml" <<'EOF'
@@ -163,7 +171,7 @@ while read -r name mac addr gw mtu port; do
     fi
     ovs-vsctl --may-exist add-port $BRIDGE "\$tap" -- set Interface "\$tap" \\
         external_ids:iface-id="\$port" external_ids:attached-mac="\$mac" \\
-        external_ids:iface-status=active external_ids:vm-id="\$name"
+        external_ids:iface-status=active external_ids:vm-uuid="\$(uuidgen --sha1 --namespace @dns --name \$name)"
     echo "plugged \$name (\$addr, \$mac) into $BRIDGE as \$tap"
 done
 EOF
