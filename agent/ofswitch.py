@@ -73,6 +73,9 @@ def to_ofp_instructions(flow: Flow) -> list[Any]:
     for a in flow.actions:
         if isinstance(a, Output):
             actions.append(parser.OFPActionOutput(a.port, 0xFFFF))
+        elif isinstance(a, SetField) and a.field == "in_port":
+            # OVS refuses an OpenFlow 1.3 set_field on in_port; a Nicira load is accepted
+            actions.append(parser.NXActionRegLoad(ofs_nbits=31, dst="in_port", value=a.value))
         elif isinstance(a, SetField):
             actions.append(parser.OFPActionSetField(**{a.field: a.value}))
         elif isinstance(a, Move):

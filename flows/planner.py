@@ -434,10 +434,13 @@ def _provider(topo: Topology, node: str, ports: NodePorts, local: Mapping[str, V
             # after the SNAT zone on the way out, the way in starts at the DNAT zone
             out.append(_flow(
                 "ext_out", 110, Match.of(eth_type=ETH_IP, reg3=1, ipv4_dst=str(fip)),
-                [SetField("metadata", router.key), CT(router.dnat_zone, "dnat", nat=NAT())],
+                [SetField("in_port", ports.provider), SetField("metadata", router.key),
+                 CT(router.dnat_zone, "dnat", nat=NAT())],
                 Hint(Purpose.EXTERNAL, "vm", vm.name,
                      f"hairpin to floating IP {fip} of {vm.name}, on this node")))
-            actions: list[Action] = [SetField("metadata", router.key),
+            # (as if from the provider port: the VM's own floating IP may lead back to it)
+            actions: list[Action] = [SetField("in_port", ports.provider),
+                                     SetField("metadata", router.key),
                                      CT(router.snat_zone, "unsnat", nat=NAT())]
             note = f"hairpin to floating IP {fip} of {vm.name}, on this node"
         else:

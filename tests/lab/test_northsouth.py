@@ -128,6 +128,9 @@ def test_floating_ip_to_floating_ip_same_node_and_across_nodes(lab: LabHandle) -
     assert echo_requests(ext_cap.packets) == [], "went through the upstream gateway"
     got = lab.tcp_transfer("vm5", "vm3", FIP3, 128 * 1024)
     assert got["peer"] == FIP5
+    # and a VM to its own floating IP: round the bridge and back in
+    got = lab.tcp_transfer("vm1", "vm1", FIP1, 64 * 1024)
+    assert got["peer"] == FIP1
 
 
 # --- what must not get in -------------------------------------------------------------------

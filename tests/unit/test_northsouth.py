@@ -125,6 +125,15 @@ def test_floating_ip_to_floating_ip_takes_the_shortest_path(topo, cloud) -> None
     assert via_snat.provider == [("net1", "compute2")]
 
 
+def test_a_vm_reaches_its_own_floating_ip(topo, cloud) -> None:
+    end = only(from_vm(topo, cloud, "vm1", "203.0.113.50", tcp_src=7100, tcp_dst=22))
+    assert (end.vm, end.packet["ipv4_src"], end.packet["ipv4_dst"]) == (
+        "vm1", "203.0.113.50", "10.1.0.11")
+    reply = only(from_vm(topo, cloud, "vm1", "203.0.113.50", tcp_src=22, tcp_dst=7100))
+    assert (reply.vm, reply.packet["ipv4_src"], reply.packet["ipv4_dst"]) == (
+        "vm1", "203.0.113.50", "10.1.0.11")
+
+
 def test_announcements_follow_the_floating_ip(topo) -> None:
     c1, c2 = topo.nodes["compute1"].external_mac, topo.nodes["compute2"].external_mac
     assert announcements(topo, "compute1", assumed_ports(topo, "compute1")) == {
