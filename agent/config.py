@@ -27,7 +27,8 @@ OVS_OPTS = [
                help="The bridge VM ports are plugged into."),
     cfg.StrOpt("external_bridge", default="br-ex",
                help="The provider bridge on the external network (created by the operator "
-                    "with its uplink); the agent patches it to the integration bridge. "
+                    "with its uplink); the agent patches it to the integration bridge and "
+                    "resolves the upstream gateway's MAC through its own interface. "
                     "Empty: this node has no external network."),
     cfg.StrOpt("datapath_type", default="system", choices=["system", "netdev"],
                help="Datapath of the bridges the agent creates (netdev: userspace)."),

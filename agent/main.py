@@ -9,7 +9,6 @@ the dataplane as it is.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import config
+from agent import arp, config
 from agent.ofswitch import InstalledFlow, OpenFlowError, Switch
 from agent.ovsdb import Ovsdb, OvsdbError
 from agent.source import FileSource, Source
@@ -33,15 +32,9 @@ VERSION = "0.2.0"
 # a newly hosted address is announced by gratuitous ARP at these delays (seconds): several,
 # because one can be lost, or ignored by a neighbour that updated its entry a moment ago
 GARP_DELAYS = (0.0, 0.5, 1.5)
-
-
-def gratuitous_arp(ip: str, mac: str) -> bytes:
-    """A broadcast gratuitous ARP request: `ip` is at `mac`."""
-    hw = bytes.fromhex(mac.replace(":", ""))
-    addr = ipaddress.IPv4Address(ip).packed
-    return (b"\xff" * 6 + hw + b"\x08\x06"  # Ethernet: broadcast, from mac, ARP
-            + b"\x00\x01\x08\x00\x06\x04\x00\x01"  # Ethernet/IPv4, request
-            + hw + addr + b"\x00" * 6 + addr)
+# the upstream gateway's MAC, when the topology does not give it, is resolved by ARP and
+# checked again every GATEWAY_REFRESH seconds (every GATEWAY_RETRY while unanswered)
+GATEWAY_REFRESH, GATEWAY_RETRY, GATEWAY_TIMEOUT = 30.0, 1.0, 0.2
 
 
 @dataclass
@@ -92,6 +85,8 @@ class DvrAgent:
         self._last_report = 0.0
         self._announced: dict[str, str] = {}  # provider addresses answered here -> MAC
         self._garps: list[tuple[float, str, str, int]] = []  # (due, ip, mac, port)
+        self._gateway: tuple[str, str] | None = None  # (gateway IP, resolved MAC)
+        self._gateway_next = 0.0
 
     # --- status ---------------------------------------------------------------------------
     def report(self, **changes: Any) -> None:
@@ -129,7 +124,7 @@ class DvrAgent:
         ports = NodePorts(
             vms=vms, tunnels={p: n for p, n in plugged.tunnels.items() if p in peers},
             provider=plugged.provider if ext else None,
-            gateway_mac=ext.gateway_mac if ext else None,
+            gateway_mac=self.gateway_mac(),
             snat=snat_routers(topo, self.node))
         desired = plan(topo, self.node, ports)
         stale, missing = diff(desired, self.switch.dump_owned())
@@ -140,6 +135,46 @@ class DvrAgent:
         return SyncResult(len(missing), len(stale), len(desired), sorted(vms),
                           sorted(ports.snat), announcements(topo, self.node, ports),
                           ports.provider)
+
+    # --- the upstream gateway ---------------------------------------------------------------
+    def gateway_mac(self) -> str | None:
+        ext = self.topo.external if self.topo else None
+        if ext is None:
+            return None
+        if ext.gateway_mac:
+            return ext.gateway_mac
+        if self._gateway and self._gateway[0] == str(ext.gateway_ip):
+            return self._gateway[1]
+        return None
+
+    def refresh_gateway(self) -> bool:
+        """Resolve the gateway's MAC by ARP when it is due; True when it changed. A gateway
+        that stops answering keeps its last MAC (as a kernel neighbour entry would)."""
+        ext = self.topo.external if self.topo else None
+        bridge = self.conf.ovs.external_bridge
+        if ext is None or ext.gateway_mac or not bridge:
+            return False
+        now = time.monotonic()
+        gw = str(ext.gateway_ip)
+        if self._gateway and self._gateway[0] != gw:
+            self._gateway, self._gateway_next = None, 0.0
+        if now < self._gateway_next:
+            return False
+        before = self.gateway_mac()
+        try:
+            mac = arp.resolve(bridge, gw, GATEWAY_TIMEOUT)
+        except arp.ArpError as exc:
+            LOG.warning("cannot resolve the gateway %s: %s", gw, exc)
+            mac = None
+        if mac is not None:
+            self._gateway = (gw, mac)
+            self._gateway_next = now + GATEWAY_REFRESH
+        else:
+            self._gateway_next = now + GATEWAY_RETRY
+        after = self.gateway_mac()
+        if after != before:
+            LOG.info("node %s: gateway %s is at %s", self.node, gw, after)
+        return after != before
 
     # --- gratuitous ARP -------------------------------------------------------------------
     def _announce(self, result: SyncResult) -> None:
@@ -162,7 +197,7 @@ class DvrAgent:
         self._garps = [g for g in self._garps if g[0] > now]
         for _, ip, mac, port in due:
             try:
-                self.switch.packet_out(port, gratuitous_arp(ip, mac))
+                self.switch.packet_out(port, arp.gratuitous_arp(ip, mac))
             except OpenFlowError as exc:
                 LOG.warning("gratuitous ARP for %s failed: %s", ip, exc)
 
@@ -205,6 +240,8 @@ class DvrAgent:
                 dirty = True
             if now >= next_resync:
                 dirty = True
+            if self.refresh_gateway():
+                dirty = True
             if dirty and self.topo is not None:
                 try:
                     result = self.sync()
@@ -220,6 +257,7 @@ class DvrAgent:
                 self._announce(result)
                 self.report(converged=True, generation=self.topo.digest, flows=result.flows,
                             vms=result.vms, snat=result.snat, error=None,
+                            gateway_mac=self.gateway_mac(),
                             syncs=self.status["syncs"] + 1,
                             last_change={"added": result.added, "deleted": result.deleted})
             elif now - self._last_report >= conf.agent.heartbeat_interval:

@@ -150,15 +150,12 @@ class Lab:
 
     # --- building -------------------------------------------------------------------------
     def _effective(self, raw: dict[str, Any], underlay: dict[str, str]) -> tuple[str, Topology]:
-        """The user's topology with what the lab knows filled in: each node's tunnel
-        endpoint, and the MAC of the external host (the upstream gateway)."""
+        """The user's topology with each node's tunnel endpoint filled in by the lab. (The
+        external host's MAC is left out: agents resolve it by ARP, as in a real cloud.)"""
         data = json.loads(json.dumps(raw))  # deep copy of plain YAML data
         for name, spec in (data.get("nodes") or {}).items():
             if isinstance(spec, dict) and name in underlay and "tunnel_ip" not in spec:
                 spec["tunnel_ip"] = underlay[name]
-        ext = data.get("external")
-        if isinstance(ext, dict) and "gateway_mac" not in ext:
-            ext["gateway_mac"] = GATEWAY_MAC
         text = yaml.safe_dump(data, sort_keys=False)
         return text, parse_topology(text, str(self.topology_file))
 
@@ -543,6 +540,8 @@ class Lab:
                     "flows": st.get("flows", 0),
                     "generation": st.get("generation"),
                     "vms": st.get("vms", []),
+                    "snat": st.get("snat", []),
+                    "gateway_mac": st.get("gateway_mac"),
                 },
             }
         vms = {

@@ -4,6 +4,7 @@ node, the external host on the provider segment, real packets both ways."""
 from __future__ import annotations
 
 import copy
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -64,6 +65,15 @@ def installed_cookies(lab: LabHandle) -> dict[str, list[str]]:
         out[node] = sorted(part for line in flows.splitlines()
                            for part in line.split(",") if part.strip().startswith("cookie="))
     return out
+
+
+def test_agents_resolve_the_gateway_mac_by_arp(lab: LabHandle) -> None:
+    assert lab.topology().external.gateway_mac is None  # not given: learned on the wire
+    link = json.loads(lab.dvr("ext", "--", "ip", "-j", "link", "show", "ext0").stdout)
+    nodes = lab.status()["nodes"]
+    assert {n: nodes[n]["agent"]["gateway_mac"] for n in nodes} == {
+        n: link[0]["address"] for n in nodes}
+    assert nodes["net1"]["agent"]["snat"] == ["r1", "r2"]
 
 
 # --- inbound to a floating IP -----------------------------------------------------------------

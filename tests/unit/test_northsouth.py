@@ -205,13 +205,19 @@ def test_gateway_mac_must_be_a_unicast_mac() -> None:
 def test_gratuitous_arp_frame() -> None:
     from scapy.layers.l2 import ARP, Ether
 
-    from agent.main import gratuitous_arp
+    from agent.arp import gratuitous_arp, parse_reply
 
     frame = Ether(gratuitous_arp("203.0.113.50", "fa:16:3e:00:00:01"))
     assert frame.dst == "ff:ff:ff:ff:ff:ff" and frame.src == "fa:16:3e:00:00:01"
     arp = frame[ARP]
     assert (arp.op, arp.psrc, arp.pdst, arp.hwsrc) == (
         1, "203.0.113.50", "203.0.113.50", "fa:16:3e:00:00:01")
+    assert parse_reply(bytes(frame)) is None  # a request
+    reply = Ether(dst="02:00:00:00:00:02", src="02:00:00:00:00:01") / ARP(
+        op=2, hwsrc="02:00:00:00:00:01", psrc="203.0.113.1", hwdst="02:00:00:00:00:02",
+        pdst="0.0.0.0")
+    assert parse_reply(bytes(reply)) == ("203.0.113.1", "02:00:00:00:00:01")
+    assert parse_reply(bytes(reply)[:30]) is None
 
 
 def test_conntrack_actions_encode_for_openflow() -> None:
