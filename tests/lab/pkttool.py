@@ -8,6 +8,8 @@
   "max_gap": S} (the longest wait between two arrivals of data, in seconds).
 - `tcp-client IP PORT BYTES [--source IP] [--pace S]`: sends BYTES random bytes (with
   `--pace`, 1400 bytes every S seconds), prints {"bytes": N, "sha256": H}.
+- `udp-probe IP PORT [--source IP]`: sends one UDP datagram on a connected socket and
+  waits for an answer: prints {"refused": true} when an ICMP port unreachable came back.
 - `send IFACE DST_MAC DST_IP [--src IP] [--count N]`: sends N ICMP echo requests in frames
   built by hand (to reach what the kernel would not route), prints {"sent": N}.
 """
@@ -150,6 +152,24 @@ def cmd_tcp_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_udp_probe(args: argparse.Namespace) -> int:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if args.source:
+        sock.bind((args.source, 0))
+    sock.settimeout(args.timeout)
+    sock.connect((args.ip, args.port))
+    refused = False
+    try:
+        sock.send(b"probe")
+        sock.recv(100)
+    except ConnectionRefusedError:
+        refused = True
+    except TimeoutError:
+        pass
+    print(json.dumps({"refused": refused}), flush=True)
+    return 0
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from scapy.all import conf, get_if_addr, get_if_hwaddr, sendp
     from scapy.layers.inet import ICMP, IP
@@ -191,9 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     sd.add_argument("dst")
     sd.add_argument("--src")
     sd.add_argument("--count", type=int, default=3)
+    up = sub.add_parser("udp-probe")
+    up.add_argument("ip")
+    up.add_argument("port", type=int)
+    up.add_argument("--source")
+    up.add_argument("--timeout", type=float, default=2.0)
     args = p.parse_args(argv)
     return {"sniff": cmd_sniff, "arp": cmd_arp, "tcp-server": cmd_tcp_server,
-            "tcp-client": cmd_tcp_client, "send": cmd_send}[args.cmd](args)
+            "tcp-client": cmd_tcp_client, "send": cmd_send,
+            "udp-probe": cmd_udp_probe}[args.cmd](args)
 
 
 if __name__ == "__main__":

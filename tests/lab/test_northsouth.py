@@ -143,6 +143,17 @@ def test_floating_ip_to_floating_ip_same_node_and_across_nodes(lab: LabHandle) -
     assert got["peer"] == FIP1
 
 
+def test_related_icmp_errors_come_back_through_the_nat(lab: LabHandle) -> None:
+    """A UDP datagram to a closed port: the ICMP port unreachable, about a translated
+    connection, is translated back (inner header included) and reaches the sender."""
+    closed = "9"  # nothing listens there
+    for vm in ("vm1", "vm4"):  # through the floating IP, through the SNAT node
+        assert lab.pkttool(lab.vm_ns(vm), "udp-probe", REMOTE, closed) == {"refused": True}
+    # inbound: the VM's own port unreachable goes back out through the DNAT zone
+    assert lab.pkttool(f"{lab.prefix}-ext", "udp-probe", FIP1, closed,
+                       "--source", REMOTE) == {"refused": True}
+
+
 # --- what must not get in -------------------------------------------------------------------
 def test_unsolicited_traffic_reaches_no_vm(lab: LabHandle) -> None:
     ext_ns = f"{lab.prefix}-ext"
