@@ -205,7 +205,11 @@ def test_apply_converges_incrementally_without_disturbing_other_traffic(
     res = lab.dvr("apply", str(new), check=False)
     out, _ = ping.communicate(timeout=30)
     assert res.returncode == 0, res.stderr
-    # no interruption: at most one echo in a row (20 ms apart) goes unanswered
+    # no interruption: at most one echo in a row (20 ms apart) goes unanswered. Not zero:
+    # plugging and unplugging VM taps changes links in the node's namespace, and the
+    # userspace datapath then drops the odd tunnel-bound packet after the OpenFlow pipeline
+    # has output it to the tunnel (reproduced with veths created and deleted next to OVS,
+    # with no port, flow or agent change at all; a static OVS route does not avoid it).
     answered = {int(m) for m in re.findall(r"icmp_seq=(\d+)", out)}
     assert len(answered) >= 195, out[-300:]
     gaps = [b - a - 1 for a, b in zip(sorted(answered), sorted(answered)[1:], strict=False)]
