@@ -43,6 +43,47 @@ def _lab_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("node")
 
 
+def _trace_parser(sub: argparse._SubParsersAction) -> None:
+    tr = sub.add_parser("trace", help="follow a packet hop by hop across nodes")
+    tr.add_argument("--prefix", default="dvr", help="name of the lab (default: dvr)")
+    tr.add_argument("--offline", nargs="?", const="", metavar="TOPOLOGY",
+                    help="trace the planned flows, with no lab: of TOPOLOGY, or of the lab "
+                         "if it is up, or of the built-in example")
+    level = tr.add_mutually_exclusive_group()
+    for name in ("minimal", "summary", "detailed", "json"):
+        level.add_argument(f"--{name}", dest="level", action="store_const", const=name)
+    tr.add_argument("sender", metavar="VM", help="the VM that sends, or `ext` (external host)")
+    tr.add_argument("packet", metavar="PACKET",
+                    help="e.g. 'icmp, ip.dst=10.2.0.12' or 'tcp, ip.dst=198.51.100.10, "
+                         "tcp.dport=443'")
+
+
+def trace_main(args: argparse.Namespace) -> int:
+    from dvr import trace as tracing
+    from dvr.lab import DEFAULT_TOPOLOGY
+    from dvr.model import load_topology
+    from flows.expr import ExprError
+
+    level = args.level or "summary"
+    if args.offline is None:
+        raise LabError("the live trace is not available yet: use --offline")
+    if args.offline:
+        topo = load_topology(args.offline)
+    else:
+        lab = Lab(args.prefix)
+        topo = lab.topology() if lab.is_up() else load_topology(DEFAULT_TOPOLOGY)
+    try:
+        report = tracing.offline(topo, args.sender, args.packet)
+    except ExprError as exc:
+        print(f"dvr: error: bad packet: {exc}\n{exc.pointer()}", file=sys.stderr)
+        return 2
+    except KeyError as exc:
+        print(f"dvr: error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    print(tracing.render(report, level))
+    return 0
+
+
 def _print_status(st: dict) -> None:
     print(f"lab {st['prefix']}: {st['topology']} (generation {st['generation']})")
     print(f"{'NODE':<12} {'ROLE':<8} {'TUNNEL IP':<15} {'OVS':<5} {'AGENT':<6} "
@@ -116,11 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dvr", description="Distributed Virtual Router")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     _lab_parser(sub)
+    _trace_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="dvr: %(levelname)s: %(message)s")
     try:
         if args.cmd == "lab":
             return lab_main(args)
+        if args.cmd == "trace":
+            return trace_main(args)
     except (LabError, TopologyError, NetlinkError) as exc:
         print(f"dvr: error: {exc}", file=sys.stderr)
         return 1

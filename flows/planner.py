@@ -48,7 +48,9 @@ from flows.ofp import (
 )
 from flows.pipeline import check_flow
 
-PROVIDER_PORT = 999  # the provider patch port's number when planning offline
+# offline port numbers: VMs from 1, the provider patch and tunnels above any VM count
+PROVIDER_PORT = 0xFF000
+TUNNEL_PORT_BASE = 0xFF001
 ASSUMED_GATEWAY_MAC = "02:00:00:00:00:01"  # offline stand-in for an unresolved gateway
 ARP_REQUEST, ARP_REPLY = 1, 2
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
@@ -82,7 +84,7 @@ def assumed_ports(topo: Topology, node: str) -> NodePorts:
     to every other node. Live planning uses what OVSDB reports instead."""
     vms = {vm.name: 1 + i for i, vm in enumerate(sorted(topo.vms_on(node), key=lambda v: v.name))}
     tunnels = {
-        n.name: 1000 + n.index for n in topo.nodes.values() if n.name != node
+        n.name: TUNNEL_PORT_BASE + n.index for n in topo.nodes.values() if n.name != node
     }
     ext = topo.external
     return NodePorts(vms, tunnels, provider=PROVIDER_PORT if ext else None,

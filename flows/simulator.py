@@ -136,6 +136,9 @@ class Trace:
     tunnels: list[tuple[str, str]]  # (from node, to node) crossings, in order
     provider: list[tuple[str, str]] = field(default_factory=list)  # (from, to) on the
     # provider network; "ext" is the external host
+    # every crossing in order, placed among the steps: (number of steps before it, kind
+    # "tunnel" or "provider", from, to, what it carried: the VNI or the destination MAC)
+    crossings: list[tuple[int, str, str, str, str]] = field(default_factory=list)
 
     @property
     def delivered(self) -> list[End]:
@@ -202,6 +205,8 @@ class Cloud:
             targets = [owner]
         for target in targets:
             trace.provider.append((sender, target))
+            trace.crossings.append((len(trace.steps), "provider", sender, target,
+                                    str(wire.get("eth_dst"))))
             if target == "ext":
                 trace.ends.append(End("delivered", sender, dict(wire)))
                 continue
@@ -330,6 +335,8 @@ class Cloud:
         else:
             peer = owner[1]
             trace.tunnels.append((node, peer))
+            trace.crossings.append((len(trace.steps), "tunnel", node, peer,
+                                    str(wire.get("tunnel_id"))))
             back = self.nodes[peer].ports.tunnels.get(node)
             if back is None:
                 trace.ends.append(End("dropped", peer, wire, reason=f"{peer} has no tunnel "

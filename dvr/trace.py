@@ -1,0 +1,182 @@
+"""`dvr trace`: follow one packet hop by hop across nodes, and say where it ends and why.
+
+One output model (`Report`: hops, crossings between nodes, outcomes) for every engine. The
+offline engine pushes the packet through the planned flows of every node (`flows.simulator`):
+it needs only a topology, so it is a design-time tool as much as a debugging one. Renderers
+print a report at four levels: `minimal` (header changes, crossings and outcomes only: the
+stable form for regression tests), `summary` (each table with the object that put the flow
+there), `detailed` (with the flows themselves) and `json`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dvr.model import Topology
+from flows import expr
+from flows.pipeline import TABLES
+from flows.simulator import Cloud, End, Trace
+
+LEVELS = ("minimal", "summary", "detailed", "json")
+# headers shown for a packet at its end, in this order (OXM name -> expression name)
+SHOWN = {v[0]: k for k, v in expr.FIELDS.items()}
+
+
+@dataclass
+class Hop:
+    node: str
+    bridge: str
+    table: str
+    table_number: int
+    priority: int | None  # None: no flow matched (table miss)
+    flow: str  # the flow as ovs-ofctl prints it
+    source: str  # which object put the flow there (router, network, VM, floating IP, node)
+    changes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Crossing:
+    after_hop: int  # index of the hop after which the packet left the node
+    kind: str  # tunnel | provider
+    src: str
+    dst: str  # a node, or "ext" for the external host
+    carried: str  # the VNI, or the destination MAC on the provider network
+
+
+@dataclass
+class Outcome:
+    kind: str  # delivered | dropped
+    node: str
+    to: str | None  # a VM, "external host", or None when dropped
+    reason: str
+    headers: dict[str, Any]
+
+
+@dataclass
+class Report:
+    engine: str
+    sender: str
+    packet: dict[str, Any]
+    hops: list[Hop]
+    crossings: list[Crossing]
+    outcomes: list[Outcome]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- the offline engine -----------------------------------------------------------------------
+def offline(topo: Topology, sender: str, packet_expr: str, cloud: Cloud | None = None
+            ) -> Report:
+    """Trace with the simulator over the planned flows of every node. `sender` is a VM or
+    "ext" (the external host)."""
+    cloud = cloud or Cloud.offline(topo)
+    if sender == "ext":
+        pkt = expr.from_external(topo, packet_expr)
+        trace = cloud.send_from_external(pkt)
+    else:
+        pkt = expr.from_vm(topo, sender, packet_expr)
+        trace = cloud.send_from_vm(sender, pkt)
+    return report_of(topo, "offline", sender, pkt, trace)
+
+
+def report_of(topo: Topology, engine: str, sender: str, pkt: dict[str, Any], trace: Trace
+              ) -> Report:
+    hops = []
+    for step in trace.steps:
+        table = TABLES[step.table]
+        hops.append(Hop(
+            node=step.node, bridge="br-int", table=step.table, table_number=table.number,
+            priority=step.flow.priority if step.flow else None,
+            flow=step.flow.to_ofctl() if step.flow else "(no flow: table miss, dropped)",
+            source=str(step.flow.hint) if step.flow else "", changes=list(step.changes)))
+    crossings = [Crossing(i - 1, kind, src, dst, carried)
+                 for i, kind, src, dst, carried in trace.crossings]
+    outcomes = [_outcome(topo, sender, pkt, trace, end) for end in trace.ends]
+    return Report(engine, sender, headers(pkt), hops, crossings, outcomes)
+
+
+def headers(pkt: dict[str, Any]) -> dict[str, Any]:
+    return {SHOWN[k]: pkt[k] for k in SHOWN if k in pkt}
+
+
+def _outcome(topo: Topology, sender: str, pkt: dict[str, Any], trace: Trace, end: End
+             ) -> Outcome:
+    if end.kind == "delivered":
+        to = end.vm if end.vm else "external host"
+        return Outcome("delivered", end.node, to, "", headers(end.packet))
+    return Outcome("dropped", end.node, None, explain_drop(topo, sender, pkt, end),
+                   headers(end.packet))
+
+
+def explain_drop(topo: Topology, sender: str, pkt: dict[str, Any], end: End) -> str:
+    """A drop, in words: the flow's own reason, made specific where the model knows more
+    (no route on which router, which networks are isolated from each other)."""
+    reason = end.reason.removeprefix("drop: ")
+    dst = pkt.get("ipv4_dst") or pkt.get("arp_tpa")
+    vm = topo.vms.get(sender)
+    if vm is None or dst is None:
+        return reason
+    addr = ipaddress.IPv4Address(dst)
+    holder = next((v for v in topo.vms.values() if v.ip == addr and v.network != vm.network
+                   and topo.networks[v.network].cidr != topo.networks[vm.network].cidr),
+                  None)
+    router = topo.router_of(vm.network)
+    if holder is not None and holder.network not in topo.reachable_networks([vm.network]):
+        return (f"isolation: networks {vm.network} and {holder.network} share no router "
+                f"({reason})")
+    if reason.startswith("no route") and router is not None:
+        return f"no route to {dst} on router {router.name}"
+    if reason == "unknown destination" or reason.startswith("table dst_key"):
+        return f"unknown destination: no VM holds {dst} on network {vm.network}"
+    return reason
+
+
+# --- rendering ----------------------------------------------------------------------------
+def render(report: Report, level: str = "summary") -> str:
+    if level == "json":
+        return json.dumps(report.to_dict(), indent=2, sort_keys=False)
+    out: list[str] = []
+    if level != "minimal":
+        shown = ", ".join(f"{k}={v}" for k, v in report.packet.items())
+        out.append(f"{report.sender} sends: {shown}   [{report.engine}]")
+    by_hop: dict[int, list[Crossing]] = {}
+    for c in report.crossings:
+        by_hop.setdefault(c.after_hop, []).append(c)
+    node = None
+    out += [_crossing_line(c) for c in report.crossings if c.after_hop < 0]
+    for i, hop in enumerate(report.hops):
+        if level != "minimal" and hop.node != node:
+            out.append(f"{hop.node} ({hop.bridge})")
+            node = hop.node
+        if level == "minimal":
+            out += [f"{hop.node}: {c}" for c in hop.changes if not c.startswith("ct(")]
+        else:
+            miss = " (table miss)" if hop.priority is None else ""
+            out.append(f"  {hop.table_number:>2} {hop.table}{miss}: {hop.source}")
+            if level == "detailed":
+                out.append(f"       {hop.flow}")
+            out += [f"       {c}" for c in hop.changes]
+        for c in by_hop.get(i, []):
+            out.append(_crossing_line(c))
+            node = None
+    for o in report.outcomes:
+        hdr = " ".join(f"{k}={v}" for k, v in o.headers.items()
+                       if k in ("eth.src", "eth.dst", "ip.src", "ip.dst", "ip.ttl", "arp.op",
+                                "arp.spa", "arp.sha"))
+        if o.kind == "delivered":
+            out.append(f"delivered to {o.to} on {o.node}: {hdr}")
+        else:
+            out.append(f"dropped on {o.node}: {o.reason}")
+    return "\n".join(out)
+
+
+def _crossing_line(c: Crossing) -> str:
+    dst = "the external host" if c.dst == "ext" else c.dst
+    src = "the external host" if c.src == "ext" else c.src
+    if c.kind == "tunnel":
+        return f"  -> tunnel {src} => {dst} (VNI {c.carried})"
+    return f"  -> provider network {src} => {dst} (to {c.carried})"
