@@ -65,15 +65,20 @@ def trace_main(args: argparse.Namespace) -> int:
     from flows.expr import ExprError
 
     level = args.level or "summary"
-    if args.offline is None:
-        raise LabError("the live trace is not available yet: use --offline")
-    if args.offline:
-        topo = load_topology(args.offline)
-    else:
-        lab = Lab(args.prefix)
-        topo = lab.topology() if lab.is_up() else load_topology(DEFAULT_TOPOLOGY)
     try:
-        report = tracing.offline(topo, args.sender, args.packet)
+        if args.offline is None:
+            from dvr.trace_live import LiveTracer
+
+            if os.geteuid() != 0:
+                raise LabError("the live trace needs root (use --offline without a lab)")
+            report = LiveTracer(Lab(args.prefix)).trace_and_compare(args.sender, args.packet)
+        else:
+            if args.offline:
+                topo = load_topology(args.offline)
+            else:
+                lab = Lab(args.prefix)
+                topo = lab.topology() if lab.is_up() else load_topology(DEFAULT_TOPOLOGY)
+            report = tracing.offline(topo, args.sender, args.packet)
     except ExprError as exc:
         print(f"dvr: error: bad packet: {exc}\n{exc.pointer()}", file=sys.stderr)
         return 2

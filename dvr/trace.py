@@ -35,6 +35,7 @@ class Hop:
     flow: str  # the flow as ovs-ofctl prints it
     source: str  # which object put the flow there (router, network, VM, floating IP, node)
     changes: list[str] = field(default_factory=list)
+    cookie: int = 0
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Report:
     hops: list[Hop]
     crossings: list[Crossing]
     outcomes: list[Outcome]
+    divergence: str | None = None  # where the switches part from the plan (live engine)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,7 +94,8 @@ def report_of(topo: Topology, engine: str, sender: str, pkt: dict[str, Any], tra
             node=step.node, bridge="br-int", table=step.table, table_number=table.number,
             priority=step.flow.priority if step.flow else None,
             flow=step.flow.to_ofctl() if step.flow else "(no flow: table miss, dropped)",
-            source=str(step.flow.hint) if step.flow else "", changes=list(step.changes)))
+            source=str(step.flow.hint) if step.flow else "", changes=list(step.changes),
+            cookie=step.flow.cookie if step.flow else 0))
     crossings = [Crossing(i - 1, kind, src, dst, carried)
                  for i, kind, src, dst, carried in trace.crossings]
     outcomes = [_outcome(topo, sender, pkt, trace, end) for end in trace.ends]
@@ -110,6 +113,31 @@ def _outcome(topo: Topology, sender: str, pkt: dict[str, Any], trace: Trace, end
         return Outcome("delivered", end.node, to, "", headers(end.packet))
     return Outcome("dropped", end.node, None, explain_drop(topo, sender, pkt, end),
                    headers(end.packet))
+
+
+def compare(planned: Report, live: Report) -> str | None:
+    """Where `live` parts from `planned`: the first integration-bridge hop (node, table, the
+    flow's origin) that differs, or the outcomes; None when they agree."""
+    a = [(h.node, h.table, h.source) for h in planned.hops if h.bridge == "br-int"]
+    b = [(h.node, h.table, h.source) for h in live.hops if h.bridge == "br-int"]
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            if x[:2] == y[:2]:
+                return (f"at {x[0]}, table {x[1]}: the plan has {x[2] or 'no flow'}; the "
+                        f"switch matched {y[2] or 'no flow (table miss)'}")
+            return (f"after {a[i - 1][0]} table {a[i - 1][1]}: the plan goes to {x[0]} table "
+                    f"{x[1]}, the switch to {y[0]} table {y[1]}") if i else (
+                f"at the first table: plan {x}, switch {y}")
+    if len(a) != len(b):
+        where = a[len(b)] if len(a) > len(b) else b[len(a)]
+        return (f"at {where[0]}, table {where[1]}: the "
+                f"{'plan goes on' if len(a) > len(b) else 'switch goes on'} "
+                f"({where[2] or 'no flow'}), the other stops")
+    ends_a = sorted((o.kind, o.node, o.to or "") for o in planned.outcomes)
+    ends_b = sorted((o.kind, o.node, o.to or "") for o in live.outcomes)
+    if ends_a != ends_b:
+        return f"the plan ends {ends_a}, the switch {ends_b}"
+    return None
 
 
 def explain_drop(topo: Topology, sender: str, pkt: dict[str, Any], end: End) -> str:
@@ -131,7 +159,14 @@ def explain_drop(topo: Topology, sender: str, pkt: dict[str, Any], end: End) -> 
     if reason.startswith("no route") and router is not None:
         return f"no route to {dst} on router {router.name}"
     if reason == "unknown destination" or reason.startswith("table dst_key"):
-        return f"unknown destination: no VM holds {dst} on network {vm.network}"
+        owner = next((v for v in topo.vms.values() if v.ip == addr
+                      and v.network in topo.reachable_networks([vm.network])), None)
+        if owner is not None:
+            return (f"unknown destination: {dst} is {owner.name}'s, but no flow on "
+                    f"{end.node} delivers it")
+        net = next((n for n in topo.reachable_networks([vm.network])
+                    if addr in topo.networks[n].cidr), vm.network)
+        return f"unknown destination: no VM holds {dst} on network {net}"
     return reason
 
 
@@ -140,7 +175,7 @@ def render(report: Report, level: str = "summary") -> str:
     if level == "json":
         return json.dumps(report.to_dict(), indent=2, sort_keys=False)
     out: list[str] = []
-    if level != "minimal":
+    if level != "minimal":  # minimal: crossings and outcomes, the same from every engine
         shown = ", ".join(f"{k}={v}" for k, v in report.packet.items())
         out.append(f"{report.sender} sends: {shown}   [{report.engine}]")
     by_hop: dict[int, list[Crossing]] = {}
@@ -152,9 +187,7 @@ def render(report: Report, level: str = "summary") -> str:
         if level != "minimal" and hop.node != node:
             out.append(f"{hop.node} ({hop.bridge})")
             node = hop.node
-        if level == "minimal":
-            out += [f"{hop.node}: {c}" for c in hop.changes if not c.startswith("ct(")]
-        else:
+        if level != "minimal":
             miss = " (table miss)" if hop.priority is None else ""
             out.append(f"  {hop.table_number:>2} {hop.table}{miss}: {hop.source}")
             if level == "detailed":
@@ -171,6 +204,8 @@ def render(report: Report, level: str = "summary") -> str:
             out.append(f"delivered to {o.to} on {o.node}: {hdr}")
         else:
             out.append(f"dropped on {o.node}: {o.reason}")
+    if report.divergence:
+        out.append(f"DIFFERS FROM THE PLAN {report.divergence}")
     return "\n".join(out)
 
 

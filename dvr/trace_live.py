@@ -1,0 +1,346 @@
+"""The live engine of `dvr trace`: `ovs-appctl ofproto/trace` on each node the packet crosses.
+
+On the sender's node the packet is traced from its port; where the datapath actions push it
+into a tunnel, the trace goes on at the node that owns the tunnel's destination address, from
+its tunnel port, with the VNI and the headers of the trace's final flow; where the packet is
+sent out on the provider network, it goes on at the node that owns its destination MAC (or
+ends at the external host). Each recirculation after a `ct` meets `trk,new`, as a first
+packet does, and OVS applies the NAT it simulates. Every matched flow is named by its cookie
+against the node's own plan (made from the ports its OVSDB has), so a live hop says which
+router, network, VM or floating IP put it there, and a flow that is not in the plan shows up
+as such.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import Any
+
+from dvr import trace as tracing
+from dvr.lab import Lab, LabError
+from dvr.model import Topology
+from flows import expr
+from flows.ofp import ETH_ARP, ETH_IP, OWNER_COOKIE, Flow
+from flows.pipeline import BY_NUMBER
+from flows.planner import NodePorts, plan, snat_routers
+from flows.simulator import BROADCAST, Cloud, NodePlan
+
+MAX_NODES = 8  # a packet that crosses more nodes than this is looping
+HOP_RE = re.compile(r"^\s*(\d+)\. (.*?),? ?priority (\d+)(?:, cookie (0x[0-9a-f]+))?$")
+MISS_RE = re.compile(r"^\s*(\d+)\. No match\.?")
+KV_RE = re.compile(r"([a-z_0-9]+)=([^,]+)")
+# ovs-ofctl flow field -> OXM name, for reading a trace's "Final flow:"
+OFCTL_TO_OXM = {
+    "dl_src": "eth_src", "dl_dst": "eth_dst", "nw_src": "ipv4_src", "nw_dst": "ipv4_dst",
+    "nw_ttl": "ip_ttl", "icmp_type": "icmpv4_type", "icmp_code": "icmpv4_code",
+    "arp_spa": "arp_spa", "arp_tpa": "arp_tpa", "arp_sha": "arp_sha", "arp_tha": "arp_tha",
+    "arp_op": "arp_op", "tun_id": "tunnel_id",
+}
+
+
+@dataclass
+class NodeView:
+    """What the live trace needs to know of one node."""
+
+    name: str
+    ports: NodePorts
+    vm_ifaces: dict[str, str]  # VM -> its interface name
+    dp_names: dict[int, str]  # datapath port -> interface name
+    flows: dict[int, Flow]  # planned flows by cookie
+
+
+class LiveTracer:
+    def __init__(self, lab: Lab):
+        if not lab.is_up():
+            raise LabError(f"lab {lab.prefix} is not up (use --offline to trace a topology)")
+        self.lab = lab
+        self.topo: Topology = lab.topology()
+        self.views: dict[str, NodeView] = {}
+        self.by_tunnel_ip = {str(n.tunnel_ip): n.name for n in self.topo.nodes.values()
+                             if n.tunnel_ip}
+
+    # --- talking to a node --------------------------------------------------------------
+    def _run(self, node: str, *cmd: str) -> str:
+        argv, env = self.lab.exec_argv("node", node, list(cmd))
+        res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+        if res.returncode != 0:
+            err = (res.stderr.strip().splitlines() or ["failed"])[-1]
+            raise LabError(f"{node}: {' '.join(cmd[:2])}: {err}")
+        return res.stdout
+
+    def view(self, node: str) -> NodeView:
+        if node in self.views:
+            return self.views[node]
+        rows = json.loads(self._run(node, "ovs-vsctl", "--format=json", "--columns=name,ofport,"
+                                    "external_ids", "list", "Interface"))
+        ifaces: dict[str, str] = {}
+        vms: dict[str, int] = {}
+        tunnels: dict[str, int] = {}
+        provider = None
+        for name, ofport, ext_ids in rows["data"]:
+            ids = dict(ext_ids[1])
+            if not isinstance(ofport, int) or ofport <= 0:
+                continue
+            vm = self.topo.vm_by_port(ids.get("iface-id", ""))
+            if vm is not None:
+                vms[vm.name] = ofport
+                ifaces[vm.name] = name
+            elif ids.get("dvr-peer"):
+                tunnels[ids["dvr-peer"]] = ofport
+            elif name == "patch-dvr-ext":
+                provider = ofport
+        status = self.lab.agent_status(node) or {}
+        ext = self.topo.external
+        ports = NodePorts(vms, tunnels, provider=provider if ext else None,
+                          gateway_mac=(ext.gateway_mac or status.get("gateway_mac"))
+                          if ext else None,
+                          snat=frozenset(status.get("snat", snat_routers(self.topo, node))))
+        dp_names = {int(m.group(1)): m.group(2) for m in re.finditer(
+            r"port (\d+): (\S+)", self._run(node, "ovs-appctl", "dpctl/show"))}
+        flows = {f.cookie: f for f in plan(self.topo, node, ports)}
+        self.views[node] = NodeView(node, ports, ifaces, dp_names, flows)
+        return self.views[node]
+
+    def planned(self) -> Cloud:
+        """The simulator over the plan of every node, with the node's real ports: what the
+        switches should do."""
+        nodes = {}
+        for name in self.topo.nodes:
+            v = self.view(name)
+            nodes[name] = NodePlan(name, v.ports, frozenset(v.flows.values()))
+        return Cloud(self.topo, nodes)
+
+    # --- the trace ----------------------------------------------------------------------
+    def trace_and_compare(self, sender: str, packet_expr: str) -> tracing.Report:
+        """The live trace, with where it parts from the plan (if it does)."""
+        live = self.trace(sender, packet_expr)
+        cloud = self.planned()
+        cloud.gateway_mac = self._ext_mac()
+        planned = tracing.offline(self.topo, sender, packet_expr, cloud)
+        live.divergence = tracing.compare(planned, live)
+        return live
+
+    def trace(self, sender: str, packet_expr: str) -> tracing.Report:
+        topo = self.topo
+        report = tracing.Report("live", sender, {}, [], [], [])
+        if sender == "ext":
+            pkt = expr.from_external(topo, packet_expr)
+            pkt["eth_src"] = self._ext_mac()
+            report.packet = tracing.headers(pkt)
+            self._on_provider(report, "ext", pkt, 0)
+            return report
+        pkt = expr.from_vm(topo, sender, packet_expr)
+        report.packet = tracing.headers(pkt)
+        node = next((n for n in topo.nodes if sender in self.view(n).ports.vms), None)
+        if node is None:
+            raise LabError(f"VM {sender} is plugged on no node")
+        self._node(report, node, "br-int", f"in_port={self.view(node).ports.vms[sender]}",
+                   pkt, 0)
+        return report
+
+    def _ext_mac(self) -> str:
+        argv, env = self.lab.exec_argv("ext", "", ["ip", "-j", "link", "show", "ext0"])
+        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+        return json.loads(out.stdout)[0]["address"]
+
+    def _node(self, report: tracing.Report, node: str, bridge: str, in_port: str,
+              pkt: dict[str, Any], depth: int) -> None:
+        if depth >= MAX_NODES:
+            report.outcomes.append(tracing.Outcome("dropped", node, None,
+                                                   "loop: too many nodes crossed", {}))
+            return
+        view = self.view(node)
+        flow = ",".join([in_port, *_ofctl_fields(pkt)])
+        text = self._run(node, "ovs-appctl", "ofproto/trace", bridge, flow)
+        first_hop = len(report.hops)
+        final, actions = self._parse(report, view, text)
+        headers = {**pkt, **final}
+        outputs = _split_actions(actions)
+        delivered_any = False
+        for action in outputs:
+            if action.startswith("tnl_push("):
+                dst = re.search(r"ipv4\(src=[^,]+,dst=([^,]+)", action)
+                vni = re.search(r"vni=(0x[0-9a-f]+)", action)
+                peer = self.by_tunnel_ip.get(dst.group(1)) if dst else None
+                if peer is None or vni is None:
+                    continue
+                report.crossings.append(tracing.Crossing(len(report.hops) - 1, "tunnel", node,
+                                                         peer, str(int(vni.group(1), 16))))
+                tunnel_port = self.view(peer).ports.tunnels.get(node)
+                inner = {k: v for k, v in headers.items() if k != "tunnel_id"}
+                if tunnel_port is None:
+                    report.outcomes.append(tracing.Outcome(
+                        "dropped", peer, None, f"{peer} has no tunnel from {node}",
+                        tracing.headers(inner)))
+                    continue
+                self._node(report, peer, "br-int",
+                           f"in_port={tunnel_port},tun_id={vni.group(1)}", inner, depth + 1)
+                delivered_any = True
+            elif action.isdigit():
+                name = view.dp_names.get(int(action), "")
+                vm = next((v for v, i in view.vm_ifaces.items() if i == name), None)
+                if vm is not None:
+                    report.outcomes.append(tracing.Outcome(
+                        "delivered", node, vm, "", tracing.headers(headers)))
+                    delivered_any = True
+                elif name == "ex0":
+                    self._on_provider(report, node, headers, depth + 1)
+                    delivered_any = True
+        if not delivered_any and not any(o.node == node for o in report.outcomes):
+            last = report.hops[-1] if len(report.hops) > first_hop else None
+            report.outcomes.append(tracing.Outcome(
+                "dropped", node, None, self._drop_reason(report, view, last, pkt),
+                tracing.headers(headers)))
+
+    def _on_provider(self, report: tracing.Report, sender: str, pkt: dict[str, Any],
+                     depth: int) -> None:
+        dst = str(pkt.get("eth_dst", "")).lower()
+        ext_mac = self._ext_mac()
+        targets: list[str]
+        if dst == BROADCAST:
+            targets = [n for n in self.topo.nodes if n != sender] + (
+                ["ext"] if sender != "ext" else [])
+        elif dst == ext_mac:
+            targets = ["ext"]
+        else:
+            owner = next((n.name for n in self.topo.nodes.values() if n.external_mac == dst),
+                         None)
+            if owner is None:
+                owner = next((n for n in self.topo.nodes for r in self.topo.routers.values()
+                              if r.external_mac == dst and r.name in self.view(n).ports.snat),
+                             None)
+            targets = [owner] if owner and owner != sender else []
+        if not targets:
+            report.outcomes.append(tracing.Outcome(
+                "dropped", sender, None, f"no host with MAC {dst} on the provider network",
+                tracing.headers(pkt)))
+        for target in targets:
+            report.crossings.append(tracing.Crossing(len(report.hops) - 1, "provider", sender,
+                                                     target, dst))
+            if target == "ext":
+                report.outcomes.append(tracing.Outcome("delivered", sender, "external host",
+                                                       "", tracing.headers(pkt)))
+            else:
+                self._node(report, target, "br-ex", "in_port=ex0", pkt, depth)
+
+    def _parse(self, report: tracing.Report, view: NodeView, text: str
+               ) -> tuple[dict[str, Any], list[str]]:
+        bridge = "br-int"
+        final: dict[str, Any] = {}
+        actions: list[str] = []
+        hop: tracing.Hop | None = None
+        for line in text.splitlines():
+            m = re.match(r'^bridge\("([^"]+)"\)', line)
+            if m:
+                bridge = m.group(1)
+                continue
+            if "Resuming from table" in line:
+                bridge = "br-int"  # only br-int flows recirculate
+                continue
+            m = HOP_RE.match(line)
+            miss = MISS_RE.match(line)
+            if m or miss:
+                number = int((m or miss).group(1))  # type: ignore[union-attr]
+                cookie = int(m.group(4), 16) if m and m.group(4) else 0
+                planned = view.flows.get(cookie)
+                if bridge == "br-int" and number in BY_NUMBER:
+                    table = BY_NUMBER[number].name
+                else:
+                    table = f"{bridge} table {number}"
+                if planned is not None:
+                    source = str(planned.hint)
+                elif cookie >> 48 == OWNER_COOKIE:
+                    source = "NOT IN THE PLAN: a stale or foreign flow with this project's cookie"
+                else:
+                    source = "not this project's flow" if m else ""
+                hop = tracing.Hop(
+                    node=view.name, bridge=bridge, table=table, table_number=number,
+                    priority=int(m.group(3)) if m else None,
+                    flow=(f"{m.group(2)}, priority {m.group(3)}, cookie {cookie:#x}" if m
+                          else "(no flow: table miss, dropped)"),
+                    source=source, changes=[], cookie=cookie)
+                report.hops.append(hop)
+                continue
+            if hop is not None and line.startswith("    ") and not line.strip().startswith("->"):
+                action = line.strip()
+                if action.startswith(("set_field", "dec_ttl", "move:", "mod_", "ct(",
+                                      "load:")):
+                    hop.changes.append(action)
+            if line.startswith("Final flow:") and "unchanged" not in line:
+                final.update(_read_flow(line.split(":", 1)[1]))
+            if line.startswith("Datapath actions:"):
+                actions.append(line.split(":", 1)[1].strip())
+        return final, actions
+
+    def _drop_reason(self, report: tracing.Report, view: NodeView,
+                     last: tracing.Hop | None, pkt: dict[str, Any]) -> str:
+        if last is None:
+            return "no flow matched"
+        if last.priority is None:
+            return f"table {last.table}: no flow"
+        planned = view.flows.get(last.cookie)
+        note = planned.hint.note if planned else ""
+        end = _End(note or f"table {last.table}: drop")
+        return tracing.explain_drop(self.topo, report.sender, pkt, end)  # type: ignore[arg-type]
+
+
+@dataclass
+class _End:
+    reason: str
+
+
+def _ofctl_fields(pkt: dict[str, Any]) -> list[str]:
+    out = [f"dl_src={pkt['eth_src']}", f"dl_dst={pkt['eth_dst']}"]
+    if pkt.get("eth_type") == ETH_ARP:
+        out.insert(0, "arp")
+        out += [f"arp_op={pkt.get('arp_op', 1)}", f"arp_spa={pkt['arp_spa']}",
+                f"arp_tpa={pkt['arp_tpa']}", f"arp_sha={pkt['arp_sha']}",
+                f"arp_tha={pkt.get('arp_tha', '00:00:00:00:00:00')}"]
+        return out
+    if pkt.get("eth_type") != ETH_IP:
+        return out
+    proto = {1: "icmp", 6: "tcp", 17: "udp"}.get(pkt.get("ip_proto", 0), "ip")
+    out.insert(0, proto)
+    out += [f"nw_src={pkt['ipv4_src']}", f"nw_dst={pkt['ipv4_dst']}",
+            f"nw_ttl={pkt.get('ip_ttl', 64)}"]
+    if proto == "icmp":
+        out += [f"icmp_type={pkt.get('icmpv4_type', 8)}", f"icmp_code={pkt.get('icmpv4_code', 0)}"]
+    elif proto in ("tcp", "udp"):
+        out += [f"{proto}_src={pkt.get(f'{proto}_src', 0)}",
+                f"{proto}_dst={pkt.get(f'{proto}_dst', 0)}"]
+    return out
+
+
+def _read_flow(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in KV_RE.findall(text):
+        oxm = OFCTL_TO_OXM.get(key)
+        if oxm is None:
+            continue
+        if oxm in ("ip_ttl", "icmpv4_type", "icmpv4_code", "arp_op"):
+            out[oxm] = int(value)
+        elif oxm == "tunnel_id":
+            out[oxm] = int(value, 16)
+        else:
+            out[oxm] = value
+    return out
+
+
+def _split_actions(lines: list[str]) -> list[str]:
+    """Top-level datapath actions of every pass, recirculations and header sets left out."""
+    out = []
+    for line in lines:
+        depth, cur = 0, ""
+        for ch in line + ",":
+            if ch == "," and depth == 0:
+                if cur and not cur.startswith(("recirc(", "set(", "ct(", "drop")):
+                    out.append(cur)
+                cur = ""
+                continue
+            depth += ch == "("
+            depth -= ch == ")"
+            cur += ch
+    return out
