@@ -52,9 +52,9 @@ def _trace_parser(sub: argparse._SubParsersAction) -> None:
     level = tr.add_mutually_exclusive_group()
     for name in ("minimal", "summary", "detailed", "json"):
         level.add_argument(f"--{name}", dest="level", action="store_const", const=name)
-    tr.add_argument("sender", metavar="VM", help="the VM that sends, or `ext` (external host)")
-    tr.add_argument("packet", metavar="PACKET",
-                    help="e.g. 'icmp, ip.dst=10.2.0.12' or 'tcp, ip.dst=198.51.100.10, "
+    tr.add_argument("what", nargs="*", metavar="VM PACKET",
+                    help="the VM that sends (or `ext`, the external host) and the packet, e.g. "
+                         "vm1 'icmp, ip.dst=10.2.0.12' or vm1 'tcp, ip.dst=198.51.100.10, "
                          "tcp.dport=443'")
 
 
@@ -65,6 +65,14 @@ def trace_main(args: argparse.Namespace) -> int:
     from flows.expr import ExprError
 
     level = args.level or "summary"
+    what = list(args.what)
+    if args.offline and len(what) == 1 and not os.path.exists(args.offline):
+        what.insert(0, args.offline)  # `--offline VM PACKET`: no topology was given
+        args.offline = ""
+    if len(what) != 2:
+        print("dvr: error: usage: dvr trace [--offline [TOPOLOGY]] VM PACKET", file=sys.stderr)
+        return 2
+    args.sender, args.packet = what
     try:
         if args.offline is None:
             from dvr.trace_live import LiveTracer

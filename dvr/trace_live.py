@@ -283,13 +283,14 @@ class LiveTracer:
             return f"table {last.table}: no flow"
         planned = view.flows.get(last.cookie)
         note = planned.hint.note if planned else ""
-        end = _End(note or f"table {last.table}: drop")
+        end = _End(note or f"table {last.table}: drop", view.name)
         return tracing.explain_drop(self.topo, report.sender, pkt, end)  # type: ignore[arg-type]
 
 
 @dataclass
 class _End:
     reason: str
+    node: str
 
 
 def _ofctl_fields(pkt: dict[str, Any]) -> list[str]:

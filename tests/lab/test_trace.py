@@ -1,0 +1,106 @@
+"""`dvr trace` against a running lab: the live engine agrees with the plan on every kind of
+path, and names the node and table where a broken switch parts from it."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from dvr import trace as tracing
+from dvr.lab import Lab
+from dvr.trace_live import LiveTracer
+from tests.lab.conftest import TOPOLOGIES, LabHandle, running_lab
+
+PATHS = [  # (sender, packet, outcome (kind, node, to))
+    ("vm1", "icmp, ip.dst=10.1.0.14", ("delivered", "compute2", "vm4")),  # same network
+    ("vm1", "icmp, ip.dst=10.2.0.13", ("delivered", "compute1", "vm3")),  # routed, one node
+    ("vm1", "tcp, ip.dst=10.2.0.12, tcp.dport=22", ("delivered", "compute2", "vm2")),
+    ("ext", "tcp, ip.dst=203.0.113.50, tcp.dport=22", ("delivered", "compute1", "vm1")),
+    ("vm1", "tcp, ip.dst=198.51.100.10, tcp.dport=443",
+     ("delivered", "compute1", "external host")),  # floating IP out
+    ("vm4", "udp, ip.dst=198.51.100.10", ("delivered", "net1", "external host")),  # SNAT
+    ("vm1", "arp, arp.tpa=10.1.0.1", ("delivered", "compute1", "vm1")),  # the gateway
+    ("vm1", "icmp, ip.dst=10.2.0.1", ("delivered", "compute1", "vm1")),
+    ("vm1", "icmp, ip.dst=203.0.113.52", ("delivered", "compute2", "vm5")),  # FIP to FIP
+    ("vm9", "icmp, ip.dst=10.1.0.11", ("dropped", "compute2", None)),  # isolated
+    ("vm1", "icmp, ip.dst=10.1.0.99", ("dropped", "compute1", None)),  # unknown
+]
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[LabHandle]:
+    with running_lab(TOPOLOGIES / "trace.yaml") as handle:
+        yield handle
+
+
+def shape(report: tracing.Report) -> tuple:
+    """What every engine must agree on: crossings, outcomes and their IP headers."""
+    return (
+        [(c.kind, c.src, c.dst) for c in report.crossings],
+        sorted((o.kind, o.node, o.to or "", o.headers.get("ip.src"), o.headers.get("ip.dst"),
+                o.headers.get("ip.ttl")) for o in report.outcomes),
+    )
+
+
+@pytest.mark.parametrize("sender,packet,outcome", PATHS,
+                         ids=[f"{s}:{p}" for s, p, _ in PATHS])
+def test_live_agrees_with_offline(lab: LabHandle, sender: str, packet: str,
+                                  outcome: tuple) -> None:
+    live = LiveTracer(Lab(lab.prefix)).trace_and_compare(sender, packet)
+    assert live.divergence is None, live.divergence
+    assert [(o.kind, o.node, o.to) for o in live.outcomes] == [outcome]
+    offline = tracing.offline(lab.topology(), sender, packet)
+    assert shape(live) == shape(offline)
+    # the integration-bridge tables the packet went through, node by node, are the same
+    assert ([(h.node, h.table) for h in live.hops if h.bridge == "br-int"]
+            == [(h.node, h.table) for h in offline.hops])
+
+
+def test_drops_say_why_live(lab: LabHandle) -> None:
+    tracer = LiveTracer(Lab(lab.prefix))
+    isolated = tracer.trace("vm9", "icmp, ip.dst=10.1.0.11").outcomes[0].reason
+    assert isolated.startswith("isolation: networks grey and blue share no router")
+    unknown = tracer.trace("vm1", "icmp, ip.dst=10.1.0.99").outcomes[0].reason
+    assert unknown == "unknown destination: no VM holds 10.1.0.99 on network blue"
+
+
+def test_a_broken_node_is_named_with_its_table(lab: LabHandle) -> None:
+    topo = lab.topology()
+    pidfile = lab.rundir / "nodes" / "compute1" / "agent.pid"
+    pid = int(pidfile.read_text())
+    os.kill(pid, signal.SIGSTOP)  # so that it does not repair the flow at once
+    try:
+        red = topo.networks["red"].vni
+        lab.node("compute1", "ovs-ofctl", "-O", "OpenFlow13", "del-flows", "--strict", "br-int",
+                 f"table=40,priority=100,reg0=0xa02000c,metadata={red:#x}")
+        out = _trace_cli(lab, "vm1", "icmp, ip.dst=10.2.0.12")
+        assert "dropped on compute1" in out
+        assert ("DIFFERS FROM THE PLAN at compute1, table remote_out: the plan has "
+                "delivery_remote [vm vm2]") in out
+        offline = _trace_cli(lab, "--offline", "vm1", "icmp, ip.dst=10.2.0.12")
+        assert "delivered to vm2 on compute2" in offline
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        lab.dvr("restart-agent", "compute1")
+    assert "DIFFERS" not in _trace_cli(lab, "vm1", "icmp, ip.dst=10.2.0.12")
+
+
+def _trace_cli(lab: LabHandle, *args: str) -> str:
+    from tests.lab.conftest import dvr
+
+    return dvr("trace", "--prefix", lab.prefix, *args).stdout
+
+
+def test_bad_input_is_refused_with_one_clear_line(lab: LabHandle) -> None:
+    from tests.lab.conftest import dvr
+
+    res = dvr("trace", "--prefix", lab.prefix, "vm42", "icmp, ip.dst=10.2.0.12", check=False)
+    assert res.returncode != 0 and "unknown VM 'vm42'" in res.stderr
+    res = dvr("trace", "--prefix", lab.prefix, "vm1", "icmp, ip.dst=10.2.0", check=False)
+    assert res.returncode != 0
+    assert "'ip.dst=10.2.0'" in res.stderr and "^" in res.stderr
+    res = dvr("trace", "--prefix", "nolab", "vm1", "icmp, ip.dst=10.2.0.12", check=False)
+    assert res.returncode != 0 and "is not up" in res.stderr
