@@ -52,6 +52,9 @@ def _trace_parser(sub: argparse._SubParsersAction) -> None:
     level = tr.add_mutually_exclusive_group()
     for name in ("minimal", "summary", "detailed", "json"):
         level.add_argument(f"--{name}", dest="level", action="store_const", const=name)
+    tr.add_argument("--verify", action="store_true",
+                    help="also send the packet for real and capture it wherever the trace "
+                         "says it goes; report any difference")
     tr.add_argument("what", nargs="*", metavar="VM PACKET",
                     help="the VM that sends (or `ext`, the external host) and the packet, e.g. "
                          "vm1 'icmp, ip.dst=10.2.0.12' or vm1 'tcp, ip.dst=198.51.100.10, "
@@ -79,13 +82,19 @@ def trace_main(args: argparse.Namespace) -> int:
 
             if os.geteuid() != 0:
                 raise LabError("the live trace needs root (use --offline without a lab)")
-            report = LiveTracer(Lab(args.prefix)).trace_and_compare(args.sender, args.packet)
+            tracer = LiveTracer(Lab(args.prefix))
+            report = tracer.trace_and_compare(args.sender, args.packet)
+            if args.verify:
+                report.verify = tracer.verify(report)
         else:
             if args.offline:
                 topo = load_topology(args.offline)
             else:
                 lab = Lab(args.prefix)
                 topo = lab.topology() if lab.is_up() else load_topology(DEFAULT_TOPOLOGY)
+            if args.verify:
+                raise LabError("--verify sends a real packet: it needs the live lab, not "
+                               "--offline")
             report = tracing.offline(topo, args.sender, args.packet)
     except ExprError as exc:
         print(f"dvr: error: bad packet: {exc}\n{exc.pointer()}", file=sys.stderr)

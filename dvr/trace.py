@@ -65,6 +65,8 @@ class Report:
     crossings: list[Crossing]
     outcomes: list[Outcome]
     divergence: str | None = None  # where the switches part from the plan (live engine)
+    # --verify: what a real packet did differently from the prediction ([] when nothing)
+    verify: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -206,6 +208,10 @@ def render(report: Report, level: str = "summary") -> str:
             out.append(f"dropped on {o.node}: {o.reason}")
     if report.divergence:
         out.append(f"DIFFERS FROM THE PLAN {report.divergence}")
+    if report.verify == []:
+        out.append("verified: a real packet went exactly where the trace says")
+    for line in report.verify or []:
+        out.append(f"VERIFY: {line}")
     return "\n".join(out)
 
 

@@ -14,8 +14,12 @@ as such.
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,29 +121,100 @@ class LiveTracer:
     def trace_and_compare(self, sender: str, packet_expr: str) -> tracing.Report:
         """The live trace, with where it parts from the plan (if it does)."""
         live = self.trace(sender, packet_expr)
+        self._compare(live, sender, packet_expr)
+        return live
+
+    def _compare(self, live: tracing.Report, sender: str, packet_expr: str) -> None:
         cloud = self.planned()
         cloud.gateway_mac = self._ext_mac()
         planned = tracing.offline(self.topo, sender, packet_expr, cloud)
         live.divergence = tracing.compare(planned, live)
-        return live
 
     def trace(self, sender: str, packet_expr: str) -> tracing.Report:
         topo = self.topo
         report = tracing.Report("live", sender, {}, [], [], [])
+        self.packet_sender = sender
         if sender == "ext":
             pkt = expr.from_external(topo, packet_expr)
             pkt["eth_src"] = self._ext_mac()
             report.packet = tracing.headers(pkt)
+            self.packet = pkt
             self._on_provider(report, "ext", pkt, 0)
             return report
         pkt = expr.from_vm(topo, sender, packet_expr)
         report.packet = tracing.headers(pkt)
+        self.packet = pkt
         node = next((n for n in topo.nodes if sender in self.view(n).ports.vms), None)
         if node is None:
             raise LabError(f"VM {sender} is plugged on no node")
         self._node(report, node, "br-int", f"in_port={self.view(node).ports.vms[sender]}",
                    pkt, 0)
         return report
+
+    # --- --verify: the real packet ------------------------------------------------------
+    def verify(self, report: tracing.Report, seconds: float = 2.5) -> list[str]:
+        """Send the traced packet for real from its sender, capture it wherever the trace
+        says it goes, and list every difference (an empty list: it did what was said)."""
+        pkt = dict(self.packet)
+        pkt["ip_id"] = random.randrange(1, 65536)
+        mark = (f"arp:{pkt['arp_spa']}:{pkt['arp_tpa']}" if pkt.get("eth_type") == ETH_ARP
+                else str(pkt["ip_id"]))
+        ext_ns = f"{self.lab.prefix}-ext"
+        points: dict[str, tuple[str, str]] = {}  # label -> (namespace, interface)
+        for c in report.crossings:
+            if c.kind == "tunnel":
+                points[f"tunnel {c.src} => {c.dst}"] = (self.lab.node_ns(c.dst), "ul0")
+            elif c.dst == "ext":
+                points["external host"] = (ext_ns, "ext0")
+            else:
+                points[f"provider network => {c.dst}"] = (self.lab.node_ns(c.dst), "ex0")
+        for o in report.outcomes:
+            if o.kind == "delivered" and o.to == "external host":
+                points["external host"] = (ext_ns, "ext0")
+            elif o.kind == "delivered" and o.to:
+                points[f"vm {o.to}"] = (self.lab.vm_ns(o.to), "eth0")
+        dst = pkt.get("ipv4_dst") or pkt.get("arp_tpa")
+        target = next((v.name for v in self.topo.vms.values() if str(v.ip) == dst
+                       and v.name != report.sender), None)
+        if target and f"vm {target}" not in points:
+            points[f"vm {target}"] = (self.lab.vm_ns(target), "eth0")
+        seen = self._capture(points, pkt, mark, seconds)
+        return _differences(report, pkt, seen)
+
+    def _capture(self, points: dict[str, tuple[str, str]], pkt: dict[str, Any], mark: str,
+                 seconds: float) -> dict[str, list[dict[str, Any]]]:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        procs = {}
+        for label, (ns, iface) in points.items():
+            procs[label] = subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "dvr.capture", "sniff",
+                 iface, str(seconds), mark], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, env=env)
+        try:
+            for label, proc in procs.items():
+                assert proc.stdout is not None
+                if proc.stdout.readline().strip() != "READY":
+                    raise LabError(f"cannot capture at {label}: {proc.stderr.read().strip()}")
+            sender_ns, iface = ((f"{self.lab.prefix}-ext", "ext0") if self.packet_sender ==
+                                "ext" else (self.lab.vm_ns(self.packet_sender), "eth0"))
+            send = subprocess.run(
+                ["ip", "netns", "exec", sender_ns, sys.executable, "-m", "dvr.capture", "send",
+                 iface], input=json.dumps(pkt), capture_output=True, text=True, env=env,
+                timeout=30)
+            if send.returncode != 0:
+                raise LabError(f"cannot send the packet: {send.stderr.strip()[-200:]}")
+            sent_at = time.time()
+            seen = {}
+            for label, proc in procs.items():
+                out, _ = proc.communicate(timeout=seconds + 30)
+                lines = [ln for ln in out.splitlines() if ln.strip()]
+                seen[label] = [d for d in json.loads(lines[-1]) if d["time"] >= sent_at - 1]
+            return seen
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
 
     def _ext_mac(self) -> str:
         argv, env = self.lab.exec_argv("ext", "", ["ip", "-j", "link", "show", "ext0"])
@@ -285,6 +360,46 @@ class LiveTracer:
         note = planned.hint.note if planned else ""
         end = _End(note or f"table {last.table}: drop", view.name)
         return tracing.explain_drop(self.topo, report.sender, pkt, end)  # type: ignore[arg-type]
+
+
+COMPARED = ("eth.src", "eth.dst", "ip.src", "ip.dst", "ip.ttl", "arp.op", "arp.spa",
+            "arp.sha", "icmp.type")
+
+
+def _differences(report: tracing.Report, pkt: dict[str, Any],
+                 seen: dict[str, list[dict[str, Any]]]) -> list[str]:
+    out = []
+    for c in report.crossings:
+        if c.kind == "tunnel":
+            label = f"tunnel {c.src} => {c.dst}"
+            got = [d for d in seen.get(label, []) if "vni" in d]
+            if not got:
+                out.append(f"predicted a tunnel {c.src} => {c.dst} (VNI {c.carried}): "
+                           f"nothing crossed it")
+            elif all(str(d["vni"]) != c.carried for d in got):
+                out.append(f"tunnel {c.src} => {c.dst}: predicted VNI {c.carried}, seen "
+                           f"{sorted({d['vni'] for d in got})}")
+    for o in report.outcomes:
+        if o.kind != "delivered":
+            continue
+        label = "external host" if o.to == "external host" else f"vm {o.to}"
+        want = {k: v for k, v in o.headers.items() if k in COMPARED}
+        got = seen.get(label, [])
+        if not any(all(d.get(k) == v for k, v in want.items() if k in d) for d in got):
+            if not got:
+                out.append(f"predicted delivery to {o.to} on {o.node}: nothing arrived")
+            else:
+                diff = {k: (v, got[-1].get(k)) for k, v in want.items()
+                        if got[-1].get(k) not in (None, v)}
+                out.append(f"{o.to}: predicted {', '.join(f'{k}={v[0]}' for k, v in diff.items())}"
+                           f"; seen {', '.join(f'{k}={v[1]}' for k, v in diff.items())}")
+    if all(o.kind == "dropped" for o in report.outcomes):
+        for label, got in seen.items():
+            arrived = [d for d in got if d.get("eth.src") != pkt.get("eth_src")]
+            if label.startswith("vm ") and arrived:
+                out.append(f"predicted dropped on {report.outcomes[0].node}, but it reached "
+                           f"{label[3:]}")
+    return out
 
 
 @dataclass

@@ -47,10 +47,12 @@ def shape(report: tracing.Report) -> tuple:
 
 @pytest.mark.parametrize("sender,packet,outcome", PATHS,
                          ids=[f"{s}:{p}" for s, p, _ in PATHS])
-def test_live_agrees_with_offline(lab: LabHandle, sender: str, packet: str,
-                                  outcome: tuple) -> None:
-    live = LiveTracer(Lab(lab.prefix)).trace_and_compare(sender, packet)
+def test_live_offline_and_a_real_packet_agree(lab: LabHandle, sender: str, packet: str,
+                                              outcome: tuple) -> None:
+    tracer = LiveTracer(Lab(lab.prefix))
+    live = tracer.trace_and_compare(sender, packet)
     assert live.divergence is None, live.divergence
+    assert tracer.verify(live) == []
     assert [(o.kind, o.node, o.to) for o in live.outcomes] == [outcome]
     offline = tracing.offline(lab.topology(), sender, packet)
     assert shape(live) == shape(offline)
@@ -86,6 +88,24 @@ def test_a_broken_node_is_named_with_its_table(lab: LabHandle) -> None:
         os.kill(pid, signal.SIGCONT)
         lab.dvr("restart-agent", "compute1")
     assert "DIFFERS" not in _trace_cli(lab, "vm1", "icmp, ip.dst=10.2.0.12")
+
+
+def test_verify_reports_what_the_real_packet_did_differently(lab: LabHandle) -> None:
+    """A prediction made before a flow disappears: the real packet does not follow it."""
+    tracer = LiveTracer(Lab(lab.prefix))
+    report = tracer.trace("vm1", "icmp, ip.dst=10.2.0.12")
+    pid = int((lab.rundir / "nodes" / "compute1" / "agent.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        red = lab.topology().networks["red"].vni
+        lab.node("compute1", "ovs-ofctl", "-O", "OpenFlow13", "del-flows", "--strict", "br-int",
+                 f"table=40,priority=100,reg0=0xa02000c,metadata={red:#x}")
+        problems = tracer.verify(report)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        lab.dvr("restart-agent", "compute1")
+    assert "predicted a tunnel compute1 => compute2" in problems[0]
+    assert "predicted delivery to vm2 on compute2: nothing arrived" in problems
 
 
 def _trace_cli(lab: LabHandle, *args: str) -> str:
