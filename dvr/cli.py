@@ -55,6 +55,7 @@ def _trace_parser(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--verify", action="store_true",
                     help="also send the packet for real and capture it wherever the trace "
                          "says it goes; report any difference")
+    tr.add_argument("--svg", metavar="FILE", help="also draw the path into FILE (SVG)")
     tr.add_argument("what", nargs="*", metavar="VM PACKET",
                     help="the VM that sends (or `ext`, the external host) and the packet, e.g. "
                          "vm1 'icmp, ip.dst=10.2.0.12' or vm1 'tcp, ip.dst=198.51.100.10, "
@@ -103,6 +104,9 @@ def trace_main(args: argparse.Namespace) -> int:
         print(f"dvr: error: {exc.args[0]}", file=sys.stderr)
         return 2
     print(tracing.render(report, level))
+    if args.svg:
+        with open(args.svg, "w") as f:
+            f.write(tracing.svg(report))
     return 0
 
 

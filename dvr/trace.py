@@ -221,3 +221,82 @@ def _crossing_line(c: Crossing) -> str:
     if c.kind == "tunnel":
         return f"  -> tunnel {src} => {dst} (VNI {c.carried})"
     return f"  -> provider network {src} => {dst} (to {c.carried})"
+
+
+# --- a picture ----------------------------------------------------------------------------
+def svg(report: Report) -> str:
+    """The path as an SVG drawing: one box per node crossed (and the external host), the
+    tables the packet went through listed in each, numbered in order; the crossings as
+    numbered arrows over the underlay (tunnels) or the provider network; the outcome."""
+    from xml.sax.saxutils import escape
+
+    order: list[str] = []
+    for h in report.hops:
+        if h.node not in order:
+            order.append(h.node)
+    if report.sender == "ext" or any(c.dst == "ext" for c in report.crossings):
+        order = (["ext"] if report.sender == "ext" else []) + order + (
+            ["ext"] if report.sender != "ext" else [])
+    col_w, top, line_h = 260, 70, 16
+    rows: dict[str, list[str]] = {n: [] for n in order}
+    n = 0
+    for i, h in enumerate(report.hops):
+        n += 1
+        rows[h.node].append(f"{n}. {h.table}" + ("" if h.priority is not None else " (miss)"))
+        for c in report.crossings:
+            if c.after_hop == i:
+                n += 1
+    height = top + max([len(r) for r in rows.values()] + [1]) * line_h + 160
+    header = ", ".join(f"{k}={v}" for k, v in report.packet.items())
+    width = max(max(1, len(order)) * col_w + 40, int(len(header) * 7.4) + 120)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="monospace" font-size="12">',
+           f'<text x="20" y="24" font-size="14">{escape(report.sender)}: '
+           f'{escape(header)}</text>']
+    x_of = {name: 20 + i * col_w for i, name in enumerate(order)}
+    box_h = max([len(r) for r in rows.values()] + [1]) * line_h + 30
+    for name in order:
+        x = x_of[name]
+        label = "external host" if name == "ext" else f"{name} (br-int)"
+        out.append(f'<rect x="{x}" y="{top - 24}" width="{col_w - 40}" height="{box_h}" '
+                   f'fill="#f4f6fa" stroke="#345"/>')
+        out.append(f'<text x="{x + 8}" y="{top - 8}" font-weight="bold">{escape(label)}</text>')
+        for j, row in enumerate(rows[name]):
+            out.append(f'<text x="{x + 8}" y="{top + 12 + j * line_h}">{escape(row)}</text>')
+    y_wire = top + box_h + 20
+    out.append(f'<line x1="10" y1="{y_wire}" x2="{width - 10}" y2="{y_wire}" stroke="#999" '
+               'stroke-dasharray="4 3"/>')
+    out.append(f'<text x="12" y="{y_wire + 14}" fill="#777">underlay / provider network'
+               '</text>')
+    n = 0
+    arrows = []
+    for i, _ in enumerate(report.hops):
+        n += 1
+        for c in report.crossings:
+            if c.after_hop == i:
+                n += 1
+                arrows.append((n, c))
+    for c in report.crossings:
+        if c.after_hop < 0:
+            arrows.insert(0, (0, c))
+    for k, (num, c) in enumerate(arrows):
+        if c.src not in x_of or c.dst not in x_of:
+            continue
+        x1, x2 = x_of[c.src] + (col_w - 40) // 2, x_of[c.dst] + (col_w - 40) // 2
+        y = y_wire + 30 + k * 22
+        what = f"VNI {c.carried}" if c.kind == "tunnel" else f"to {c.carried}"
+        out.append(f'<line x1="{x1}" y1="{y}" x2="{x2}" y2="{y}" stroke="#c33" '
+                   'stroke-width="2" marker-end="url(#arrow)"/>')
+        out.append(f'<text x="{min(x1, x2) + 6}" y="{y - 4}" fill="#c33">{num}. {c.kind} '
+                   f'{escape(what)}</text>')
+    out.insert(1, '<defs><marker id="arrow" markerWidth="10" markerHeight="8" refX="9" '
+               'refY="4" orient="auto"><path d="M0,0 L10,4 L0,8 z" fill="#c33"/></marker>'
+               '</defs>')
+    y_end = height - 14
+    for o in report.outcomes:
+        text = (f"delivered to {o.to} on {o.node}" if o.kind == "delivered"
+                else f"dropped on {o.node}: {o.reason}")
+        out.append(f'<text x="20" y="{y_end}" font-weight="bold">{escape(text)}</text>')
+        y_end -= 16
+    out.append("</svg>")
+    return "\n".join(out)

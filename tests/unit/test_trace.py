@@ -154,6 +154,23 @@ def test_levels(topo) -> None:
     assert doc["outcomes"][0]["to"] == "vm2" and doc["hops"][0]["table"] == "classify"
 
 
+def test_svg_draws_the_numbered_path(topo) -> None:
+    import xml.etree.ElementTree as ET
+
+    from dvr.trace import svg
+
+    r = offline(topo, "vm4", "udp, ip.dst=198.51.100.10")
+    root = ET.fromstring(svg(r))
+    texts = [t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert "compute2 (br-int)" in texts and "net1 (br-int)" in texts
+    assert "external host" in texts
+    assert "1. classify" in texts and "4. lr_egress" in texts
+    crossings = [t for t in texts if "tunnel VNI" in t or "provider to" in t]
+    assert crossings == [f"5. tunnel VNI {topo.networks['blue'].vni}",
+                         f"14. provider to {r.crossings[1].carried}"]
+    assert "delivered to external host on net1" in texts
+
+
 # --- the command --------------------------------------------------------------------------
 def test_cli_offline(capsys) -> None:
     assert cli.main(["trace", "--offline", str(NS), "--minimal", "vm1",
