@@ -18,6 +18,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,14 @@ class Topology:
             router = self.router_of(net)
             if router:
                 out.update(i.network for i in router.interfaces)
+        return out
+
+    @cached_property
+    def vms_by_ip(self) -> dict[ipaddress.IPv4Address, list[VM]]:
+        """VMs by address (one address may be used on several isolated networks)."""
+        out: dict[ipaddress.IPv4Address, list[VM]] = {}
+        for vm in self.vms.values():
+            out.setdefault(vm.ip, []).append(vm)
         return out
 
     def floating_ips(self) -> dict[ipaddress.IPv4Address, VM]:

@@ -14,7 +14,7 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 from enum import IntEnum
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 OWNER_COOKIE = 0xD7A5  # top 16 bits of every cookie this project installs
 OWNER_MASK = 0xFFFF << 48
@@ -108,8 +108,7 @@ def canonical(fld: str, value: Value) -> Value:
     if kind == "mac":
         return str(value).lower()
     if kind == "ip":
-        net = ipaddress.IPv4Network(str(value), strict=True)
-        return str(net.network_address) if net.prefixlen == 32 else str(net)
+        return _canonical_ip(str(value))
     if isinstance(value, tuple):
         v, m = value
         if m == (1 << width) - 1:
@@ -118,6 +117,12 @@ def canonical(fld: str, value: Value) -> Value:
     if not 0 <= int(value) < (1 << width):
         raise ValueError(f"{fld}={value} does not fit {width} bits")
     return int(value)
+
+
+@lru_cache(maxsize=65536)
+def _canonical_ip(text: str) -> str:
+    net = ipaddress.IPv4Network(text, strict=True)
+    return str(net.network_address) if net.prefixlen == 32 else str(net)
 
 
 def value_matches(fld: str, want: Value, have: Value | None) -> bool:

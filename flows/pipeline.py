@@ -114,7 +114,22 @@ class PipelineError(ValueError):
 
 
 def check_flow(flow: Flow) -> None:
-    """Raise PipelineError if `flow` does not fit the declared pipeline."""
+    """Raise PipelineError if `flow` does not fit the declared pipeline. A shape of flow
+    (table, matched fields, the protocol values prerequisites look at, actions) found good
+    once is not checked again."""
+    shape = (flow.table,
+             tuple((k, v if k in _PREREQ_VALUES else None) for k, v in flow.match.fields),
+             tuple((type(a), getattr(a, "table", None)) for a in flow.actions))
+    if shape not in _GOOD_SHAPES:
+        _check_flow(flow)  # raises
+        _GOOD_SHAPES.add(shape)
+
+
+_PREREQ_VALUES = frozenset({"eth_type", "ip_proto"})
+_GOOD_SHAPES: set[tuple] = set()
+
+
+def _check_flow(flow: Flow) -> None:
     table = TABLES.get(flow.table)
     if table is None:
         raise PipelineError(f"flow in undeclared table {flow.table!r}")

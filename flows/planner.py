@@ -17,7 +17,8 @@ not from where the topology says VMs should be:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import ipaddress
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from dvr.model import VM, Network, Router, Topology
@@ -116,7 +117,11 @@ def _flow(
     return flow
 
 
-def plan(topo: Topology, node: str, ports: NodePorts) -> frozenset[Flow]:
+def plan(topo: Topology, node: str, ports: NodePorts,
+         only: frozenset[str] | None = None) -> frozenset[Flow]:
+    """The node's flows. `only` (for tracing one packet): plan the flows that match one
+    remote address (a remote VM's delivery, a floating IP or external IP elsewhere) only for
+    these addresses; everything else is planned in full."""
     flows: list[Flow] = []
     local = {name: topo.vms[name] for name in ports.vms if name in topo.vms}
     local_nets = {vm.network for vm in local.values()}
@@ -149,7 +154,7 @@ def plan(topo: Topology, node: str, ports: NodePorts) -> frozenset[Flow]:
             flows += _router(topo, router, set(), ports)
         flows += _snat(topo, router, local_nets)
     if topo.external is not None and ports.provider is not None:
-        flows += _provider(topo, node, ports, local, routers, snat)
+        flows += _provider(topo, node, ports, local, routers, snat, only)
     elif topo.external is not None:
         # a floating IP must not quietly fall back to the SNAT node's address
         for vm in sorted(local.values(), key=lambda v: v.name):
@@ -160,7 +165,11 @@ def plan(topo: Topology, node: str, ports: NodePorts) -> frozenset[Flow]:
                     Match.of(metadata=router.key, eth_type=ETH_IP, ipv4_src=str(vm.ip)), [],
                     Hint(Purpose.FLOATING_IP, "vm", vm.name,
                          f"drop: no provider network on this node for {vm.floating_ip}")))
-    for vm in sorted(topo.vms.values(), key=lambda v: v.name):
+    if only is None:
+        remote: Iterable[VM] = topo.vms.values()
+    else:
+        remote = [v for a in only for v in topo.vms_by_ip.get(ipaddress.IPv4Address(a), [])]
+    for vm in sorted(remote, key=lambda v: v.name):
         if vm.name in local or vm.network not in reachable:
             continue
         tunnel = ports.tunnels.get(vm.node)
@@ -409,7 +418,8 @@ def _snat(topo: Topology, router: Router, local_nets: set[str]) -> list[Flow]:
 
 
 def _provider(topo: Topology, node: str, ports: NodePorts, local: Mapping[str, VM],
-              routers: Mapping[str, Router], snat: Mapping[str, Router]) -> list[Flow]:
+              routers: Mapping[str, Router], snat: Mapping[str, Router],
+              only: frozenset[str] | None = None) -> list[Flow]:
     """The provider network side: what comes in from it, and where NATed traffic goes."""
     assert ports.provider is not None
     out = [_flow("classify", 100, Match.of(in_port=ports.provider), [Goto("ext_in")],
@@ -429,6 +439,8 @@ def _provider(topo: Topology, node: str, ports: NodePorts, local: Mapping[str, V
         return out  # nothing leaves this node to the provider network
     # where translated traffic goes on the provider network
     for fip, vm in sorted(topo.floating_ips().items()):
+        if only is not None and vm.name not in local and str(fip) not in only:
+            continue
         router = topo.router_of(vm.network)
         if router is None or not router.external_gateway:
             continue
@@ -452,6 +464,8 @@ def _provider(topo: Topology, node: str, ports: NodePorts, local: Mapping[str, V
         out.append(_flow("ext_out", 100, Match.of(eth_type=ETH_IP, ipv4_dst=str(fip)),
                          actions, Hint(Purpose.EXTERNAL, "vm", vm.name, note)))
     for router in topo.routers.values():
+        if only is not None and str(router.external_ip) not in only:
+            continue
         if router.external_gateway and router.name not in snat and snat_node(router):
             out.append(_flow(
                 "ext_out", 100, Match.of(eth_type=ETH_IP, ipv4_dst=str(router.external_ip)),

@@ -106,6 +106,34 @@ class NodePlan:
         return None
 
 
+class _Plans(dict):  # type: ignore[type-arg]
+    """Node plans made on first use."""
+
+    def __init__(self, topo: Topology, make: Any):
+        super().__init__()
+        self._topo, self._make = topo, make
+        self._ports: dict[str, NodePorts] = {}
+
+    def __missing__(self, name: str) -> NodePlan:
+        if name not in self._topo.nodes:
+            raise KeyError(name)
+        self[name] = self._make(name)
+        return self[name]
+
+    def ports(self, name: str) -> NodePorts:
+        if name in self:
+            return self[name].ports
+        if name not in self._ports:
+            self._ports[name] = assumed_ports(self._topo, name)
+        return self._ports[name]
+
+    def values(self):  # type: ignore[no-untyped-def]
+        return [self[n] for n in self._topo.nodes]
+
+    def items(self):  # type: ignore[no-untyped-def]
+        return [(n, self[n]) for n in self._topo.nodes]
+
+
 @dataclass
 class Step:
     node: str
@@ -158,7 +186,7 @@ class Cloud:
 
     def __init__(self, topo: Topology, nodes: Mapping[str, NodePlan]):
         self.topo = topo
-        self.nodes = dict(nodes)
+        self.nodes = nodes if isinstance(nodes, _Plans) else dict(nodes)
         self.conntrack: dict[tuple[str, int], list[Conn]] = {}
         ext = topo.external
         self.gateway_mac = (ext.gateway_mac or ASSUMED_GATEWAY_MAC) if ext else None
@@ -171,12 +199,13 @@ class Cloud:
         whose SNAT it runs), or "ext" for the external host's."""
         if mac == self.gateway_mac:
             return "ext"
-        for name, plan_ in self.nodes.items():
-            if plan_.ports.provider is None:
+        for name in self.topo.nodes:
+            ports = self.ports(name)
+            if ports.provider is None:
                 continue
             if self.topo.nodes[name].external_mac == mac:
                 return name
-            for r in plan_.ports.snat:
+            for r in ports.snat:
                 if r in self.topo.routers and self.topo.routers[r].external_mac == mac:
                     return name
         return None
@@ -192,8 +221,8 @@ class Cloud:
     def _on_provider(self, trace: Trace, sender: str, wire: Packet) -> None:
         dst = str(wire.get("eth_dst", "")).lower()
         if dst == BROADCAST:
-            targets = [n for n, p in self.nodes.items()
-                       if p.ports.provider is not None and n != sender]
+            targets = [n for n in self.topo.nodes
+                       if self.ports(n).provider is not None and n != sender]
             if sender != "ext":
                 targets.append("ext")
         else:
@@ -215,17 +244,26 @@ class Cloud:
             self._pipeline(trace, target, pkt, FIRST_TABLE)
 
     @classmethod
-    def offline(cls, topo: Topology) -> Cloud:
-        plans = {}
-        for name in topo.nodes:
+    def offline(cls, topo: Topology, only: frozenset[str] | None = None) -> Cloud:
+        """Every node's plan, with assumed ports, each made when a packet first reaches
+        the node. `only`: see `plan()` (for tracing a packet to these addresses)."""
+        def make(name: str) -> NodePlan:
             ports = assumed_ports(topo, name)
-            plans[name] = NodePlan(name, ports, plan(topo, name, ports))
-        return cls(topo, plans)
+            return NodePlan(name, ports, plan(topo, name, ports, only))
+
+        return cls(topo, _Plans(topo, make))
+
+    def ports(self, node: str) -> NodePorts:
+        if isinstance(self.nodes, _Plans):
+            return self.nodes.ports(node)
+        return self.nodes[node].ports
 
     def vm_port(self, vm: str) -> tuple[str, int]:
-        for node in self.nodes.values():
-            if vm in node.ports.vms:
-                return node.name, node.ports.vms[vm]
+        guess = self.topo.vms[vm].node if vm in self.topo.vms else None
+        for name in ([guess] if guess else []) + list(self.topo.nodes):
+            ports = self.ports(name)
+            if vm in ports.vms:
+                return name, ports.vms[vm]
         raise KeyError(f"VM {vm} is bound on no node")
 
     def send_from_vm(self, vm: str, pkt: Packet) -> Trace:

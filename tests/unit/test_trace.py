@@ -154,6 +154,20 @@ def test_levels(topo) -> None:
     assert doc["outcomes"][0]["to"] == "vm2" and doc["hops"][0]["table"] == "classify"
 
 
+@pytest.mark.parametrize("sender,packet", [
+    ("vm1", "icmp, ip.dst=10.1.0.14"), ("vm1", "icmp, ip.dst=10.2.0.12"),
+    ("vm4", "udp, ip.dst=198.51.100.10"), ("ext", "icmp, ip.dst=203.0.113.50"),
+    ("vm1", "icmp, ip.dst=203.0.113.52"), ("vm1", "icmp, ip.dst=203.0.113.51"),
+    ("vm4", "icmp, ip.dst=203.0.113.52"), ("vm9", "icmp, ip.dst=10.1.0.11"),
+])
+def test_planning_only_what_the_packet_meets_changes_nothing(topo, sender, packet) -> None:
+    from flows.simulator import Cloud
+
+    focused = offline(topo, sender, packet)
+    full = offline(topo, sender, packet, Cloud.offline(topo))
+    assert focused.to_dict() == full.to_dict()
+
+
 def test_svg_draws_the_numbered_path(topo) -> None:
     import xml.etree.ElementTree as ET
 
