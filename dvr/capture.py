@@ -95,7 +95,11 @@ def build(pkt: dict[str, Any]) -> Any:
     elif proto == 17:
         l4 = UDP(sport=pkt.get("udp_src", 40000), dport=pkt.get("udp_dst", 53)) / b"dvr-trace"
     else:
-        l4 = ICMP(type=pkt.get("icmpv4_type", 8), code=pkt.get("icmpv4_code", 0))
+        # a fresh echo identifier each time, as each ping process has one: conntrack takes
+        # an echo request repeated with an identifier and sequence already answered for
+        # invalid
+        l4 = ICMP(type=pkt.get("icmpv4_type", 8), code=pkt.get("icmpv4_code", 0),
+                  id=pkt.get("ip_id", 1))
     return eth / ip / l4
 
 

@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Benchmark of `dvr trace`: prints figures, asserts nothing.
+
+    python3 bench/trace.py [--prefix bntr] [--reps 5] [--no-lab]
+
+a. offline: one trace per kind of path (same network across nodes, routed across nodes,
+   floating IP out and in, centralized SNAT, floating IP to floating IP) on generated clouds
+   of 1,000 and 10,000 ports (100 VMs per network, two networks per router, every tenth VM
+   with a floating IP, 100 compute nodes): the median time of --reps traces, the topology
+   already loaded (target: under 100 ms at 10,000 ports);
+b. live (needs root; skipped with --no-lab): the same kinds of path on the trace lab
+   (tests/lab/topologies/trace.yaml), the time of a live trace divided by the nodes it
+   crosses (target: under 1 s per node), and of `--verify` in addition.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.east_west import lab, lab_down, last_line, row  # noqa: E402
+from dvr.model import Topology, build_topology  # noqa: E402
+from dvr.trace import offline  # noqa: E402
+
+TARGET_OFFLINE_MS = 100.0
+TARGET_LIVE_S_PER_NODE = 1.0
+LAB_PATHS = (
+    ("same network", "vm1", "icmp, ip.dst=10.1.0.14"),
+    ("routed", "vm1", "tcp, ip.dst=10.2.0.12, tcp.dport=22"),
+    ("floating IP out", "vm1", "tcp, ip.dst=198.51.100.10, tcp.dport=443"),
+    ("floating IP in", "ext", "tcp, ip.dst=203.0.113.50, tcp.dport=22"),
+    ("SNAT", "vm4", "udp, ip.dst=198.51.100.10"),
+    ("FIP to FIP", "vm1", "icmp, ip.dst=203.0.113.52"),
+)
+
+
+def generate(ports: int, computes: int = 100, per_net: int = 100) -> dict[str, Any]:
+    nets = ports // per_net
+    data: dict[str, Any] = {
+        "nodes": {f"c{i}": {"role": "compute"} for i in range(computes)},
+        "external": {"cidr": "100.64.0.0/16", "gateway_ip": "100.64.0.1"},
+        "networks": {f"n{n}": {"cidr": f"10.{n // 256}.{n % 256}.0/24"} for n in range(nets)},
+        "routers": {f"r{r}": {"interfaces": [f"n{2 * r}", f"n{2 * r + 1}"],
+                              "external_gateway": True} for r in range(nets // 2)},
+        "vms": {},
+    }
+    data["nodes"]["net1"] = {"role": "network"}
+    for k in range(nets * per_net):
+        n, j = divmod(k, per_net)
+        vm: dict[str, Any] = {"node": f"c{(k * 7) % computes}", "network": f"n{n}",
+                              "ip": f"10.{n // 256}.{n % 256}.{j + 10}"}
+        if k % 10 == 0:
+            vm["floating_ip"] = f"100.64.{1 + k // 250}.{k % 250 + 2}"
+        data["vms"][f"v{k}"] = vm
+    return data
+
+
+def offline_paths(topo: Topology) -> list[tuple[str, str, str]]:
+    v0, v1 = topo.vms["v0"], topo.vms["v1"]  # v0 has a floating IP, v1 not
+    other = next(v for v in topo.vms.values() if v.network == "n1" and v.node != v0.node)
+    same = next(v for v in topo.vms.values() if v.network == "n0" and v.node != v0.node)
+    fip_vm = next(v for v in topo.vms.values() if v.floating_ip and v.node != v0.node
+                  and v.network not in ("n0", "n1"))
+    return [
+        ("same network", "v0", f"icmp, ip.dst={same.ip}"),
+        ("routed", "v0", f"tcp, ip.dst={other.ip}, tcp.dport=22"),
+        ("floating IP out", "v0", "tcp, ip.dst=198.51.100.10, tcp.dport=443"),
+        ("floating IP in", "ext", f"tcp, ip.dst={v0.floating_ip}, tcp.dport=22"),
+        ("SNAT", v1.name, "udp, ip.dst=198.51.100.10"),
+        ("FIP to FIP", "v0", f"icmp, ip.dst={fip_vm.floating_ip}"),
+    ]
+
+
+def bench_offline(sizes: list[int], reps: int) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    for size in sizes:
+        t0 = time.perf_counter()
+        topo = build_topology(generate(size))
+        print(f"  {size} ports: topology built in {time.perf_counter() - t0:.2f} s")
+        out[size] = {}
+        for label, sender, packet in offline_paths(topo):
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                report = offline(topo, sender, packet)
+                times.append((time.perf_counter() - t0) * 1000)
+            ends = ", ".join(f"{o.kind} {o.to or ''} on {o.node}" for o in report.outcomes)
+            out[size][label] = statistics.median(times)
+            print(f"    {label:<16} {out[size][label]:7.1f} ms  ({ends})")
+    return out
+
+
+def bench_live(prefix: str, reps: int) -> dict[str, tuple[float, float, int]] | None:
+    from dvr.lab import Lab
+    from dvr.trace_live import LiveTracer
+
+    res = lab(prefix, "up", str(ROOT / "tests" / "lab" / "topologies" / "trace.yaml"))
+    if res.returncode != 0:
+        print(f"  lab failed: {last_line(res)}", file=sys.stderr)
+        return None
+    out: dict[str, tuple[float, float, int]] = {}
+    try:
+        for label, sender, packet in LAB_PATHS:
+            times, verify = [], []
+            nodes = 1
+            for _ in range(reps):
+                tracer = LiveTracer(Lab(prefix))  # a fresh tracer: nothing cached
+                t0 = time.perf_counter()
+                report = tracer.trace(sender, packet)
+                times.append(time.perf_counter() - t0)
+                nodes = len({h.node for h in report.hops})
+                t0 = time.perf_counter()
+                problems = tracer.verify(report)
+                verify.append(time.perf_counter() - t0)
+            out[label] = (statistics.median(times), statistics.median(verify), nodes)
+            print(f"    {label:<16} {out[label][0]:.3f} s over {nodes} node(s) = "
+                  f"{out[label][0] / nodes:.3f} s/node; --verify +{out[label][1]:.2f} s"
+                  f"{'' if not problems else ' (DIFFERENCES: ' + '; '.join(problems) + ')'}")
+    finally:
+        lab_down(prefix)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prefix", default="bntr")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no-lab", action="store_true")
+    args = p.parse_args()
+    print("== a. offline trace, topology loaded ==")
+    off = bench_offline([1000, 10000], args.reps)
+    live = None
+    if not args.no_lab:
+        if os.geteuid() != 0:
+            print("live: needs root, skipped")
+        else:
+            print(f"\n== b. live trace on the trace lab, median of {args.reps} ==")
+            live = bench_live(args.prefix, args.reps)
+    print("\n== summary " + "=" * 60)
+    worst = max(off[10000].values())
+    row("offline, 10,000 ports", f"median per path {min(off[10000].values()):.0f}-{worst:.0f} ms",
+        f"< {TARGET_OFFLINE_MS:.0f} ms", worst < TARGET_OFFLINE_MS)
+    row("offline, 1,000 ports", f"{min(off[1000].values()):.0f}-{max(off[1000].values()):.0f} ms")
+    if live:
+        per_node = max(t / n for t, _, n in live.values())
+        row("live, per node crossed", f"worst {per_node:.3f} s",
+            f"< {TARGET_LIVE_S_PER_NODE:.0f} s", per_node < TARGET_LIVE_S_PER_NODE)
+        row("--verify, on top", f"median {statistics.median(v for _, v, _ in live.values()):.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
