@@ -87,10 +87,11 @@ def offline(topo: Topology, sender: str, packet_expr: str, cloud: Cloud | None =
 
 
 def focus(topo: Topology, pkt: dict[str, Any]) -> frozenset[str]:
-    """The remote addresses a packet can be delivered by: its destination, and the fixed
-    IP behind it when it is a floating IP."""
+    """The addresses that decide which flows a packet can meet: its source, its
+    destination, and the fixed IP behind the destination when it is a floating IP."""
     dst = pkt.get("ipv4_dst") or pkt.get("arp_tpa")
-    out = {str(dst)}
+    src = pkt.get("ipv4_src") or pkt.get("arp_spa")
+    out = {str(dst), str(src)}
     vm = topo.floating_ips().get(ipaddress.IPv4Address(dst)) if dst else None
     if vm is not None:
         out.add(str(vm.ip))

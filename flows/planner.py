@@ -119,11 +119,15 @@ def _flow(
 
 def plan(topo: Topology, node: str, ports: NodePorts,
          only: frozenset[str] | None = None) -> frozenset[Flow]:
-    """The node's flows. `only` (for tracing one packet): plan the flows that match one
-    remote address (a remote VM's delivery, a floating IP or external IP elsewhere) only for
-    these addresses; everything else is planned in full."""
+    """The node's flows. `only` (for tracing one packet from or to these addresses): plan
+    what such a packet can meet: the local VMs of their networks (with their routers) and
+    the flows for one remote address only for these addresses."""
     flows: list[Flow] = []
     local = {name: topo.vms[name] for name in ports.vms if name in topo.vms}
+    if only is not None:  # a packet from or to these addresses meets only their networks
+        nets = {v.network for a in only
+                for v in topo.vms_by_ip.get(ipaddress.IPv4Address(a), [])}
+        local = {name: vm for name, vm in local.items() if vm.network in nets}
     local_nets = {vm.network for vm in local.values()}
     snat = {name: topo.routers[name] for name in sorted(ports.snat)
             if name in topo.routers and topo.routers[name].external_gateway}

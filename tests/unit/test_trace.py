@@ -168,6 +168,18 @@ def test_planning_only_what_the_packet_meets_changes_nothing(topo, sender, packe
     assert focused.to_dict() == full.to_dict()
 
 
+def test_focused_planning_on_a_generated_cloud() -> None:
+    from bench.trace import generate, offline_paths
+    from flows.simulator import Cloud
+
+    cloud = build_topology(generate(600, computes=12))
+    full = Cloud.offline(cloud)
+    for _, sender, packet in offline_paths(cloud):
+        full.reset_conntrack()
+        assert offline(cloud, sender, packet).to_dict() == offline(
+            cloud, sender, packet, full).to_dict(), (sender, packet)
+
+
 def test_svg_draws_the_numbered_path(topo) -> None:
     import xml.etree.ElementTree as ET
 
