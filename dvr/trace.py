@@ -45,6 +45,7 @@ class Crossing:
     src: str
     dst: str  # a node, or "ext" for the external host
     carried: str  # the VNI, or the destination MAC on the provider network
+    endpoints: str = ""  # a tunnel's underlay addresses, "A -> B", when known
 
 
 @dataclass
@@ -109,10 +110,17 @@ def report_of(topo: Topology, engine: str, sender: str, pkt: dict[str, Any], tra
             flow=step.flow.to_ofctl() if step.flow else "(no flow: table miss, dropped)",
             source=str(step.flow.hint) if step.flow else "", changes=list(step.changes),
             cookie=step.flow.cookie if step.flow else 0))
-    crossings = [Crossing(i - 1, kind, src, dst, carried)
+    crossings = [Crossing(i - 1, kind, src, dst, carried, _endpoints(topo, kind, src, dst))
                  for i, kind, src, dst, carried in trace.crossings]
     outcomes = [_outcome(topo, sender, pkt, trace, end) for end in trace.ends]
     return Report(engine, sender, headers(pkt), hops, crossings, outcomes)
+
+
+def _endpoints(topo: Topology, kind: str, src: str, dst: str) -> str:
+    if kind != "tunnel":
+        return ""
+    a, b = topo.nodes[src].tunnel_ip, topo.nodes[dst].tunnel_ip
+    return f"{a} -> {b}" if a and b else ""
 
 
 def headers(pkt: dict[str, Any]) -> dict[str, Any]:
@@ -230,7 +238,8 @@ def _crossing_line(c: Crossing) -> str:
     dst = "the external host" if c.dst == "ext" else c.dst
     src = "the external host" if c.src == "ext" else c.src
     if c.kind == "tunnel":
-        return f"  -> tunnel {src} => {dst} (VNI {c.carried})"
+        where = f", {c.endpoints}" if c.endpoints else ""
+        return f"  -> tunnel {src} => {dst} (VNI {c.carried}{where})"
     return f"  -> provider network {src} => {dst} (to {c.carried})"
 
 

@@ -242,8 +242,10 @@ class LiveTracer:
                 peer = self.by_tunnel_ip.get(dst.group(1)) if dst else None
                 if peer is None or vni is None:
                     continue
-                report.crossings.append(tracing.Crossing(len(report.hops) - 1, "tunnel", node,
-                                                         peer, str(int(vni.group(1), 16))))
+                src = re.search(r"ipv4\(src=([^,]+)", action)
+                report.crossings.append(tracing.Crossing(
+                    len(report.hops) - 1, "tunnel", node, peer, str(int(vni.group(1), 16)),
+                    f"{src.group(1) if src else '?'} -> {dst.group(1)}"))
                 tunnel_port = self.view(peer).ports.tunnels.get(node)
                 inner = {k: v for k, v in headers.items() if k != "tunnel_id"}
                 if tunnel_port is None:
