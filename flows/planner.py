@@ -50,8 +50,8 @@ from flows.ofp import (
 from flows.pipeline import check_flow
 
 # offline port numbers: VMs from 1, the provider patch and tunnels above any VM count
-PROVIDER_PORT = 0xFF000
-TUNNEL_PORT_BASE = 0xFF001
+PROVIDER_PORT = 60000  # OVS port numbers are 16 bits (up to 0xfeff)
+TUNNEL_PORT_BASE = 60001
 ASSUMED_GATEWAY_MAC = "02:00:00:00:00:01"  # offline stand-in for an unresolved gateway
 ARP_REQUEST, ARP_REPLY = 1, 2
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
