@@ -309,6 +309,7 @@ class LiveTracer:
         final: dict[str, Any] = {}
         actions: list[str] = []
         hop: tracing.Hop | None = None
+        state: dict[str, Any] = {}
         for line in text.splitlines():
             m = re.match(r'^bridge\("([^"]+)"\)', line)
             if m:
@@ -341,11 +342,15 @@ class LiveTracer:
                     source=source, changes=[], cookie=cookie)
                 report.hops.append(hop)
                 continue
+            if line.startswith("Flow:"):
+                state = _read_flow(line.split(":", 1)[1])
+                continue
+            if line.startswith(" Modified flow:") and report.hops:
+                for fld, value in _read_flow(line.split(":", 1)[1]).items():
+                    _change(report.hops[-1], state, fld, value)  # the NAT of the last ct
+                continue
             if hop is not None and line.startswith("    ") and not line.strip().startswith("->"):
-                action = line.strip()
-                if action.startswith(("set_field", "dec_ttl", "move:", "mod_", "ct(",
-                                      "load:")):
-                    hop.changes.append(action)
+                _apply(hop, state, line.strip())
             if line.startswith("Final flow:") and "unchanged" not in line:
                 final.update(_read_flow(line.split(":", 1)[1]))
             if line.startswith("Datapath actions:"):
@@ -408,6 +413,47 @@ def _differences(report: tracing.Report, pkt: dict[str, Any],
 class _End:
     reason: str
     node: str
+
+
+# field names in ofproto/trace's actions -> OXM names (registers and metadata are left out)
+ACTION_FIELDS = {
+    "eth_src": "eth_src", "eth_dst": "eth_dst", "ip_src": "ipv4_src", "ip_dst": "ipv4_dst",
+    "nw_src": "ipv4_src", "nw_dst": "ipv4_dst", "tun_id": "tunnel_id", "arp_op": "arp_op",
+    "arp_sha": "arp_sha", "arp_tha": "arp_tha", "arp_spa": "arp_spa", "arp_tpa": "arp_tpa",
+    "icmp_type": "icmpv4_type", "icmpv4_type": "icmpv4_type",
+    "NXM_OF_ETH_SRC": "eth_src", "NXM_OF_ETH_DST": "eth_dst", "NXM_OF_IP_SRC": "ipv4_src",
+    "NXM_OF_IP_DST": "ipv4_dst", "NXM_NX_ARP_SHA": "arp_sha", "NXM_NX_ARP_THA": "arp_tha",
+    "NXM_OF_ARP_SPA": "arp_spa", "NXM_OF_ARP_TPA": "arp_tpa",
+}
+
+
+def _change(hop: tracing.Hop, state: dict[str, Any], fld: str, value: Any) -> None:
+    old = state.get(fld)
+    state[fld] = value
+    if old != value:
+        hop.changes.append(f"{fld}: {old} -> {value}")
+
+
+def _apply(hop: tracing.Hop, state: dict[str, Any], action: str) -> None:
+    """Follow one action of ofproto/trace on the packet's headers, noting what it changes
+    in the form the offline engine uses."""
+    m = re.match(r"set_field:(.+)->(\w+)$", action)
+    if m and m.group(2) in ACTION_FIELDS:
+        fld, value = ACTION_FIELDS[m.group(2)], m.group(1)
+        if fld in ("tunnel_id", "arp_op", "icmpv4_type"):
+            value = int(value, 0)
+        _change(hop, state, fld, value)
+        return
+    m = re.match(r"move:(\w+)\[\]->(\w+)\[\]$", action)
+    if m and m.group(1) in ACTION_FIELDS and m.group(2) in ACTION_FIELDS:
+        _change(hop, state, ACTION_FIELDS[m.group(2)], state.get(ACTION_FIELDS[m.group(1)]))
+        return
+    if action == "dec_ttl" and "ip_ttl" in state:
+        _change(hop, state, "ip_ttl", int(state["ip_ttl"]) - 1)
+    elif action.startswith("mod_nw_ttl:"):
+        _change(hop, state, "ip_ttl", int(action.split(":")[1]))
+    elif action.startswith("ct("):
+        hop.changes.append(action)
 
 
 def _ofctl_fields(pkt: dict[str, Any]) -> list[str]:

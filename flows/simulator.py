@@ -393,7 +393,8 @@ def _state_names(state: int) -> list[str]:
 def _set(pkt: Packet, step: Step, fld: str, value: Any) -> None:
     old = pkt.get(fld)
     pkt[fld] = value
-    if old != value and not fld.startswith("reg") and fld not in ("metadata", "ct_state"):
+    if old != value and not fld.startswith("reg") and fld not in ("metadata", "ct_state",
+                                                                  "in_port"):
         step.changes.append(f"{fld}: {old} -> {value}")
 
 
