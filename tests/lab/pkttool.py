@@ -77,7 +77,7 @@ def cmd_sniff(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + 3
     while not getattr(sniffer, "running", False) and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(0.2)  # the socket is bound once running is set; give it a moment
+    time.sleep(0.4)  # the socket is bound once running is set; give it a moment (load)
     print("READY", flush=True)
     sniffer.join(timeout=args.seconds)
     if sniffer.running:
