@@ -99,7 +99,7 @@ def build(pkt: dict[str, Any]) -> Any:
         # an echo request repeated with an identifier and sequence already answered for
         # invalid
         l4 = ICMP(type=pkt.get("icmpv4_type", 8), code=pkt.get("icmpv4_code", 0),
-                  id=pkt.get("ip_id", 1))
+                  id=pkt.get("icmp_id", pkt.get("ip_id", 1)))
     return eth / ip / l4
 
 

@@ -30,7 +30,7 @@ from flows import expr
 from flows.ofp import ETH_ARP, ETH_IP, OWNER_COOKIE, Flow
 from flows.pipeline import BY_NUMBER
 from flows.planner import NodePorts, plan, snat_routers
-from flows.simulator import BROADCAST, Cloud, NodePlan
+from flows.simulator import BROADCAST, Cloud, Conn, NodePlan
 
 MAX_NODES = 8  # a packet that crosses more nodes than this is looping
 HOP_RE = re.compile(r"^\s*(\d+)\. (.*?),? ?priority (\d+)(?:, cookie (0x[0-9a-f]+))?$")
@@ -119,10 +119,61 @@ class LiveTracer:
 
     # --- the trace ----------------------------------------------------------------------
     def trace_and_compare(self, sender: str, packet_expr: str) -> tracing.Report:
-        """The live trace, with where it parts from the plan (if it does)."""
+        """The live trace, with where it parts from the plan (if it does). A packet of a
+        connection the switches already track is followed by emulation (see
+        `established()`), as ofproto/trace cannot apply an existing connection's NAT."""
+        emulated = self.established(sender, packet_expr)
+        if emulated is not None:
+            return emulated
         live = self.trace(sender, packet_expr)
         self._compare(live, sender, packet_expr)
         return live
+
+    # --- packets of connections the switches already track ----------------------------
+    def installed(self, node: str) -> frozenset[int]:
+        text = self._run(node, "ovs-ofctl", "-O", "OpenFlow13", "dump-flows", "br-int")
+        return frozenset(int(c, 16) for c in re.findall(r"cookie=(0x[0-9a-f]+)", text))
+
+    def conntrack(self, node: str) -> dict[tuple[str, int], list[Conn]]:
+        """The node's real connection table, as the simulator keeps it."""
+        out: dict[tuple[str, int], list[Conn]] = {}
+        for line in self._run(node, "ovs-appctl", "dpctl/dump-conntrack").splitlines():
+            conn = _parse_conn(line)
+            if conn is not None:
+                zone, c = conn
+                out.setdefault((node, zone), []).append(c)
+        return out
+
+    def established(self, sender: str, packet_expr: str) -> tracing.Report | None:
+        """When the packet belongs to a connection some node already tracks, emulate it:
+        the simulator over the flows each node really has (the planned flows whose cookies
+        are installed) and each node's real connection table. None for a new connection
+        (the ofproto/trace engine then serves)."""
+        nodes = {}
+        table: dict[tuple[str, int], list[Conn]] = {}
+        for name in self.topo.nodes:
+            v = self.view(name)
+            have = self.installed(name)
+            nodes[name] = NodePlan(name, v.ports, frozenset(
+                f for c, f in v.flows.items() if c in have))
+            table.update(self.conntrack(name))
+        cloud = Cloud(self.topo, nodes)
+        cloud.gateway_mac = self._ext_mac()
+        cloud.conntrack = table
+        report = tracing.offline(self.topo, sender, packet_expr, cloud)
+        if not any(re.match(r"ct\(zone=\d+\): est", c) for h in report.hops
+                   for c in h.changes):
+            return None
+        report.engine = "live: an established connection, emulated over the installed flows"
+        planned = self.planned()
+        planned.gateway_mac = cloud.gateway_mac
+        planned.conntrack = {k: list(v) for k, v in table.items()}
+        report.divergence = tracing.compare(
+            tracing.offline(self.topo, sender, packet_expr, planned), report)
+        self.packet = (expr.from_external(self.topo, packet_expr) if sender == "ext"
+                       else expr.from_vm(self.topo, sender, packet_expr))
+        self.packet_sender = sender
+        return report
 
     def _compare(self, live: tracing.Report, sender: str, packet_expr: str) -> None:
         cloud = self.planned()
@@ -323,6 +374,8 @@ class LiveTracer:
             if m or miss:
                 number = int((m or miss).group(1))  # type: ignore[union-attr]
                 cookie = int(m.group(4), 16) if m and m.group(4) else 0
+                if m and not cookie and bridge == "br-int":
+                    m, miss = None, m  # OVS's own table-miss rule: no flow of ours matched
                 planned = view.flows.get(cookie)
                 if bridge == "br-int" and number in BY_NUMBER:
                     table = BY_NUMBER[number].name
@@ -454,6 +507,31 @@ def _apply(hop: tracing.Hop, state: dict[str, Any], action: str) -> None:
         _change(hop, state, "ip_ttl", int(action.split(":")[1]))
     elif action.startswith("ct("):
         hop.changes.append(action)
+
+
+CONN_RE = re.compile(r"^(icmp|tcp|udp),orig=\(([^)]*)\),reply=\(([^)]*)\),zone=(\d+)")
+PROTO_NUM = {"icmp": 1, "tcp": 6, "udp": 17}
+
+
+def _parse_conn(line: str) -> tuple[int, Conn] | None:
+    """One `dpctl/dump-conntrack` line as (zone, Conn); None for what is not IPv4 in a
+    zone."""
+    m = CONN_RE.match(line.strip())
+    if m is None:
+        return None
+    proto = PROTO_NUM[m.group(1)]
+
+    def side(text: str) -> tuple[Any, Any, Any, Any, Any]:
+        f = dict(kv.split("=", 1) for kv in text.split(","))
+        if "sport" in f:
+            ports: tuple[Any, Any] = (int(f["sport"]), int(f["dport"]))
+        else:
+            ports = (int(f["id"]), int(f["id"])) if "id" in f else (None, None)
+        return (f["src"], f["dst"], proto, *ports)
+
+    orig, reply = side(m.group(2)), side(m.group(3))
+    xlat = (reply[1], reply[0], proto, reply[4], reply[3])
+    return int(m.group(4)), Conn(orig, xlat)
 
 
 def _ofctl_fields(pkt: dict[str, Any]) -> list[str]:

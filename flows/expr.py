@@ -43,6 +43,7 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "ip.ttl": ("ip_ttl", "u8", "ip"),
     "icmp.type": ("icmpv4_type", "u8", "icmp"),
     "icmp.code": ("icmpv4_code", "u8", "icmp"),
+    "icmp.id": ("icmp_id", "u16", "icmp"),  # the echo identifier (conntrack keys on it)
     "tcp.sport": ("tcp_src", "u16", "tcp"),
     "tcp.dport": ("tcp_dst", "u16", "tcp"),
     "udp.sport": ("udp_src", "u16", "udp"),

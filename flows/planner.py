@@ -203,7 +203,9 @@ def _defaults(ports: NodePorts) -> list[Flow]:
             Hint(Purpose.EXTERNAL, note="to the upstream gateway"))
     return [
         miss("ext_in", [], "drop: not for an address hosted on this node"),
+        miss("unsnat", [], "drop: unsolicited traffic to a router's external IP, or invalid"),
         miss("dnat", [], "drop: unsolicited, and not to a floating IP hosted here"),
+        miss("undnat", [], "drop: conntrack refused it (invalid)"),
         miss("lr_egress", [], "drop: no route"),
         miss("nat_out", [], "drop: conntrack refused it (invalid)"),
         miss("ext_src", [], "drop: no external address for this source"),

@@ -66,8 +66,8 @@ def _tuple(pkt: Packet) -> Tuple5:
         ports = (pkt.get("tcp_src"), pkt.get("tcp_dst"))
     elif proto == 17:
         ports = (pkt.get("udp_src"), pkt.get("udp_dst"))
-    else:
-        ports = (None, None)
+    else:  # ICMP echo: its identifier, when the packet says (conntrack keys on it)
+        ports = (pkt.get("icmp_id"), pkt.get("icmp_id"))
     return (pkt.get("ipv4_src"), pkt.get("ipv4_dst"), proto, *ports)
 
 

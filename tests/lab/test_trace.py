@@ -85,6 +85,30 @@ def test_drops_say_why_live(lab: LabHandle) -> None:
     assert unknown == "unknown destination: no VM holds 10.1.0.99 on network blue"
 
 
+def test_a_reply_of_a_tracked_connection_is_followed_through_its_nat(lab: LabHandle) -> None:
+    """ofproto/trace cannot apply an existing connection's NAT: such a packet is emulated
+    over the installed flows and the switches' real connection tables."""
+    reply = "udp, ip.src=198.51.100.10, ip.dst=203.0.113.10, udp.sport=53, udp.dport=40123"
+    before = LiveTracer(Lab(lab.prefix)).trace_and_compare("ext", reply)
+    assert before.engine == "live"
+    assert [(o.kind, o.node) for o in before.outcomes] == [("dropped", "net1")]
+    assert before.outcomes[0].reason.startswith("unsolicited traffic to a router's external IP")
+    # vm4 (no floating IP) opens the connection through r1's SNAT on net1
+    res = lab.exec("vm4", "python3", "-c", "import socket; s = socket.socket(socket.AF_INET, "
+                   "socket.SOCK_DGRAM); s.bind(('0.0.0.0', 40123)); "
+                   "s.sendto(b'x', ('198.51.100.10', 53))")
+    assert res.returncode == 0, res.stderr
+    tracer = LiveTracer(Lab(lab.prefix))
+    after = tracer.trace_and_compare("ext", reply)
+    assert after.engine.startswith("live: an established connection")
+    assert after.divergence is None, after.divergence
+    assert [(o.kind, o.node, o.to) for o in after.outcomes] == [("delivered", "compute2", "vm4")]
+    assert after.outcomes[0].headers["ip.dst"] == "10.1.0.14"
+    assert [(c.kind, c.src, c.dst) for c in after.crossings] == [
+        ("provider", "ext", "net1"), ("tunnel", "net1", "compute2")]
+    assert tracer.verify(after) == []
+
+
 def test_a_broken_node_is_named_with_its_table(lab: LabHandle) -> None:
     topo = lab.topology()
     pidfile = lab.rundir / "nodes" / "compute1" / "agent.pid"
