@@ -110,6 +110,45 @@ def trace_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nb_parser(sub: argparse._SubParsersAction) -> None:
+    nb = sub.add_parser("nb", help="the northbound database: the desired state")
+    nb.add_argument("--db", default=os.environ.get("DVR_NB_DB"),
+                    help="unix:PATH or tcp:HOST:PORT of the database (default: $DVR_NB_DB)")
+    cmds = nb.add_subparsers(dest="nb_cmd", required=True, metavar="COMMAND")
+    ld = cmds.add_parser("load", help="replace the desired state (validated, one transaction)")
+    ld.add_argument("topology")
+    cmds.add_parser("dump", help="print the desired state as a topology file")
+    cmds.add_parser("show", help="print the desired state, object by object")
+
+
+def nb_main(args: argparse.Namespace) -> int:
+    import yaml
+
+    from dvr import nb
+    from dvr.model import load_topology
+
+    if not args.db:
+        raise LabError("no northbound database: give --db unix:PATH (or set DVR_NB_DB)")
+    topo = load_topology(args.topology) if args.nb_cmd == "load" else None  # validate first
+    try:
+        db = nb.Northbound(args.db)
+        try:
+            if topo is not None:
+                db.load(topo)
+                print(f"loaded {args.topology}: {len(topo.nodes)} nodes, "
+                      f"{len(topo.networks)} networks, {len(topo.routers)} routers, "
+                      f"{len(topo.vms)} VMs")
+            elif args.nb_cmd == "dump":
+                print(yaml.safe_dump(db.dump(), sort_keys=False), end="")
+            else:
+                print(nb.summary(db.dump()))
+        finally:
+            db.close()
+    except nb.NbError as exc:
+        raise LabError(str(exc)) from None
+    return 0
+
+
 def _print_status(st: dict) -> None:
     print(f"lab {st['prefix']}: {st['topology']} (generation {st['generation']})")
     print(f"{'NODE':<12} {'ROLE':<8} {'TUNNEL IP':<15} {'OVS':<5} {'AGENT':<6} "
@@ -184,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     _lab_parser(sub)
     _trace_parser(sub)
+    _nb_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="dvr: %(levelname)s: %(message)s")
     try:
@@ -191,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return lab_main(args)
         if args.cmd == "trace":
             return trace_main(args)
+        if args.cmd == "nb":
+            return nb_main(args)
     except (LabError, TopologyError, NetlinkError) as exc:
         print(f"dvr: error: {exc}", file=sys.stderr)
         return 1

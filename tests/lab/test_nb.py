@@ -1,0 +1,108 @@
+"""The northbound database: a real ovsdb-server with this project's schema."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dvr import nb
+from dvr.model import build_topology, load_topology, to_dict
+from tests.lab.conftest import ROOT, dvr
+
+DEFAULT = ROOT / "dvr" / "examples" / "default.yaml"
+
+
+@pytest.fixture()
+def db(tmp_path: Path) -> Iterator[str]:
+    path, sock = tmp_path / "nb.db", tmp_path / "nb.sock"
+    subprocess.run(["ovsdb-tool", "create", str(path), str(nb.SCHEMA)], check=True)
+    server = subprocess.Popen(
+        ["ovsdb-server", str(path), f"--remote=punix:{sock}", f"--unixctl={tmp_path}/ctl",
+         "--no-chdir", f"--log-file={tmp_path}/log"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield f"unix:{sock}"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def nb_cli(target: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    os.environ["DVR_NB_DB"] = target
+    try:
+        return dvr("nb", *args, check=check)
+    finally:
+        del os.environ["DVR_NB_DB"]
+
+
+def test_load_then_dump_round_trips_the_built_in_topology(db: str, tmp_path: Path) -> None:
+    nb_cli(db, "load", str(DEFAULT))
+    dumped = tmp_path / "dump.yaml"
+    dumped.write_text(nb_cli(db, "dump").stdout)
+    assert to_dict(load_topology(dumped)) == to_dict(load_topology(DEFAULT))
+    shown = nb_cli(db, "show").stdout
+    assert "router r1: blue, red external 203.0.113.10 snat net1" in shown
+
+
+def test_a_generated_1000_port_cloud_round_trips(db: str) -> None:
+    from bench.trace import generate
+
+    topo = build_topology(generate(1000, computes=10))
+    conn = nb.Northbound(db)
+    try:
+        conn.load(topo)
+        back = conn.topology()
+    finally:
+        conn.close()
+    assert to_dict(back) == to_dict(topo)
+    assert len(back.vms) == 1000 and len(back.floating_ips()) == 100
+
+
+def test_a_refused_topology_writes_nothing(db: str, tmp_path: Path) -> None:
+    nb_cli(db, "load", str(DEFAULT))
+    before = nb_cli(db, "dump").stdout
+    data = yaml.safe_load(DEFAULT.read_text())
+    data["vms"]["vm2"]["ip"] = "10.1.0.11"  # red network: outside its CIDR
+    data["vms"]["vm4"]["floating_ip"] = "192.0.2.9"  # outside the external CIDR
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    res = nb_cli(db, "load", str(bad), check=False)
+    assert res.returncode != 0
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert "vms.vm4.floating_ip" in res.stderr and "(and 1 more)" in res.stderr
+    assert nb_cli(db, "dump").stdout == before
+
+
+def test_the_database_holds_its_own_constraints(db: str) -> None:
+    conn = nb.Northbound(db)
+    try:
+        conn.load(load_topology(DEFAULT))
+        with pytest.raises(nb.NbError, match="constraint violation"):
+            conn.transact([{"op": "insert", "table": "Network", "row": {
+                "name": "blue", "position": 9, "cidr": "10.9.0.0/24",
+                "gateway_ip": "10.9.0.1", "mtu": 1450, "vni": 99}}])
+        with pytest.raises(nb.NbError):  # a port on a node that does not exist
+            conn.transact([{"op": "insert", "table": "Port", "row": {
+                "name": "ghost", "node": ["uuid", "6a0c6b6e-0000-4000-8000-000000000000"],
+                "network": ["uuid", "6a0c6b6e-0000-4000-8000-000000000001"],
+                "ip": "10.1.0.99", "mac": "fa:16:3e:00:00:99"}}])
+        assert "ghost" not in conn.dump()["vms"]
+    finally:
+        conn.close()
+
+
+def test_no_or_dead_database_is_one_clear_line(tmp_path: Path) -> None:
+    res = dvr("nb", "show", check=False)
+    assert res.returncode != 0 and "no northbound database" in res.stderr
+    res = nb_cli(f"unix:{tmp_path}/nothing.sock", "show", check=False)
+    assert res.returncode != 0 and "cannot connect to the northbound database" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
