@@ -119,6 +119,24 @@ def _nb_parser(sub: argparse._SubParsersAction) -> None:
     ld.add_argument("topology")
     cmds.add_parser("dump", help="print the desired state as a topology file")
     cmds.add_parser("show", help="print the desired state, object by object")
+    va = cmds.add_parser("vm-add", help="add a VM port")
+    va.add_argument("name")
+    va.add_argument("--node", required=True)
+    va.add_argument("--network", required=True)
+    va.add_argument("--ip")
+    va.add_argument("--mac")
+    va.add_argument("--floating-ip")
+    cmds.add_parser("vm-del", help="remove a VM port").add_argument("name")
+    fs = cmds.add_parser("fip-set", help="associate a floating IP with a VM (moving it if "
+                         "another VM holds it)")
+    fs.add_argument("vm")
+    fs.add_argument("floating_ip")
+    cmds.add_parser("fip-del", help="disassociate a VM's floating IP").add_argument("vm")
+    for name, what in (("router-if-add", "add a router interface on a network"),
+                       ("router-if-del", "remove a router interface")):
+        ri = cmds.add_parser(name, help=what)
+        ri.add_argument("router")
+        ri.add_argument("network")
 
 
 def nb_main(args: argparse.Namespace) -> int:
@@ -140,11 +158,22 @@ def nb_main(args: argparse.Namespace) -> int:
                       f"{len(topo.vms)} VMs")
             elif args.nb_cmd == "dump":
                 print(yaml.safe_dump(db.dump(), sort_keys=False), end="")
-            else:
+            elif args.nb_cmd == "show":
                 print(nb.summary(db.dump()))
+            else:
+                edit = {
+                    "vm-add": lambda: nb.vm_add(args.name, args.node, args.network, args.ip,
+                                                args.mac, args.floating_ip),
+                    "vm-del": lambda: nb.vm_del(args.name),
+                    "fip-set": lambda: nb.fip_set(args.vm, args.floating_ip),
+                    "fip-del": lambda: nb.fip_del(args.vm),
+                    "router-if-add": lambda: nb.router_if(args.router, args.network, True),
+                    "router-if-del": lambda: nb.router_if(args.router, args.network, False),
+                }[args.nb_cmd]()
+                print(f"generation {db.change(edit)}")
         finally:
             db.close()
-    except nb.NbError as exc:
+    except (nb.NbError, nb.ChangeError) as exc:
         raise LabError(str(exc)) from None
     return 0
 

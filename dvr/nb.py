@@ -9,6 +9,9 @@ of its rows. `load` validates first and replaces the whole desired state in one 
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,57 +20,10 @@ from dvr.model import Topology, build_topology, to_dict
 
 DB = "DVR_Northbound"
 SCHEMA = Path(__file__).with_name("nb.ovsschema")
-STATE_TABLES = ("Port", "Router", "Network", "Node", "External", "NB_Global")
 
 
 class NbError(Exception):
     """The database could not be reached or refused a transaction."""
-
-
-def _opt(value: Any) -> Any:
-    return ["set", []] if value is None else value
-
-
-def _map(pairs: list[tuple[int, str]]) -> list[Any]:
-    return ["map", [[i, ["named-uuid", ref]] for i, ref in pairs]]
-
-
-def load_ops(topo: Topology) -> list[dict[str, Any]]:
-    """One transaction's operations: delete the desired state, insert `topo`'s."""
-    data = to_dict(topo)
-    ops: list[dict[str, Any]] = [{"op": "delete", "table": t, "where": []} for t in STATE_TABLES]
-    ops.append({"op": "insert", "table": "NB_Global", "row": {"generation": topo.digest}})
-    node_ref = {name: f"node{i}" for i, name in enumerate(data["nodes"])}
-    for i, (name, spec) in enumerate(data["nodes"].items()):
-        ops.append({"op": "insert", "table": "Node", "uuid-name": node_ref[name],
-                    "row": {"name": name, "role": spec["role"], "position": i,
-                            "tunnel_ip": _opt(spec.get("tunnel_ip"))}})
-    if "external" in data:
-        ext = data["external"]
-        ops.append({"op": "insert", "table": "External",
-                    "row": {"cidr": ext["cidr"], "gateway_ip": ext["gateway_ip"],
-                            "remote_ip": ext["remote_ip"],
-                            "gateway_mac": _opt(ext.get("gateway_mac"))}})
-    net_ref = {name: f"net{i}" for i, name in enumerate(data["networks"])}
-    for i, (name, spec) in enumerate(data["networks"].items()):
-        ops.append({"op": "insert", "table": "Network", "uuid-name": net_ref[name],
-                    "row": {"name": name, "position": i, "cidr": spec["cidr"],
-                            "gateway_ip": spec["gateway_ip"], "mtu": spec["mtu"],
-                            "vni": spec["vni"]}})
-    for i, (name, spec) in enumerate(data["routers"].items()):
-        ops.append({"op": "insert", "table": "Router", "row": {
-            "name": name, "position": i,
-            "interfaces": _map([(j, net_ref[n]) for j, n in enumerate(spec["interfaces"])]),
-            "external_gateway": bool(spec.get("external_gateway", False)),
-            "external_ip": _opt(spec.get("external_ip")),
-            "snat_nodes": _map([(j, node_ref[n])
-                                for j, n in enumerate(spec.get("snat_nodes", []))])}})
-    for name, spec in data["vms"].items():
-        ops.append({"op": "insert", "table": "Port", "row": {
-            "name": name, "node": ["named-uuid", node_ref[spec["node"]]],
-            "network": ["named-uuid", net_ref[spec["network"]]], "ip": spec["ip"],
-            "mac": spec["mac"], "floating_ip": _opt(spec.get("floating_ip"))}})
-    return ops
 
 
 def dump_ops() -> list[dict[str, Any]]:
@@ -165,8 +121,30 @@ class Northbound:
                           f"{results[-1].get('details', '')}")
         return results
 
-    def load(self, topo: Topology) -> None:
-        self.transact(load_ops(topo))
+    def load(self, topo: Topology) -> str:
+        """Replace the desired state with `topo`, changing only the rows that differ, in
+        one transaction. Returns the new generation."""
+        return self.change(lambda _: to_dict(topo))
+
+    def change(self, edit: Any, retries: int = 5) -> str:
+        """Read the desired state, `edit` its document, validate the result (a
+        TopologyError writes nothing), write the difference in one transaction guarded by
+        the generation read; a concurrent change makes it start over."""
+        for _ in range(retries):
+            results = self.transact(dump_ops())
+            uuids, generation = _uuids(results)
+            old = document(results) if generation is not None else None
+            new = to_dict(build_topology(edit(copy.deepcopy(old)), "<change>"))
+            if old is not None and new == old:
+                return generation or ""
+            try:
+                self.transact(diff_ops(old, new, uuids, generation))
+            except NbError as exc:
+                if "timed out" in str(exc) or "wait" in str(exc):
+                    continue  # somebody else changed it meanwhile: read again
+                raise
+            return generation_of(new)
+        raise NbError("the desired state kept changing under this change; try again")
 
     def dump(self) -> dict[str, Any]:
         return document(self.transact(dump_ops()))
@@ -200,3 +178,183 @@ def summary(data: dict[str, Any]) -> str:
         fip = f" floating {v['floating_ip']}" if "floating_ip" in v else ""
         out.append(f"vm {name} on {v['node']}: {v['network']} {v['ip']} {v['mac']}{fip}")
     return "\n".join(out)
+
+
+# --- incremental changes --------------------------------------------------------------------
+def generation_of(doc: dict[str, Any]) -> str:
+    """The generation of a desired state: a hash of its document (what agents report)."""
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _logical(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Rows by table and key, references as (table, key) pairs."""
+    rows: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in
+                                                  ("Node", "External", "Network", "Router",
+                                                   "Port")}
+    for i, (name, spec) in enumerate(doc["nodes"].items()):
+        rows["Node"][name] = {"name": name, "role": spec["role"], "position": i,
+                              "tunnel_ip": spec.get("tunnel_ip")}
+    if "external" in doc:
+        e = doc["external"]
+        rows["External"]["external"] = {"cidr": e["cidr"], "gateway_ip": e["gateway_ip"],
+                                        "remote_ip": e["remote_ip"],
+                                        "gateway_mac": e.get("gateway_mac")}
+    for i, (name, spec) in enumerate(doc["networks"].items()):
+        rows["Network"][name] = {"name": name, "position": i, "cidr": spec["cidr"],
+                                 "gateway_ip": spec["gateway_ip"], "mtu": spec["mtu"],
+                                 "vni": spec["vni"]}
+    for i, (name, spec) in enumerate(doc["routers"].items()):
+        rows["Router"][name] = {
+            "name": name, "position": i,
+            "interfaces": tuple(("Network", n) for n in spec["interfaces"]),
+            "external_gateway": bool(spec.get("external_gateway", False)),
+            "external_ip": spec.get("external_ip"),
+            "snat_nodes": tuple(("Node", n) for n in spec.get("snat_nodes", []))}
+    for name, spec in doc["vms"].items():
+        rows["Port"][name] = {"name": name, "node": ("Node", spec["node"]),
+                              "network": ("Network", spec["network"]), "ip": spec["ip"],
+                              "mac": spec["mac"], "floating_ip": spec.get("floating_ip")}
+    return rows
+
+
+def diff_ops(old: dict[str, Any] | None, new: dict[str, Any],
+             uuids: dict[tuple[str, str], str], old_generation: str | None
+             ) -> list[dict[str, Any]]:
+    """The operations that turn the database from `old` into `new`, row by row, guarded
+    by a wait on the generation read with `old` (a concurrent change makes it fail)."""
+    before = _logical(old) if old else {t: {} for t in _logical(new)}
+    after = _logical(new)
+    ops: list[dict[str, Any]] = [{
+        "op": "wait", "table": "NB_Global", "where": [], "columns": ["generation"],
+        "until": "==", "timeout": 0,
+        "rows": [{"generation": old_generation}] if old_generation is not None else []}]
+    named: dict[tuple[str, str], str] = {}
+
+    def ref(target: tuple[str, str]) -> list[str]:
+        if target in named:
+            return ["named-uuid", named[target]]
+        return ["uuid", uuids[target]]
+
+    def encode(value: Any) -> Any:
+        if value is None:
+            return ["set", []]
+        if isinstance(value, tuple) and value and isinstance(value[0], tuple):
+            return ["map", [[i, ref(t)] for i, t in enumerate(value)]]
+        if isinstance(value, tuple) and len(value) == 2 and value[0] in after:
+            return ref(value)
+        if isinstance(value, tuple):  # an empty list of references
+            return ["map", []]
+        return value
+
+    for table in after:
+        for key in after[table]:
+            if key not in before[table]:
+                named[(table, key)] = f"{table.lower()}{len(named)}"
+    for table in ("Port", "Router", "Network", "Node", "External"):
+        for key in before[table]:
+            if key not in after[table]:
+                ops.append({"op": "delete", "table": table,
+                            "where": [["_uuid", "==", ["uuid", uuids[(table, key)]]]]})
+    for table in ("Node", "External", "Network", "Router", "Port"):
+        for key, row in after[table].items():
+            if key not in before[table]:
+                ops.append({"op": "insert", "table": table, "uuid-name": named[(table, key)],
+                            "row": {c: encode(v) for c, v in row.items()}})
+            elif row != before[table][key]:
+                changed = {c: encode(v) for c, v in row.items() if before[table][key].get(c) != v}
+                ops.append({"op": "update", "table": table,
+                            "where": [["_uuid", "==", ["uuid", uuids[(table, key)]]]],
+                            "row": changed})
+    generation = generation_of(new)
+    if old_generation is None:
+        ops.append({"op": "insert", "table": "NB_Global", "row": {"generation": generation}})
+    else:
+        ops.append({"op": "update", "table": "NB_Global", "where": [],
+                    "row": {"generation": generation}})
+    return ops
+
+
+def _uuids(results: list[dict[str, Any]]) -> tuple[dict[tuple[str, str], str], str | None]:
+    glob, nodes, ext, nets, routers, ports = (r.get("rows", []) for r in results)
+    out: dict[tuple[str, str], str] = {}
+    for table, rows in (("Node", nodes), ("Network", nets), ("Router", routers),
+                        ("Port", ports)):
+        for r in rows:
+            out[(table, r["name"])] = r["_uuid"][1]
+    for r in ext:
+        out[("External", "external")] = r["_uuid"][1]
+    return out, (glob[0]["generation"] if glob else None)
+
+
+# --- the daily changes, as edits of the document ----------------------------------------------
+class ChangeError(ValueError):
+    """A change that names something that does not exist."""
+
+
+def _need(doc: dict[str, Any] | None, section: str, name: str) -> dict[str, Any]:
+    if not doc or name not in doc.get(section, {}):
+        raise ChangeError(f"{section}.{name}: no such {section[:-1] if section != 'vms' else 'vm'}")
+    return doc[section][name]
+
+
+def vm_add(name: str, node: str, network: str, ip: str | None = None,
+           mac: str | None = None, floating_ip: str | None = None) -> Any:
+    def edit(doc: dict[str, Any] | None) -> dict[str, Any]:
+        if not doc:
+            raise ChangeError("the database holds no desired state: load one first")
+        if name in doc["vms"]:
+            raise ChangeError(f"vms.{name}: already exists")
+        spec: dict[str, Any] = {"node": node, "network": network}
+        for key, value in (("ip", ip), ("mac", mac), ("floating_ip", floating_ip)):
+            if value is not None:
+                spec[key] = value
+        doc["vms"][name] = spec
+        return doc
+    return edit
+
+
+def vm_del(name: str) -> Any:
+    def edit(doc: dict[str, Any] | None) -> dict[str, Any]:
+        _need(doc, "vms", name)
+        del doc["vms"][name]  # type: ignore[index]
+        return doc  # type: ignore[return-value]
+    return edit
+
+
+def fip_set(vm: str, fip: str) -> Any:
+    """Associate `fip` with `vm`, moving it from the VM that holds it, if any."""
+    def edit(doc: dict[str, Any] | None) -> dict[str, Any]:
+        spec = _need(doc, "vms", vm)
+        for other in doc["vms"].values():  # type: ignore[index]
+            if other.get("floating_ip") == fip:
+                del other["floating_ip"]
+        spec["floating_ip"] = fip
+        return doc  # type: ignore[return-value]
+    return edit
+
+
+def fip_del(vm: str) -> Any:
+    def edit(doc: dict[str, Any] | None) -> dict[str, Any]:
+        spec = _need(doc, "vms", vm)
+        if "floating_ip" not in spec:
+            raise ChangeError(f"vms.{vm}: has no floating IP")
+        del spec["floating_ip"]
+        return doc  # type: ignore[return-value]
+    return edit
+
+
+def router_if(router: str, network: str, add: bool) -> Any:
+    def edit(doc: dict[str, Any] | None) -> dict[str, Any]:
+        spec = _need(doc, "routers", router)
+        itfs = spec["interfaces"]
+        if add:
+            if network in itfs:
+                raise ChangeError(f"routers.{router}.interfaces: {network} is already on it")
+            itfs.append(network)
+        else:
+            if network not in itfs:
+                raise ChangeError(f"routers.{router}.interfaces: {network} is not on it")
+            itfs.remove(network)
+        return doc  # type: ignore[return-value]
+    return edit

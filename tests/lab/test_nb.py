@@ -106,3 +106,74 @@ def test_no_or_dead_database_is_one_clear_line(tmp_path: Path) -> None:
     res = nb_cli(f"unix:{tmp_path}/nothing.sock", "show", check=False)
     assert res.returncode != 0 and "cannot connect to the northbound database" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def port_uuids(conn: nb.Northbound) -> dict[str, str]:
+    rows = conn.transact([{"op": "select", "table": "Port", "where": [],
+                           "columns": ["_uuid", "name"]}])[0]["rows"]
+    return {r["name"]: r["_uuid"][1] for r in rows}
+
+
+def test_object_commands_change_only_their_rows(db: str) -> None:
+    nb_cli(db, "load", str(DEFAULT))
+    conn = nb.Northbound(db)
+    try:
+        before = port_uuids(conn)
+        gen = nb_cli(db, "fip-set", "vm1", "203.0.113.50").stdout.split()[-1]
+        assert conn.dump()["vms"]["vm1"]["floating_ip"] == "203.0.113.50"
+        nb_cli(db, "fip-set", "vm4", "203.0.113.50")  # a move
+        vms = conn.dump()["vms"]
+        assert "floating_ip" not in vms["vm1"] and vms["vm4"]["floating_ip"] == "203.0.113.50"
+        assert port_uuids(conn) == before  # rows updated in place, nothing replaced
+        nb_cli(db, "vm-add", "vm9", "--node", "compute1", "--network", "red")
+        added = conn.topology().vms["vm9"]
+        assert str(added.ip).startswith("10.2.0.") and added.node == "compute1"
+        assert {k: v for k, v in port_uuids(conn).items() if k != "vm9"} == before
+        nb_cli(db, "router-if-del", "r1", "red")
+        assert conn.dump()["routers"]["r1"]["interfaces"] == ["blue"]
+        nb_cli(db, "router-if-add", "r1", "red")
+        nb_cli(db, "vm-del", "vm9")
+        nb_cli(db, "fip-del", "vm4")
+        assert to_dict(conn.topology()) == to_dict(load_topology(DEFAULT))
+        assert gen != nb.generation_of(conn.dump())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("args,reason", [
+    (("fip-set", "vm2", "192.0.2.7"), "vms.vm2.floating_ip: 192.0.2.7 is outside"),
+    (("vm-add", "vm8", "--node", "net1", "--network", "red"), "vms.vm8.node"),
+    (("vm-add", "vm8", "--node", "compute1", "--network", "red", "--ip", "10.2.0.12"),
+     "vms.vm8.ip: 10.2.0.12 is already used by vms.vm2"),
+    (("vm-del", "vm42"), "vms.vm42: no such vm"),
+    (("router-if-add", "r1", "blue"), "blue is already on it"),
+])
+def test_a_refused_change_writes_nothing(db: str, args: tuple[str, ...], reason: str) -> None:
+    nb_cli(db, "load", str(DEFAULT))
+    before = nb_cli(db, "dump").stdout
+    res = nb_cli(db, *args, check=False)
+    assert res.returncode != 0 and reason in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert nb_cli(db, "dump").stdout == before
+
+
+def test_a_change_on_a_stale_read_is_refused_by_the_database(db: str) -> None:
+    conn = nb.Northbound(db)
+    try:
+        conn.load(load_topology(DEFAULT))
+        results = conn.transact(nb.dump_ops())
+        uuids, generation = nb._uuids(results)
+        old = nb.document(results)
+        nb_cli(db, "fip-set", "vm1", "203.0.113.50")  # somebody else, meanwhile
+        new = nb.document(results)
+        new["vms"]["vm2"]["floating_ip"] = "203.0.113.51"
+        with pytest.raises(nb.NbError, match="wait"):
+            conn.transact(nb.diff_ops(old, new, uuids, generation))
+        assert "floating_ip" not in conn.dump()["vms"]["vm2"]
+        # through change(), the same edit reads again and lands on top of the other one
+        conn.change(nb.fip_set("vm2", "203.0.113.51"))
+        vms = conn.dump()["vms"]
+        assert (vms["vm1"]["floating_ip"], vms["vm2"]["floating_ip"]) == (
+            "203.0.113.50", "203.0.113.51")
+    finally:
+        conn.close()
