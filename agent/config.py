@@ -40,9 +40,12 @@ OVS_OPTS = [
 ]
 
 TOPOLOGY_OPTS = [
-    cfg.StrOpt("source", default="file", choices=["file"],
-               help="Where the desired state comes from."),
+    cfg.StrOpt("source", default="file", choices=["file", "nb"],
+               help="Where the desired state comes from: a topology file, or the "
+                    "northbound database."),
     cfg.StrOpt("file", help="Topology file (YAML), for source=file."),
+    cfg.StrOpt("nb_connection",
+               help="The northbound database (unix:PATH or tcp:HOST:PORT), for source=nb."),
 ]
 
 AGENT_OPTS = [

@@ -22,7 +22,7 @@ from typing import Any
 from agent import arp, config
 from agent.ofswitch import InstalledFlow, OpenFlowError, Switch
 from agent.ovsdb import Ovsdb, OvsdbError
-from agent.source import FileSource, Source
+from agent.source import FileSource, NbSource, Source
 from dvr.model import Topology, TopologyError
 from flows.ofp import Flow
 from flows.planner import NodePorts, announcements, plan, snat_routers
@@ -71,7 +71,10 @@ class DvrAgent:
         self.conf = conf
         self.node: str = conf.node
         self.bridge: str = conf.ovs.integration_bridge
-        self.source = source or FileSource(conf.topology.file)
+        if source is None:
+            source = (NbSource(conf.topology.nb_connection) if conf.topology.source == "nb"
+                      else FileSource(conf.topology.file))
+        self.source = source
         target = conf.ovs.openflow_connection or (
             f"unix:{os.path.join(conf.ovs.ovs_rundir, self.bridge)}.mgmt")
         self.switch = Switch(target)
@@ -286,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         conf = config.make_conf(argv)
         if conf.topology.source == "file" and not conf.topology.file:
             raise ValueError("[topology] file is required with source=file")
+        if conf.topology.source == "nb" and not conf.topology.nb_connection:
+            raise ValueError("[topology] nb_connection is required with source=nb")
     except Exception as exc:
         print(f"dvr-agent: {exc}", file=sys.stderr)
         return 2

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import warnings
 from abc import ABC, abstractmethod
+from typing import Any
 
-from dvr.model import Topology, load_topology
+from dvr.model import Topology, TopologyError, build_topology, load_topology
 
 
 class Source(ABC):
@@ -42,3 +44,82 @@ class FileSource(Source):
         topo = load_topology(self.path)
         self._seen = stamp
         return topo
+
+
+class NbSource(Source):
+    """The northbound database, through the `ovs` IDL: the server pushes every change (a
+    monitor); `poll()` only processes what has arrived. Reconnects by itself, keeping the
+    last state meanwhile."""
+
+    def __init__(self, remote: str):
+        warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+        import ovs.db.idl
+
+        from dvr import nb
+
+        helper = ovs.db.idl.SchemaHelper(location=str(nb.SCHEMA))
+        helper.register_all()
+        self.idl = ovs.db.idl.Idl(remote, helper)
+        self._seqno: int | None = None
+
+    def poll(self) -> bool:
+        self.idl.run()
+        return self.idl.change_seqno != self._seqno and self.idl.has_ever_connected()
+
+    def wait(self, poller: Any) -> None:
+        self.idl.wait(poller)
+
+    def load(self) -> Topology:
+        self._seqno = self.idl.change_seqno
+        glob = list(self.idl.tables["NB_Global"].rows.values())
+        if not glob:
+            raise TopologyError("northbound", [("(database)", "holds no desired state yet")])
+        topo = build_topology(document_of(self.idl), "northbound")
+        return _with_digest(topo, glob[0].generation)
+
+    def close(self) -> None:
+        self.idl.close()
+
+
+def _one(value: Any) -> Any:
+    return value[0] if isinstance(value, list) and value else (value or None)
+
+
+def document_of(idl: Any) -> dict[str, Any]:
+    """The topology document the IDL's replica of the northbound database holds."""
+    t = idl.tables
+    doc: dict[str, Any] = {"nodes": {}}
+    for n in sorted(t["Node"].rows.values(), key=lambda r: r.position):
+        spec: dict[str, Any] = {"role": n.role}
+        if _one(n.tunnel_ip):
+            spec["tunnel_ip"] = _one(n.tunnel_ip)
+        doc["nodes"][n.name] = spec
+    for e in t["External"].rows.values():
+        doc["external"] = {"cidr": e.cidr, "gateway_ip": e.gateway_ip,
+                           "remote_ip": e.remote_ip}
+        if _one(e.gateway_mac):
+            doc["external"]["gateway_mac"] = _one(e.gateway_mac)
+    doc["networks"] = {
+        n.name: {"cidr": n.cidr, "gateway_ip": n.gateway_ip, "mtu": n.mtu, "vni": n.vni}
+        for n in sorted(t["Network"].rows.values(), key=lambda r: r.position)}
+    doc["routers"] = {}
+    for r in sorted(t["Router"].rows.values(), key=lambda r: r.position):
+        spec = {"interfaces": [r.interfaces[k].name for k in sorted(r.interfaces)]}
+        if r.external_gateway:
+            spec["external_gateway"] = True
+            spec["external_ip"] = _one(r.external_ip)
+            spec["snat_nodes"] = [r.snat_nodes[k].name for k in sorted(r.snat_nodes)]
+        doc["routers"][r.name] = spec
+    doc["vms"] = {}
+    for p in sorted(t["Port"].rows.values(), key=lambda r: r.name):
+        spec = {"node": p.node.name, "network": p.network.name, "ip": p.ip, "mac": p.mac}
+        if _one(p.floating_ip):
+            spec["floating_ip"] = _one(p.floating_ip)
+        doc["vms"][p.name] = spec
+    return doc
+
+
+def _with_digest(topo: Topology, digest: str) -> Topology:
+    import dataclasses
+
+    return dataclasses.replace(topo, digest=digest)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from typing import Any
 
@@ -64,12 +65,13 @@ def sniff(iface: str, seconds: float, mark: str) -> int:
             seen.append(d)
         return False
 
-    sniffer = AsyncSniffer(iface=iface, lfilter=keep, store=False)
+    started = threading.Event()
+    sniffer = AsyncSniffer(iface=iface, lfilter=keep, store=False,
+                           started_callback=started.set)
     sniffer.start()
-    deadline = time.monotonic() + 3
-    while not getattr(sniffer, "running", False) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.2)
+    if not started.wait(15):  # the socket is open once scapy calls this back
+        print(f"cannot capture on {iface}", file=sys.stderr, flush=True)
+        return 1
     print("READY", flush=True)
     sniffer.join(timeout=seconds)
     if sniffer.running:

@@ -14,6 +14,7 @@ line names that directory. `down` finds and removes all of them, whatever state 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import ipaddress
 import json
@@ -46,6 +47,7 @@ CONVERGE_TIMEOUT = 60.0
 # the external host's MAC on the provider segment (each lab has its own segment)
 GATEWAY_MAC = "02:d7:ee:00:00:01"
 PROVIDER_BRIDGE = "br-ex"
+NB_SCHEMA = Path(__file__).with_name("nb.ovsschema")
 
 
 class LabError(Exception):
@@ -104,7 +106,48 @@ class Lab:
         os.replace(tmp, self.state_file)
 
     def topology(self) -> Topology:
-        return load_topology(self.topology_file)
+        """The lab's effective desired state; its digest is the generation the northbound
+        database gives it (what agents report when they have converged on it)."""
+        if self.nb_socket.exists():
+            from dvr import nb
+
+            try:
+                conn = nb.Northbound(f"unix:{self.nb_socket}", timeout=2)
+                try:
+                    topo = conn.topology(str(self.nb_socket))
+                finally:
+                    conn.close()
+                return _nb_generation(topo)
+            except (nb.NbError, TopologyError) as exc:
+                LOG.warning("northbound database unreadable (%s); using the lab's file", exc)
+        return _nb_generation(load_topology(self.topology_file))
+
+    @property
+    def nb_socket(self) -> Path:
+        return self.dir / "nb.sock"
+
+    def _start_northbound(self) -> None:
+        """The lab's northbound database: a standalone ovsdb-server with this project's
+        schema, on a unix socket every node's agent reaches (namespaces share the files)."""
+        db = self.dir / "nb.db"
+        if not db.exists():
+            subprocess.run(["ovsdb-tool", "create", str(db), str(NB_SCHEMA)], check=True,
+                           capture_output=True)
+        self._sh(self.ul_ns, [
+            "ovsdb-server", str(db), f"--remote=punix:{self.nb_socket}",
+            f"--pidfile={self.dir}/nb.pid", f"--unixctl={self.dir}/nb.ctl",
+            f"--log-file={self.dir}/nb.log", "--detach", "--no-chdir", "-vconsole:off"])
+
+    def _load_northbound(self, eff: Topology) -> None:
+        from dvr import nb
+
+        conn = nb.Northbound(f"unix:{self.nb_socket}")
+        try:
+            conn.load(eff)
+        except nb.NbError as exc:
+            raise LabError(f"northbound database: {exc}") from None
+        finally:
+            conn.close()
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -157,7 +200,7 @@ class Lab:
             if isinstance(spec, dict) and name in underlay and "tunnel_ip" not in spec:
                 spec["tunnel_ip"] = underlay[name]
         text = yaml.safe_dump(data, sort_keys=False)
-        return text, parse_topology(text, str(self.topology_file))
+        return text, _nb_generation(parse_topology(text, str(self.topology_file)))
 
     def _allocate_underlay(self, topo: Topology, current: dict[str, str]) -> dict[str, str]:
         out = {n: ip for n, ip in current.items() if n in topo.nodes}
@@ -195,6 +238,8 @@ class Lab:
             ul.up_loopback()
             ul.add_bridge("ul")
             ul.add_bridge("ex")
+        self._start_northbound()
+        self._load_northbound(eff)
         self._create_external(eff)
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda n: self._create_node(n, underlay[n]), sorted(eff.nodes)))
@@ -311,7 +356,8 @@ class Lab:
             "tunnel_type = vxlan\n"
             f"local_ip = {tunnel_ip}\n"
             "[topology]\n"
-            "source = file\n"
+            "source = nb\n"
+            f"nb_connection = unix:{self.nb_socket}\n"
             f"file = {self.topology_file}\n"
             "[agent]\n"
             f"status_file = {d}/agent-status.json\n"
@@ -449,6 +495,7 @@ class Lab:
         new_nodes = [n for n in eff.nodes if not (self.node_dir(n) / "agent.ini").exists()]
         # the new desired state first, so that new agents start with it
         self._write_topology(text)
+        self._load_northbound(eff)
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda n: self._create_node(n, underlay[n]), new_nodes))
         if new_nodes:
@@ -604,6 +651,13 @@ class Lab:
             if pattern.match(ns):
                 delete_namespace(ns)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _nb_generation(topo: Topology) -> Topology:
+    from dvr import nb
+    from dvr.model import to_dict
+
+    return dataclasses.replace(topo, digest=nb.generation_of(to_dict(topo)))
 
 
 def underlay_mac(ip: str) -> str:

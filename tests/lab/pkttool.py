@@ -22,6 +22,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -72,12 +73,13 @@ def cmd_sniff(args: argparse.Namespace) -> int:
             return False
         return True
 
-    sniffer = AsyncSniffer(iface=args.iface, lfilter=keep, store=True)
+    started = threading.Event()
+    sniffer = AsyncSniffer(iface=args.iface, lfilter=keep, store=True,
+                           started_callback=started.set)
     sniffer.start()
-    deadline = time.monotonic() + 3
-    while not getattr(sniffer, "running", False) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.4)  # the socket is bound once running is set; give it a moment (load)
+    if not started.wait(15):  # the socket is open once scapy calls this back
+        print("sniffer did not start", file=sys.stderr, flush=True)
+        return 1
     print("READY", flush=True)
     sniffer.join(timeout=args.seconds)
     if sniffer.running:
