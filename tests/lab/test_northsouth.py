@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -223,6 +224,29 @@ def test_a_moved_floating_ip_is_announced_and_traffic_follows(
             assert ext_ping(lab, FIP1, source=REMOTE)
         assert {p["dst"] for p in echo_requests(cap4.packets)} == {"10.1.0.14"}
     finally:
+        lab.dvr("apply", str(TOPO))
+    assert ext_ping(lab, FIP1)
+
+
+def test_a_floating_ip_moved_through_the_northbound_database(lab: LabHandle) -> None:
+    """`dvr nb fip-set`: the agents watching the database follow, traffic follows."""
+    from tests.lab.conftest import dvr
+
+    os.environ["DVR_NB_DB"] = f"unix:{lab.rundir}/nb.sock"
+    try:
+        assert ext_ping(lab, FIP1)
+        dvr("nb", "fip-set", "vm4", FIP1)  # from vm1 (compute1) to vm4 (compute2)
+        deadline = time.monotonic() + 3
+        while not ext_ping(lab, FIP1, count=1, wait=0.2) and time.monotonic() < deadline:
+            pass
+        with lab.sniff(lab.vm_ns("vm4"), proto="icmp", host=REMOTE) as cap:
+            assert ext_ping(lab, FIP1, source=REMOTE)
+        assert {p["dst"] for p in echo_requests(cap.packets)} == {"10.1.0.14"}
+        assert {r["hwsrc"] for r in arp_replies(lab, FIP1)} == {node_mac(lab, "compute2")}
+        st = lab.status()
+        assert st["vms"]["vm4"]["floating_ip"] == FIP1 and st["vms"]["vm1"]["floating_ip"] is None
+    finally:
+        del os.environ["DVR_NB_DB"]
         lab.dvr("apply", str(TOPO))
     assert ext_ping(lab, FIP1)
 
