@@ -95,6 +95,12 @@ class DvrAgent:
     def report(self, **changes: Any) -> None:
         self.status.update(changes)
         self.status["heartbeat"] = time.time()
+        publish = getattr(self.source, "report", None)
+        if publish is not None:  # the northbound database has an Agent table
+            try:
+                publish(self.node, self.status)
+            except Exception:  # a report must never stop the agent
+                LOG.warning("cannot report to the northbound database", exc_info=True)
         path = self.conf.agent.status_file
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp"

@@ -60,17 +60,47 @@ class NbSource(Source):
         helper = ovs.db.idl.SchemaHelper(location=str(nb.SCHEMA))
         helper.register_all()
         self.idl = ovs.db.idl.Idl(remote, helper)
-        self._seqno: int | None = None
+        self._seen: str | None = None
+
+    def _generation(self) -> str | None:
+        rows = list(self.idl.tables["NB_Global"].rows.values())
+        return rows[0].generation if rows else None
 
     def poll(self) -> bool:
+        """True when the desired state has a new generation (agents' own reports, in the
+        same database, do not count)."""
         self.idl.run()
-        return self.idl.change_seqno != self._seqno and self.idl.has_ever_connected()
+        return self.idl.has_ever_connected() and self._generation() != self._seen
+
+    def report(self, node: str, status: dict[str, Any]) -> None:
+        """Write this agent's row of the Agent table (skipped while the previous report
+        is still on its way)."""
+        import ovs.db.idl
+
+        if self.idl.txn is not None or not self.idl.has_ever_connected():
+            return
+        txn = ovs.db.idl.Transaction(self.idl)
+        table = self.idl.tables["Agent"]
+        row = next((r for r in table.rows.values() if r.node == node), None)
+        if row is None:
+            row = txn.insert(table)
+            row.node = node
+        row.version = str(status.get("version", ""))
+        row.heartbeat = int(float(status.get("heartbeat", 0)) * 1000)
+        row.generation = str(status.get("generation") or "")
+        row.converged = bool(status.get("converged"))
+        row.flows = int(status.get("flows", 0))
+        row.snat = list(status.get("snat", []))
+        row.vms = list(status.get("vms", []))
+        row.error = [str(status["error"])] if status.get("error") else []
+        row.gateway_mac = [status["gateway_mac"]] if status.get("gateway_mac") else []
+        txn.commit()
 
     def wait(self, poller: Any) -> None:
         self.idl.wait(poller)
 
     def load(self) -> Topology:
-        self._seqno = self.idl.change_seqno
+        self._seen = self._generation()
         glob = list(self.idl.tables["NB_Global"].rows.values())
         if not glob:
             raise TopologyError("northbound", [("(database)", "holds no desired state yet")])

@@ -138,6 +138,30 @@ class Lab:
             f"--pidfile={self.dir}/nb.pid", f"--unixctl={self.dir}/nb.ctl",
             f"--log-file={self.dir}/nb.log", "--detach", "--no-chdir", "-vconsole:off"])
 
+    def nb_agents(self) -> dict[str, dict[str, Any]]:
+        """The Agent table of the lab's northbound database, by node ({} if unreachable)."""
+        if not self.nb_socket.exists():
+            return {}
+        from dvr import nb
+
+        try:
+            conn = nb.Northbound(f"unix:{self.nb_socket}", timeout=2)
+            try:
+                rows = conn.transact([{"op": "select", "table": "Agent", "where": []}])[0]
+            finally:
+                conn.close()
+        except nb.NbError:
+            return {}
+        out = {}
+        for r in rows.get("rows", []):
+            out[r["node"]] = {
+                "heartbeat": r["heartbeat"] / 1000, "generation": r["generation"],
+                "converged": r["converged"], "flows": r["flows"], "version": r["version"],
+                "snat": sorted(_set(r["snat"])), "vms": sorted(_set(r["vms"])),
+                "error": (_set(r["error"]) or [None])[0],
+                "gateway_mac": (_set(r["gateway_mac"]) or [None])[0], "source": "northbound"}
+        return out
+
     def _load_northbound(self, eff: Topology) -> None:
         from dvr import nb
 
@@ -570,9 +594,11 @@ class Lab:
         state = self.state()
         topo = self.topology()
         nodes = {}
+        reports = self.nb_agents()
         for name in sorted(topo.nodes):
             procs = {k: _alive(_read_pid(p)) for k, p in self._procs(name).items()}
-            st = self.agent_status(name) or {}
+            # what the agent reported to the northbound database (its status file if none)
+            st = reports.get(name) or self.agent_status(name) or {}
             converged, reason = self._node_converged(topo, name)
             nodes[name] = {
                 "role": topo.nodes[name].role,
@@ -589,6 +615,7 @@ class Lab:
                     "vms": st.get("vms", []),
                     "snat": st.get("snat", []),
                     "gateway_mac": st.get("gateway_mac"),
+                    "reported_to": st.get("source", "status file"),
                 },
             }
         vms = {
@@ -606,7 +633,8 @@ class Lab:
         snat = {
             r.name: {"external_ip": str(r.external_ip), "snat_nodes": list(r.snat_nodes),
                      "active": [n for n in r.snat_nodes
-                                if r.name in (self.agent_status(n) or {}).get("snat", [])]}
+                                if r.name in (reports.get(n) or self.agent_status(n)
+                                              or {}).get("snat", [])]}
             for r in topo.routers.values() if r.external_gateway
         }
         return {"prefix": self.prefix, "topology": state.get("source"),
@@ -651,6 +679,13 @@ class Lab:
             if pattern.match(ns):
                 delete_namespace(ns)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _set(value: Any) -> list[Any]:
+    """An OVSDB set column's members (a lone member comes as itself)."""
+    if isinstance(value, list) and value and value[0] == "set":
+        return list(value[1])
+    return [value]
 
 
 def _nb_generation(topo: Topology) -> Topology:

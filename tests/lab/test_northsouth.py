@@ -75,6 +75,16 @@ def test_agents_resolve_the_gateway_mac_by_arp(lab: LabHandle) -> None:
     assert {n: nodes[n]["agent"]["gateway_mac"] for n in nodes} == {
         n: link[0]["address"] for n in nodes}
     assert nodes["net1"]["agent"]["snat"] == ["r1", "r2"]
+    # what `status` shows comes from the agents' rows in the northbound database
+    assert {n["agent"]["reported_to"] for n in nodes.values()} == {"northbound"}
+    from dvr.lab import Lab
+
+    first = Lab(lab.prefix).nb_agents()
+    time.sleep(1.5)
+    again = Lab(lab.prefix).nb_agents()
+    assert all(again[n]["heartbeat"] > first[n]["heartbeat"] for n in nodes)
+    assert {n: r["generation"] for n, r in again.items()} == {
+        n: lab.status()["generation"] for n in nodes}
 
 
 # --- inbound to a floating IP -----------------------------------------------------------------
