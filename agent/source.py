@@ -46,6 +46,9 @@ class FileSource(Source):
         return topo
 
 
+RECONNECT_MIN_MS, RECONNECT_MAX_MS = 100, 1000
+
+
 class NbSource(Source):
     """The northbound database, through the `ovs` IDL: the server pushes every change (a
     monitor); `poll()` only processes what has arrived. Reconnects by itself, keeping the
@@ -60,6 +63,11 @@ class NbSource(Source):
         helper = ovs.db.idl.SchemaHelper(location=str(nb.SCHEMA))
         helper.register_all()
         self.idl = ovs.db.idl.Idl(remote, helper)
+        # a database back after a restart or a failover is found within a second (the
+        # default backoff grows to 8 s); the bindings offer no public call for this
+        session = getattr(self.idl, "_session", None)
+        if session is not None:
+            session.reconnect.set_backoff(RECONNECT_MIN_MS, RECONNECT_MAX_MS)
         self._seen: str | None = None
 
     def _generation(self) -> str | None:

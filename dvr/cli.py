@@ -33,6 +33,8 @@ def _lab_parser(sub: argparse._SubParsersAction) -> None:
         p = cmds.add_parser(name, help=f"run a command inside a {what.lower()}")
         p.add_argument("target", metavar=what)
         p.add_argument("argv", nargs=argparse.REMAINDER)
+    cmds.add_parser("kill-nb", help="stop the northbound database at once (kill -9)")
+    cmds.add_parser("start-nb", help="bring the northbound database back")
     ext = cmds.add_parser("ext", help="run a command on the external host")
     ext.add_argument("argv", nargs=argparse.REMAINDER)
     for name, what in (("kill", "stop a node at once, as a power cut would"),
@@ -242,6 +244,10 @@ def lab_main(args: argparse.Namespace) -> int:
         lab.start_node(args.node)
     elif cmd == "restart-agent":
         lab.restart_agent(args.node)
+    elif cmd == "kill-nb":
+        lab.kill_northbound()
+    elif cmd == "start-nb":
+        lab.start_northbound()
     elif cmd == "restart-ovs":
         lab.restart_ovs(args.node)
     return 0

@@ -464,6 +464,18 @@ class Lab:
             time.sleep(0.02)
         self.wait_converged(self.topology(), timeout, nodes=[node])
 
+    def kill_northbound(self) -> None:
+        """Stop the northbound database at once (kill -9); agents keep their last state."""
+        _kill_pidfile(self.dir / "nb.pid", signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self.nb_socket.unlink()
+
+    def start_northbound(self) -> None:
+        """Bring the northbound database back (its file kept the desired state)."""
+        if _alive(_read_pid(self.dir / "nb.pid")):
+            return
+        self._start_northbound()
+
     def _need_node(self, node: str) -> None:
         if node not in self.state()["underlay"]:
             raise LabError(f"unknown node {node!r} in lab {self.prefix}")

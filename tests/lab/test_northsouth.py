@@ -261,6 +261,34 @@ def test_a_floating_ip_moved_through_the_northbound_database(lab: LabHandle) -> 
     assert ext_ping(lab, FIP1)
 
 
+def test_the_dataplane_outlives_the_northbound_database(lab: LabHandle) -> None:
+    """A standalone database killed: agents keep forwarding on their last state; back,
+    they resync and follow new changes."""
+    from tests.lab.conftest import dvr
+
+    lab.dvr("kill-nb")
+    try:
+        time.sleep(1.5)  # the agents notice and keep retrying meanwhile
+        assert ext_ping(lab, FIP1) and lab.ping("vm4", REMOTE) and lab.ping("vm1", "10.2.0.12")
+        alive = lab.status()["nodes"]
+        assert all(n["agent"]["alive"] and n["agent"]["converged"] for n in alive.values())
+    finally:
+        lab.dvr("start-nb")
+    os.environ["DVR_NB_DB"] = f"unix:{lab.rundir}/nb.sock"
+    try:
+        dvr("nb", "fip-set", "vm4", FIP1)
+        deadline = time.monotonic() + 5
+        while not ext_ping(lab, FIP1, count=1, wait=0.2) and time.monotonic() < deadline:
+            pass
+        with lab.sniff(lab.vm_ns("vm4"), proto="icmp", host=REMOTE) as cap:
+            assert ext_ping(lab, FIP1, source=REMOTE)
+        assert {p["dst"] for p in echo_requests(cap.packets)} == {"10.1.0.14"}
+    finally:
+        del os.environ["DVR_NB_DB"]
+        lab.dvr("apply", str(TOPO))
+    assert ext_ping(lab, FIP1)
+
+
 def test_tcp_between_other_vms_never_stalls_while_floating_ips_change(
         lab: LabHandle, tmp_path: Path) -> None:
     """vm1 -> vm2 (routed across nodes) streams while floating IPs of vm3, vm4 and vm5
