@@ -104,9 +104,6 @@ class NbSource(Source):
         row.gateway_mac = [status["gateway_mac"]] if status.get("gateway_mac") else []
         txn.commit()
 
-    def wait(self, poller: Any) -> None:
-        self.idl.wait(poller)
-
     def load(self) -> Topology:
         self._seen = self._generation()
         glob = list(self.idl.tables["NB_Global"].rows.values())

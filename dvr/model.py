@@ -162,9 +162,14 @@ class Topology:
             out.setdefault(vm.ip, []).append(vm)
         return out
 
-    def floating_ips(self) -> dict[ipaddress.IPv4Address, VM]:
-        """Every associated floating IP and the VM it belongs to."""
+    @cached_property
+    def _floating_ips(self) -> dict[ipaddress.IPv4Address, VM]:
         return {vm.floating_ip: vm for vm in self.vms.values() if vm.floating_ip}
+
+    def floating_ips(self) -> dict[ipaddress.IPv4Address, VM]:
+        """Every associated floating IP and the VM it belongs to (computed once; the
+        planner asks for it on every node it plans)."""
+        return self._floating_ips
 
     def network_nodes(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.is_network]

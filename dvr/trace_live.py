@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from dvr import trace as tracing
@@ -158,7 +159,7 @@ class LiveTracer:
                 f for c, f in v.flows.items() if c in have))
             table.update(self.conntrack(name))
         cloud = Cloud(self.topo, nodes)
-        cloud.gateway_mac = self._ext_mac()
+        cloud.gateway_mac = self.ext_mac
         cloud.conntrack = table
         report = tracing.offline(self.topo, sender, packet_expr, cloud)
         if not any(re.match(r"ct\(zone=\d+\): est", c) for h in report.hops
@@ -177,7 +178,7 @@ class LiveTracer:
 
     def _compare(self, live: tracing.Report, sender: str, packet_expr: str) -> None:
         cloud = self.planned()
-        cloud.gateway_mac = self._ext_mac()
+        cloud.gateway_mac = self.ext_mac
         planned = tracing.offline(self.topo, sender, packet_expr, cloud)
         live.divergence = tracing.compare(planned, live)
 
@@ -187,7 +188,7 @@ class LiveTracer:
         self.packet_sender = sender
         if sender == "ext":
             pkt = expr.from_external(topo, packet_expr)
-            pkt["eth_src"] = self._ext_mac()
+            pkt["eth_src"] = self.ext_mac
             report.packet = tracing.headers(pkt)
             self.packet = pkt
             self._on_provider(report, "ext", pkt, 0)
@@ -267,7 +268,9 @@ class LiveTracer:
                     proc.kill()
                     proc.wait()
 
-    def _ext_mac(self) -> str:
+    @cached_property
+    def ext_mac(self) -> str:
+        """The external host's MAC (read once per tracer)."""
         argv, env = self.lab.exec_argv("ext", "", ["ip", "-j", "link", "show", "ext0"])
         out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
         return json.loads(out.stdout)[0]["address"]
@@ -326,7 +329,7 @@ class LiveTracer:
     def _on_provider(self, report: tracing.Report, sender: str, pkt: dict[str, Any],
                      depth: int) -> None:
         dst = str(pkt.get("eth_dst", "")).lower()
-        ext_mac = self._ext_mac()
+        ext_mac = self.ext_mac
         targets: list[str]
         if dst == BROADCAST:
             targets = [n for n in self.topo.nodes if n != sender] + (

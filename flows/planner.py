@@ -353,6 +353,22 @@ def _conntrack_states(router: Router, dnat: bool) -> list[Flow]:
     return out
 
 
+def _provider_address(ip: str, mac: str, router: Router, hint: Hint) -> list[Flow]:
+    """An address this node owns on the provider network for `router` (a floating IP, or
+    the router's external IP): ARP for it answered with `mac`, traffic to it into the
+    router's SNAT zone, traffic from it sent with `mac` (one router hop)."""
+    return [
+        _flow("ext_in", 100, Match.of(eth_type=ETH_ARP, arp_op=ARP_REQUEST, arp_tpa=ip),
+              _arp_reply(mac, ip),
+              Hint(hint.purpose, hint.kind, hint.name, f"ARP reply: {ip} is at {mac}")),
+        _flow("ext_in", 100, Match.of(eth_type=ETH_IP, eth_dst=mac, ipv4_dst=ip),
+              [SetField("metadata", router.key), CT(router.snat_zone, "unsnat", nat=NAT())],
+              hint),
+        _flow("ext_src", 100, Match.of(eth_type=ETH_IP, ipv4_src=ip),
+              [SetField("eth_src", mac), DecTTL(), Goto("ext_out")], hint),
+    ]
+
+
 def _floating_ip(topo: Topology, node: str, vm: VM, router: Router) -> list[Flow]:
     """DNAT in and SNAT out for a floating IP whose VM is bound on this node."""
     fip, fixed = str(vm.floating_ip), str(vm.ip)
@@ -360,13 +376,7 @@ def _floating_ip(topo: Topology, node: str, vm: VM, router: Router) -> list[Flow
     hint = Hint(Purpose.FLOATING_IP, "vm", vm.name, f"floating IP {fip} of {vm.name}")
     new = ct_state(on=CT_TRK | CT_NEW, off=CT_INV)
     return [
-        _flow("ext_in", 100,
-              Match.of(eth_type=ETH_ARP, arp_op=ARP_REQUEST, arp_tpa=fip),
-              _arp_reply(mac, fip),
-              Hint(Purpose.FLOATING_IP, "vm", vm.name, f"ARP reply: {fip} is at {mac}")),
-        _flow("ext_in", 100, Match.of(eth_type=ETH_IP, eth_dst=mac, ipv4_dst=fip),
-              [SetField("metadata", router.key), CT(router.snat_zone, "unsnat", nat=NAT())],
-              hint),
+        *_provider_address(fip, mac, router, hint),
         _flow("unsnat", 90,
               Match.of(metadata=router.key, ct_state=new, eth_type=ETH_IP, ipv4_dst=fip),
               [CT(router.dnat_zone, "dnat", nat=NAT())],
@@ -381,8 +391,6 @@ def _floating_ip(topo: Topology, node: str, vm: VM, router: Router) -> list[Flow
               Match.of(metadata=router.key, ct_state=new, eth_type=ETH_IP, ipv4_src=fixed),
               [CT(router.snat_zone, "ext_src", commit=True, nat=NAT("src", fip))],
               Hint(Purpose.FLOATING_IP, "vm", vm.name, f"SNAT {fixed} to {fip}")),
-        _flow("ext_src", 100, Match.of(eth_type=ETH_IP, ipv4_src=fip),
-              [SetField("eth_src", mac), DecTTL(), Goto("ext_out")], hint),
     ]
 
 
@@ -410,17 +418,8 @@ def _snat(topo: Topology, router: Router, local_nets: set[str]) -> list[Flow]:
         _flow("nat_out", 50, Match.of(metadata=router.key, ct_state=new, eth_type=ETH_IP),
               [CT(router.snat_zone, "ext_src", commit=True, nat=NAT("src", ext_ip))],
               Hint(Purpose.SNAT, "router", router.name, f"SNAT to {ext_ip}")),
-        _flow("ext_src", 100, Match.of(eth_type=ETH_IP, ipv4_src=ext_ip),
-              [SetField("eth_src", mac), DecTTL(), Goto("ext_out")], hint),
-        _flow("ext_in", 100,
-              Match.of(eth_type=ETH_ARP, arp_op=ARP_REQUEST, arp_tpa=ext_ip),
-              _arp_reply(mac, ext_ip),
-              Hint(Purpose.SNAT, "router", router.name, f"ARP reply: {ext_ip} is at {mac}")),
-        _flow("ext_in", 100, Match.of(eth_type=ETH_IP, eth_dst=mac, ipv4_dst=ext_ip),
-              [SetField("metadata", router.key), CT(router.snat_zone, "unsnat", nat=NAT())],
-              hint),
     ]
-    return out
+    return out + _provider_address(ext_ip, mac, router, hint)
 
 
 def _provider(topo: Topology, node: str, ports: NodePorts, local: Mapping[str, VM],
