@@ -238,25 +238,34 @@ def test_a_moved_floating_ip_is_announced_and_traffic_follows(
     assert ext_ping(lab, FIP1)
 
 
-def test_a_floating_ip_moved_through_the_northbound_database(lab: LabHandle) -> None:
-    """`dvr nb fip-set`: the agents watching the database follow, traffic follows."""
+def move_fip1_to_vm4_through_the_database(lab: LabHandle, timeout: float) -> None:
+    """`dvr nb fip-set vm4 FIP1` (from vm1 on compute1 to vm4 on compute2), then: every
+    agent converges on the new generation, and the external host's traffic reaches vm4."""
     from tests.lab.conftest import dvr
 
     os.environ["DVR_NB_DB"] = f"unix:{lab.rundir}/nb.sock"
     try:
-        assert ext_ping(lab, FIP1)
-        dvr("nb", "fip-set", "vm4", FIP1)  # from vm1 (compute1) to vm4 (compute2)
-        deadline = time.monotonic() + 3
-        while not ext_ping(lab, FIP1, count=1, wait=0.2) and time.monotonic() < deadline:
-            pass
-        with lab.sniff(lab.vm_ns("vm4"), proto="icmp", host=REMOTE) as cap:
-            assert ext_ping(lab, FIP1, source=REMOTE)
-        assert {p["dst"] for p in echo_requests(cap.packets)} == {"10.1.0.14"}
-        assert {r["hwsrc"] for r in arp_replies(lab, FIP1)} == {node_mac(lab, "compute2")}
+        dvr("nb", "fip-set", "vm4", FIP1)
+    finally:
+        del os.environ["DVR_NB_DB"]
+    deadline = time.monotonic() + timeout
+    while not all(n["agent"]["converged"] for n in lab.status()["nodes"].values()):
+        assert time.monotonic() < deadline, "the agents did not follow the database"
+        time.sleep(0.1)
+    with lab.sniff(lab.vm_ns("vm4"), proto="icmp", host=REMOTE) as cap:
+        assert ext_ping(lab, FIP1, source=REMOTE)
+    assert {p["dst"] for p in echo_requests(cap.packets)} == {"10.1.0.14"}
+    assert {r["hwsrc"] for r in arp_replies(lab, FIP1)} == {node_mac(lab, "compute2")}
+
+
+def test_a_floating_ip_moved_through_the_northbound_database(lab: LabHandle) -> None:
+    """`dvr nb fip-set`: the agents watching the database follow, traffic follows."""
+    assert ext_ping(lab, FIP1)
+    try:
+        move_fip1_to_vm4_through_the_database(lab, timeout=3)
         st = lab.status()
         assert st["vms"]["vm4"]["floating_ip"] == FIP1 and st["vms"]["vm1"]["floating_ip"] is None
     finally:
-        del os.environ["DVR_NB_DB"]
         lab.dvr("apply", str(TOPO))
     assert ext_ping(lab, FIP1)
 
@@ -264,8 +273,6 @@ def test_a_floating_ip_moved_through_the_northbound_database(lab: LabHandle) -> 
 def test_the_dataplane_outlives_the_northbound_database(lab: LabHandle) -> None:
     """A standalone database killed: agents keep forwarding on their last state; back,
     they resync and follow new changes."""
-    from tests.lab.conftest import dvr
-
     lab.dvr("kill-nb")
     try:
         time.sleep(1.5)  # the agents notice and keep retrying meanwhile
@@ -274,17 +281,9 @@ def test_the_dataplane_outlives_the_northbound_database(lab: LabHandle) -> None:
         assert all(n["agent"]["alive"] and n["agent"]["converged"] for n in alive.values())
     finally:
         lab.dvr("start-nb")
-    os.environ["DVR_NB_DB"] = f"unix:{lab.rundir}/nb.sock"
     try:
-        dvr("nb", "fip-set", "vm4", FIP1)
-        deadline = time.monotonic() + 5
-        while not ext_ping(lab, FIP1, count=1, wait=0.2) and time.monotonic() < deadline:
-            pass
-        with lab.sniff(lab.vm_ns("vm4"), proto="icmp", host=REMOTE) as cap:
-            assert ext_ping(lab, FIP1, source=REMOTE)
-        assert {p["dst"] for p in echo_requests(cap.packets)} == {"10.1.0.14"}
+        move_fip1_to_vm4_through_the_database(lab, timeout=5)
     finally:
-        del os.environ["DVR_NB_DB"]
         lab.dvr("apply", str(TOPO))
     assert ext_ping(lab, FIP1)
 
