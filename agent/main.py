@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -35,6 +36,8 @@ GARP_DELAYS = (0.0, 0.5, 1.5)
 # the upstream gateway's MAC, when the topology does not give it, is resolved by ARP and
 # checked again every GATEWAY_REFRESH seconds (every GATEWAY_RETRY while unanswered)
 GATEWAY_REFRESH, GATEWAY_RETRY, GATEWAY_TIMEOUT = 30.0, 1.0, 0.2
+# the loop wakes at least this often (seconds), even when nothing is due
+MAX_SLEEP = 1.0
 
 
 @dataclass
@@ -81,6 +84,7 @@ class DvrAgent:
         self.ovsdb: Ovsdb | None = None
         self.topo: Topology | None = None
         self.running = True
+        self._stop_r, self._stop_w = os.pipe()  # wakes the loop from a signal handler
         self.status: dict[str, Any] = {
             "node": self.node, "pid": os.getpid(), "version": VERSION, "converged": False,
             "generation": None, "flows": 0, "vms": [], "snat": [], "error": None, "syncs": 0,
@@ -272,17 +276,38 @@ class DvrAgent:
             elif now - self._last_report >= conf.agent.heartbeat_interval:
                 self.report()
             self._send_due_garps()
-            if self.ovsdb is not None:
-                self.ovsdb.changed.wait(conf.agent.poll_interval)
-            else:
-                time.sleep(conf.agent.poll_interval)
+            self._wait(next_resync, backoff if dirty else None)
         if self.ovsdb is not None:
             self.ovsdb.close()
         self.switch.close()
         return 0
 
+    def _wait(self, next_resync: float, retry: float | None) -> None:
+        """Sleep until something may need doing: the northbound database or OVSDB
+        reports a change, or the next resync, heartbeat, gratuitous ARP or gateway check
+        is due. A file source is polled every `poll_interval`."""
+        import ovs.poller
+
+        poller = ovs.poller.Poller()
+        now = time.monotonic()
+        due = [next_resync, self._last_report + self.conf.agent.heartbeat_interval,
+               now + MAX_SLEEP]
+        due += [g[0] for g in self._garps]
+        if self.topo is not None and self.topo.external is not None:
+            due.append(self._gateway_next)
+        if retry is not None:
+            due.append(now + retry)
+        if not self.source.wait(poller):
+            due.append(now + self.conf.agent.poll_interval)
+        if self.ovsdb is not None:
+            poller.fd_wait(self.ovsdb.changed.fd, select.POLLIN)
+        poller.fd_wait(self._stop_r, select.POLLIN)
+        poller.timer_wait(max(0, int((min(due) - now) * 1000)))
+        poller.block()
+
     def stop(self, *_: Any) -> None:
         self.running = False
+        os.write(self._stop_w, b"!")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,9 @@ It creates what the agent owns (the integration bridge, one tunnel port per peer
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import warnings
 from collections.abc import Mapping
@@ -33,8 +35,40 @@ class OvsdbError(Exception):
     """OVSDB could not be reached or refused a change."""
 
 
+class Wakeup:
+    """An event the agent's loop can also wait for with poll(): a flag and a pipe."""
+
+    def __init__(self) -> None:
+        self._flag = threading.Event()
+        self.fd, self._w = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._w, False)
+
+    def set(self) -> None:
+        self._flag.set()
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._w, b"!")
+
+    def is_set(self) -> bool:
+        return self._flag.is_set()
+
+    def clear(self) -> None:
+        self._flag.clear()
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.fd, 4096):
+                pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._flag.wait(timeout)
+
+    def close(self) -> None:
+        for fd in (self.fd, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class _WatchingIdl(connection.OvsdbIdl):
-    changed: threading.Event
+    changed: Wakeup
 
     def notify(self, event: str, row: Any, updates: Any = None) -> None:
         self.changed.set()
@@ -53,7 +87,7 @@ class Plugged:
 class Ovsdb:
     def __init__(self, target: str, timeout: float = 10.0):
         self.target = target
-        self.changed = threading.Event()
+        self.changed = Wakeup()
         try:
             helper = idlutils.get_schema_helper(target, "Open_vSwitch")
             for table in TABLES:
@@ -70,6 +104,7 @@ class Ovsdb:
             self._conn.stop(timeout=2)
         except Exception:  # pragma: no cover - best effort at shutdown
             LOG.debug("OVSDB connection stop failed", exc_info=True)
+        self.changed.close()
 
     def _execute(self, what: str, commands: list[Any]) -> None:
         try:

@@ -21,6 +21,11 @@ class Source(ABC):
     def load(self) -> Topology:
         """The current desired state; raises on an invalid one (the agent keeps the last)."""
 
+    def wait(self, poller: Any) -> bool:
+        """Arrange for `poller` (an `ovs.poller.Poller`) to wake when `poll()` may have news.
+        False when the source cannot be waited for and must be polled on a timer."""
+        return False
+
 
 class FileSource(Source):
     """A topology file, re-read when its size, mtime or inode change."""
@@ -73,6 +78,10 @@ class NbSource(Source):
     def _generation(self) -> str | None:
         rows = list(self.idl.tables["NB_Global"].rows.values())
         return rows[0].generation if rows else None
+
+    def wait(self, poller: Any) -> bool:
+        self.idl.wait(poller)
+        return True
 
     def poll(self) -> bool:
         """True when the desired state has a new generation (agents' own reports, in the
