@@ -23,6 +23,9 @@ def _lab_parser(sub: argparse._SubParsersAction) -> None:
     up = cmds.add_parser("up", help="build the lab, or apply a new topology to it")
     up.add_argument("topology", nargs="?", help="topology file (default: built-in example)")
     up.add_argument("--timeout", type=float, default=60.0)
+    up.add_argument("--nb-cluster", type=int, metavar="N",
+                    help="run the northbound database as a RAFT cluster of N members, each "
+                         "in its own namespace (default: one standalone ovsdb-server)")
     ap = cmds.add_parser("apply", help="change the desired state of a running lab")
     ap.add_argument("topology")
     ap.add_argument("--timeout", type=float, default=60.0)
@@ -33,8 +36,10 @@ def _lab_parser(sub: argparse._SubParsersAction) -> None:
         p = cmds.add_parser(name, help=f"run a command inside a {what.lower()}")
         p.add_argument("target", metavar=what)
         p.add_argument("argv", nargs=argparse.REMAINDER)
-    cmds.add_parser("kill-nb", help="stop the northbound database at once (kill -9)")
-    cmds.add_parser("start-nb", help="bring the northbound database back")
+    cmds.add_parser("kill-nb", help="stop the northbound database at once (kill -9): in a "
+                    "cluster, MEMBER or the leader").add_argument("member", nargs="?")
+    cmds.add_parser("start-nb", help="bring the northbound database back: in a cluster, "
+                    "MEMBER or every dead member").add_argument("member", nargs="?")
     ext = cmds.add_parser("ext", help="run a command on the external host")
     ext.add_argument("argv", nargs=argparse.REMAINDER)
     for name, what in (("kill", "stop a node at once, as a power cut would"),
@@ -182,6 +187,12 @@ def nb_main(args: argparse.Namespace) -> int:
 
 def _print_status(st: dict) -> None:
     print(f"lab {st['prefix']}: {st['topology']} (generation {st['generation']})")
+    nb = st["northbound"]
+    if nb["members"]:
+        print("northbound: RAFT cluster, " + ", ".join(
+            f"{m} {v['address']} {v['role']}" for m, v in nb["members"].items()))
+    else:
+        print(f"northbound: standalone, {nb['connection']}")
     print(f"{'NODE':<12} {'ROLE':<8} {'TUNNEL IP':<15} {'OVS':<5} {'AGENT':<6} "
           f"{'CONVERGED':<10} {'FLOWS':>6}  VMS")
     for name, n in st["nodes"].items():
@@ -216,7 +227,7 @@ def lab_main(args: argparse.Namespace) -> int:
     cmd = args.lab_cmd
     if cmd == "up":
         t0 = time.monotonic()
-        lab.up(args.topology, timeout=args.timeout)
+        lab.up(args.topology, timeout=args.timeout, nb_cluster=args.nb_cluster)
         st = lab.status()
         print(f"lab {lab.prefix} up: {len(st['nodes'])} nodes, {len(st['vms'])} VMs, "
               f"converged in {time.monotonic() - t0:.2f}s")
@@ -245,9 +256,11 @@ def lab_main(args: argparse.Namespace) -> int:
     elif cmd == "restart-agent":
         lab.restart_agent(args.node)
     elif cmd == "kill-nb":
-        lab.kill_northbound()
+        killed = lab.kill_northbound(args.member)
+        if killed:
+            print(f"lab {lab.prefix}: killed northbound member {killed}")
     elif cmd == "start-nb":
-        lab.start_northbound()
+        lab.start_northbound(args.member)
     elif cmd == "restart-ovs":
         lab.restart_ovs(args.node)
     return 0

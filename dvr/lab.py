@@ -48,6 +48,12 @@ CONVERGE_TIMEOUT = 60.0
 GATEWAY_MAC = "02:d7:ee:00:00:01"
 PROVIDER_BRIDGE = "br-ex"
 NB_SCHEMA = Path(__file__).with_name("nb.ovsschema")
+# a clustered northbound database: member i (nb1, nb2, ...) in its own namespace on the
+# underlay at 198.18.250.i, clients on NB_PORT, RAFT between members on NB_RAFT_PORT
+NB_PORT, NB_RAFT_PORT = 6641, 6643
+NB_MEMBER_NET = 250
+MAX_NB_MEMBERS = 9
+NB_CLUSTER_TIMEOUT = 20.0
 
 
 class LabError(Exception):
@@ -108,13 +114,13 @@ class Lab:
     def topology(self) -> Topology:
         """The lab's effective desired state; its digest is the generation the northbound
         database gives it (what agents report when they have converged on it)."""
-        if self.nb_socket.exists():
+        if self._nb_present():
             from dvr import nb
 
             try:
-                conn = nb.Northbound(f"unix:{self.nb_socket}", timeout=2)
+                conn = nb.Northbound(self.nb_connection(), timeout=2)
                 try:
-                    topo = conn.topology(str(self.nb_socket))
+                    topo = conn.topology("northbound")
                 finally:
                     conn.close()
                 return _nb_generation(topo)
@@ -125,6 +131,116 @@ class Lab:
     @property
     def nb_socket(self) -> Path:
         return self.dir / "nb.sock"
+
+    # --- the northbound database ------------------------------------------------------------
+    def nb_members(self) -> list[str]:
+        """The members of the lab's clustered northbound database ([] when standalone)."""
+        try:
+            n = int(self.state().get("nb_cluster", 0))
+        except LabError:
+            return []
+        return [f"nb{i}" for i in range(1, n + 1)]
+
+    def nb_member_ns(self, member: str) -> str:
+        return f"{self.prefix}-{member}"
+
+    @staticmethod
+    def nb_member_ip(member: str) -> str:
+        return str(UNDERLAY.network_address + NB_MEMBER_NET * 256 + int(member[2:]))
+
+    def nb_connection(self, agents: bool = False) -> str:
+        """How to reach the northbound database: from this host (unix sockets), or, with
+        `agents`, as the nodes' agents do (a cluster's members over the underlay)."""
+        members = self.nb_members()
+        if not members:
+            return f"unix:{self.nb_socket}"
+        if agents:
+            return ",".join(f"tcp:{self.nb_member_ip(m)}:{NB_PORT}" for m in members)
+        return ",".join(f"unix:{self.dir / m / 'nb.sock'}" for m in members)
+
+    def _nb_present(self) -> bool:
+        members = self.nb_members()
+        if not members:
+            return self.nb_socket.exists()
+        return any((self.dir / m / "nb.sock").exists() for m in members)
+
+    def nb_roles(self) -> dict[str, str]:
+        """Each member's role (leader, follower, ...; "down" when its server is dead)."""
+        from dvr import nb
+
+        out = {}
+        for m in self.nb_members():
+            if not _alive(_read_pid(self.dir / m / "nb.pid")):
+                out[m] = "down"
+                continue
+            out[m] = nb.member_role(f"unix:{self.dir / m / 'nb.sock'}", timeout=1.0)
+        return out
+
+    def nb_leader(self, timeout: float = NB_CLUSTER_TIMEOUT) -> str:
+        """The member that leads the cluster now (waiting for an election to end)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            roles = self.nb_roles()
+            leaders = [m for m, r in roles.items() if r == "leader"]
+            if len(leaders) == 1:
+                return leaders[0]
+            if time.monotonic() > deadline:
+                raise LabError(f"the northbound cluster has no leader: {roles}")
+            time.sleep(0.05)
+
+    def _create_nb_members(self, count: int) -> None:
+        """A RAFT cluster of `count` ovsdb-servers, each in its own namespace with an
+        address on the underlay; the first creates the cluster, the others join it."""
+        members = [f"nb{i}" for i in range(1, count + 1)]
+        with Netns(self.ul_ns) as ul:
+            for m in members:
+                ensure_namespace(self.nb_member_ns(m))
+                ul.add_veth(f"u-{m}", "eth0", self.nb_member_ns(m), mtu=UNDERLAY_MTU)
+                ul.set_link(f"u-{m}", master="ul", up=True, mtu=UNDERLAY_MTU)
+        for m in members:
+            with Netns(self.nb_member_ns(m)) as ns:
+                ns.up_loopback()
+                ns.set_link("eth0", up=True, mtu=UNDERLAY_MTU)
+                ns.add_address("eth0", f"{self.nb_member_ip(m)}/{UNDERLAY.prefixlen}")
+            # TCP to the nodes crosses their userspace datapath: no partial checksums
+            self._sh(self.nb_member_ns(m), ["ethtool", "-K", "eth0", "tx", "off"], check=False)
+            d = self.dir / m
+            d.mkdir(parents=True, exist_ok=True)
+            local = f"tcp:{self.nb_member_ip(m)}:{NB_RAFT_PORT}"
+            if m == members[0]:
+                cmd = ["ovsdb-tool", "create-cluster", str(d / "nb.db"), str(NB_SCHEMA), local]
+            else:
+                first = f"tcp:{self.nb_member_ip(members[0])}:{NB_RAFT_PORT}"
+                cmd = ["ovsdb-tool", "join-cluster", str(d / "nb.db"), "DVR_Northbound",
+                       local, first]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise LabError(f"{m}: {res.stderr.strip() or 'ovsdb-tool failed'}")
+        for m in members:
+            self._start_nb_member(m)
+        self._wait_nb_cluster(members)
+
+    def _start_nb_member(self, member: str) -> None:
+        d = self.dir / member
+        self._sh(self.nb_member_ns(member), [
+            "ovsdb-server", str(d / "nb.db"), f"--remote=punix:{d}/nb.sock",
+            f"--remote=ptcp:{NB_PORT}:{self.nb_member_ip(member)}",
+            f"--pidfile={d}/nb.pid", f"--unixctl={d}/nb.ctl", f"--log-file={d}/nb.log",
+            "--detach", "--no-chdir", "-vconsole:off"])
+
+    def _wait_nb_cluster(self, members: list[str], timeout: float = NB_CLUSTER_TIMEOUT
+                         ) -> None:
+        """Until each of `members` is a connected member of a cluster with a leader."""
+        deadline = time.monotonic() + timeout
+        while True:
+            roles = self.nb_roles()
+            if (all(roles.get(m) in ("leader", "follower") for m in members)
+                    and "leader" in roles.values()):
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"the northbound cluster did not form within "
+                               f"{timeout:.0f}s: {roles}")
+            time.sleep(0.05)
 
     def _start_northbound(self) -> None:
         """The lab's northbound database: a standalone ovsdb-server with this project's
@@ -140,12 +256,12 @@ class Lab:
 
     def nb_agents(self) -> dict[str, dict[str, Any]]:
         """The Agent table of the lab's northbound database, by node ({} if unreachable)."""
-        if not self.nb_socket.exists():
+        if not self._nb_present():
             return {}
         from dvr import nb
 
         try:
-            conn = nb.Northbound(f"unix:{self.nb_socket}", timeout=2)
+            conn = nb.Northbound(self.nb_connection(), timeout=2)
             try:
                 rows = conn.transact([{"op": "select", "table": "Agent", "where": []}])[0]
             finally:
@@ -165,7 +281,7 @@ class Lab:
     def _load_northbound(self, eff: Topology) -> None:
         from dvr import nb
 
-        conn = nb.Northbound(f"unix:{self.nb_socket}")
+        conn = nb.Northbound(self.nb_connection())
         try:
             conn.load(eff)
         except nb.NbError as exc:
@@ -185,16 +301,26 @@ class Lab:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     # --- commands -------------------------------------------------------------------------
-    def up(self, topology: str | Path | None = None, timeout: float = CONVERGE_TIMEOUT) -> None:
+    def up(self, topology: str | Path | None = None, timeout: float = CONVERGE_TIMEOUT,
+           nb_cluster: int | None = None) -> None:
+        """Build the lab (its northbound database standalone, or a RAFT cluster of
+        `nb_cluster` members), or apply `topology` to the running lab."""
         path = Path(topology) if topology else DEFAULT_TOPOLOGY
         topo = load_topology(path)  # validate before anything is created
         raw = yaml.safe_load(path.read_text())
+        if nb_cluster is not None and not 1 <= nb_cluster <= MAX_NB_MEMBERS:
+            raise LabError(f"--nb-cluster: between 1 and {MAX_NB_MEMBERS} members")
         with self.locked():
             if self.is_up():
+                have = len(self.nb_members())
+                if nb_cluster is not None and nb_cluster != have:
+                    raise LabError(f"lab {self.prefix} runs its northbound database "
+                                   f"{f'as {have} members' if have else 'standalone'}: "
+                                   "`dvr lab down` first to change that")
                 self._apply(topo, raw, path, timeout)
                 return
             try:
-                self._create(topo, raw, path, timeout)
+                self._create(topo, raw, path, timeout, nb_cluster or 0)
             except BaseException:
                 LOG.error("lab %s: up failed; removing what was created", self.prefix)
                 self._down()
@@ -228,7 +354,8 @@ class Lab:
 
     def _allocate_underlay(self, topo: Topology, current: dict[str, str]) -> dict[str, str]:
         out = {n: ip for n, ip in current.items() if n in topo.nodes}
-        used = set(out.values())
+        used = set(out.values()) | {self.nb_member_ip(f"nb{i}")
+                                    for i in range(1, MAX_NB_MEMBERS + 1)}
         hosts = (str(h) for h in UNDERLAY.hosts())
         for node in sorted(topo.nodes.values(), key=lambda n: n.index):
             if node.name in out:
@@ -246,7 +373,8 @@ class Lab:
         tmp.write_text(text)
         os.replace(tmp, self.topology_file)
 
-    def _create(self, topo: Topology, raw: dict[str, Any], path: Path, timeout: float) -> None:
+    def _create(self, topo: Topology, raw: dict[str, Any], path: Path, timeout: float,
+                nb_cluster: int = 0) -> None:
         for cmd in ("ovsdb-server", "ovs-vswitchd", "ovs-vsctl", "ovsdb-tool", "ethtool"):
             if shutil.which(cmd) is None:
                 raise LabError(f"{cmd} not found: install openvswitch-switch and ethtool")
@@ -255,14 +383,17 @@ class Lab:
         text, eff = self._effective(raw, underlay)
         self._write_topology(text)
         state = {"prefix": self.prefix, "source": str(path.resolve()), "underlay": underlay,
-                 "vms": {}, "nodes": sorted(eff.nodes)}
+                 "vms": {}, "nodes": sorted(eff.nodes), "nb_cluster": nb_cluster}
         self._save_state(state)
         ensure_namespace(self.ul_ns)
         with Netns(self.ul_ns) as ul:
             ul.up_loopback()
             ul.add_bridge("ul")
             ul.add_bridge("ex")
-        self._start_northbound()
+        if nb_cluster:
+            self._create_nb_members(nb_cluster)
+        else:
+            self._start_northbound()
         self._load_northbound(eff)
         self._create_external(eff)
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -381,7 +512,7 @@ class Lab:
             f"local_ip = {tunnel_ip}\n"
             "[topology]\n"
             "source = nb\n"
-            f"nb_connection = unix:{self.nb_socket}\n"
+            f"nb_connection = {self.nb_connection(agents=True)}\n"
             f"file = {self.topology_file}\n"
             "[agent]\n"
             f"status_file = {d}/agent-status.json\n"
@@ -464,17 +595,44 @@ class Lab:
             time.sleep(0.02)
         self.wait_converged(self.topology(), timeout, nodes=[node])
 
-    def kill_northbound(self) -> None:
-        """Stop the northbound database at once (kill -9); agents keep their last state."""
-        _kill_pidfile(self.dir / "nb.pid", signal.SIGKILL)
+    def kill_northbound(self, member: str | None = None) -> str | None:
+        """Stop the northbound database at once (kill -9); agents keep their last state.
+        In a cluster: the member given, or the leader; returns the member killed."""
+        members = self.nb_members()
+        if not members:
+            if member:
+                raise LabError(f"lab {self.prefix}'s northbound database is standalone: "
+                               "no members")
+            _kill_pidfile(self.dir / "nb.pid", signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                self.nb_socket.unlink()
+            return None
+        if member is None:
+            member = self.nb_leader()
+        elif member not in members:
+            raise LabError(f"unknown northbound member {member!r} (members: "
+                           f"{', '.join(members)})")
+        _kill_pidfile(self.dir / member / "nb.pid", signal.SIGKILL)
         with contextlib.suppress(OSError):
-            self.nb_socket.unlink()
+            (self.dir / member / "nb.sock").unlink()
+        return member
 
-    def start_northbound(self) -> None:
-        """Bring the northbound database back (its file kept the desired state)."""
-        if _alive(_read_pid(self.dir / "nb.pid")):
+    def start_northbound(self, member: str | None = None) -> None:
+        """Bring the northbound database back (its file kept the desired state); in a
+        cluster, the member given or every dead one, which rejoin the cluster."""
+        members = self.nb_members()
+        if not members:
+            if not _alive(_read_pid(self.dir / "nb.pid")):
+                self._start_northbound()
             return
-        self._start_northbound()
+        if member is not None and member not in members:
+            raise LabError(f"unknown northbound member {member!r} (members: "
+                           f"{', '.join(members)})")
+        dead = [m for m in ([member] if member else members)
+                if not _alive(_read_pid(self.dir / m / "nb.pid"))]
+        for m in dead:
+            self._start_nb_member(m)
+        self._wait_nb_cluster(dead)
 
     def _need_node(self, node: str) -> None:
         if node not in self.state()["underlay"]:
@@ -649,9 +807,18 @@ class Lab:
                                               or {}).get("snat", [])]}
             for r in topo.routers.values() if r.external_gateway
         }
+        members = self.nb_members()
+        roles = self.nb_roles()
+        northbound = {
+            "model": "clustered" if members else "standalone",
+            "connection": self.nb_connection(),
+            "agents_connection": self.nb_connection(agents=True),
+            "members": {m: {"namespace": self.nb_member_ns(m), "address": self.nb_member_ip(m),
+                            "role": roles[m]} for m in members},
+        }
         return {"prefix": self.prefix, "topology": state.get("source"),
-                "generation": topo.digest, "nodes": nodes, "vms": vms, "routers": routers,
-                "snat": snat,
+                "generation": topo.digest, "northbound": northbound, "nodes": nodes,
+                "vms": vms, "routers": routers, "snat": snat,
                 "external": {"namespace": self.ext_ns,
                              "gateway_ip": str(topo.external.gateway_ip),
                              "remote_ip": str(topo.external.remote_ip)}
@@ -686,7 +853,7 @@ class Lab:
                 os.kill(pid, signal.SIGKILL)
         for pid in pids:
             _wait_dead(pid, 5.0)
-        pattern = re.compile(rf"^{re.escape(self.prefix)}-(n-|v-|ul$|ext$)")
+        pattern = re.compile(rf"^{re.escape(self.prefix)}-(n-|v-|ul$|ext$|nb\d+$)")
         for ns in list_namespaces():
             if pattern.match(ns):
                 delete_namespace(ns)

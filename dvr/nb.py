@@ -12,18 +12,85 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from dvr.model import Topology, build_topology, to_dict
 
+# the ovs bindings import eventlet when it is installed, which warns about itself
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 DB = "DVR_Northbound"
 SCHEMA = Path(__file__).with_name("nb.ovsschema")
 
 
 class NbError(Exception):
     """The database could not be reached or refused a transaction."""
+
+
+class NbLost(NbError):
+    """The connection, or the leader, was lost: a transaction's outcome is unknown."""
+
+
+def split_remotes(target: str) -> list[str]:
+    """`unix:A,tcp:H:P,...` as a list (a comma inside a remote's options is kept)."""
+    out: list[str] = []
+    for part in target.split(","):
+        part = part.strip()
+        if out and ":" not in part:
+            out[-1] += "," + part
+        elif part:
+            out.append(part)
+    return out
+
+
+def _open(remote: str, timeout: float) -> Any:
+    import ovs.jsonrpc
+    import ovs.stream
+
+    error, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(remote),
+                                                 int(timeout * 1000))
+    if error:
+        raise NbError(f"cannot connect to the northbound database at {remote}: "
+                      f"{_strerror(error)}")
+    return ovs.jsonrpc.Connection(stream)
+
+
+def _cluster_role(conn: Any) -> str:
+    """What this server is for the northbound database: standalone, leader, follower,
+    or not (yet) a connected member, from its _Server database."""
+    import ovs.jsonrpc
+
+    request = ovs.jsonrpc.Message.create_request("transact", ["_Server", {
+        "op": "select", "table": "Database", "where": [["name", "==", DB]],
+        "columns": ["model", "leader", "connected"]}])
+    error, reply = conn.transact_block(request)
+    if error or reply.error or not reply.result[0].get("rows"):
+        return "unreachable"
+    row = reply.result[0]["rows"][0]
+    if row["model"] != "clustered":
+        return "standalone"
+    if not row["connected"]:
+        return "disconnected from the cluster"
+    return "leader" if row["leader"] else "follower"
+
+
+def member_role(remote: str, timeout: float = 1.0) -> str:
+    """The role of the database server at `remote` (leader, follower, standalone, ...)."""
+    try:
+        conn = _open(remote, timeout)
+    except NbError:
+        return "unreachable"
+    try:
+        return _cluster_role(conn)
+    finally:
+        conn.close()
+
+
+def _lost_leader(error: str) -> bool:
+    return any(w in error.lower() for w in ("not leader", "leadership", "cluster",
+                                            "connection", "closed"))
 
 
 def dump_ops() -> list[dict[str, Any]]:
@@ -84,23 +151,53 @@ def document(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class Northbound:
-    """A connection to the northbound database (unix:PATH or tcp:HOST:PORT)."""
+    """A connection to the northbound database: one remote (unix:PATH or tcp:HOST:PORT) or
+    the members of a cluster, comma-separated. With several, it talks to the cluster's
+    leader (a follower's copy may lag behind), finds the new leader after a failover, and
+    `change()` makes sure a change the failover interrupted is applied exactly once."""
 
     def __init__(self, target: str, timeout: float = 10.0):
         warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
-        import ovs.jsonrpc
-        import ovs.stream
-
         self.target = target
-        error, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(target),
-                                                     int(timeout * 1000))
-        if error:
-            raise NbError(f"cannot connect to the northbound database at {target}: "
-                          f"{_strerror(error)}")
-        self.conn = ovs.jsonrpc.Connection(stream)
+        self.remotes = split_remotes(target)
+        if not self.remotes:
+            raise NbError("no northbound database given")
+        self.timeout = timeout
+        self.remote = ""
+        self.conn: Any = None
+        self._connect()
+
+    def _connect(self) -> None:
+        """Connect to the database; with several remotes, to the leader, waiting for one
+        to be elected (until the timeout)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            why = []
+            for remote in self.remotes:
+                left = max(0.05, deadline - time.monotonic())
+                try:
+                    conn = _open(remote, left if len(self.remotes) == 1 else min(left, 1.0))
+                except NbError as exc:
+                    why.append(str(exc))
+                    continue
+                if len(self.remotes) == 1:
+                    self.conn, self.remote = conn, remote
+                    return
+                role = _cluster_role(conn)
+                if role == "leader" or role == "standalone":
+                    self.conn, self.remote = conn, remote
+                    return
+                conn.close()
+                why.append(f"{remote}: {role}")
+            if len(self.remotes) == 1 or time.monotonic() >= deadline:
+                raise NbError("; ".join(why) if len(why) == 1 else
+                              f"no northbound database leader among {self.target} "
+                              f"({'; '.join(why)})")
+            time.sleep(0.05)
 
     def close(self) -> None:
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
 
     def transact(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import ovs.jsonrpc
@@ -108,18 +205,27 @@ class Northbound:
         request = ovs.jsonrpc.Message.create_request("transact", [DB, *ops])
         error, reply = self.conn.transact_block(request)
         if error:
-            raise NbError(f"{self.target}: {_strerror(error)}")
+            raise NbLost(f"{self.remote}: {_strerror(error)}")
         if reply.error:
-            raise NbError(f"{self.target}: {reply.error}")
+            if _lost_leader(str(reply.error)):
+                raise NbLost(f"{self.remote}: {reply.error}")
+            raise NbError(f"{self.remote}: {reply.error}")
         results = reply.result
         for op, res in zip(ops, results, strict=False):
             if isinstance(res, dict) and res.get("error"):
                 raise NbError(f"{op['op']} {op.get('table', '')}: {res['error']}: "
                               f"{res.get('details', '')}".rstrip(": "))
         if len(results) > len(ops) and results[-1] and results[-1].get("error"):
-            raise NbError(f"transaction refused: {results[-1]['error']}: "
-                          f"{results[-1].get('details', '')}")
+            err = f"{results[-1]['error']}: {results[-1].get('details', '')}"
+            if _lost_leader(err):
+                raise NbLost(f"{self.remote}: {err}")
+            raise NbError(f"transaction refused: {err}")
         return results
+
+    def _reconnect(self) -> None:
+        self.close()
+        self.conn = None
+        self._connect()
 
     def load(self, topo: Topology) -> str:
         """Replace the desired state with `topo`, changing only the rows that differ, in
@@ -129,21 +235,34 @@ class Northbound:
     def change(self, edit: Any, retries: int = 5) -> str:
         """Read the desired state, `edit` its document, validate the result (a
         TopologyError writes nothing), write the difference in one transaction guarded by
-        the generation read; a concurrent change makes it start over."""
-        for _ in range(retries):
-            results = self.transact(dump_ops())
-            uuids, generation = _uuids(results)
-            old = document(results) if generation is not None else None
-            new = to_dict(build_topology(edit(copy.deepcopy(old)), "<change>"))
-            if old is not None and new == old:
-                return generation or ""
+        the generation read; a concurrent change makes it start over.
+
+        A transaction whose answer is lost (the leader died) may or may not have been
+        committed: the state is read again from the new leader, and the change counts as
+        done when it shows the generation that transaction was writing; it is never
+        written twice."""
+        expected: str | None = None  # what a transaction sent but unconfirmed would make
+        for _ in range(retries + 5):
             try:
+                results = self.transact(dump_ops())
+                uuids, generation = _uuids(results)
+                if expected is not None and generation == expected:
+                    return expected
+                old = document(results) if generation is not None else None
+                new = to_dict(build_topology(edit(copy.deepcopy(old)), "<change>"))
+                if old is not None and new == old:
+                    return generation or ""
+                expected = generation_of(new)
                 self.transact(diff_ops(old, new, uuids, generation))
+                return expected
+            except NbLost:
+                self._reconnect()
             except NbError as exc:
-                if "timed out" in str(exc) or "wait" in str(exc):
-                    continue  # somebody else changed it meanwhile: read again
-                raise
-            return generation_of(new)
+                if not ("timed out" in str(exc) or "wait" in str(exc)):
+                    raise
+                retries -= 1  # somebody else changed it meanwhile: read again
+                if retries <= 0:
+                    break
         raise NbError("the desired state kept changing under this change; try again")
 
     def dump(self) -> dict[str, Any]:
@@ -268,10 +387,13 @@ def diff_ops(old: dict[str, Any] | None, new: dict[str, Any],
                             "row": changed})
     generation = generation_of(new)
     if old_generation is None:
-        ops.append({"op": "insert", "table": "NB_Global", "row": {"generation": generation}})
+        ops.append({"op": "insert", "table": "NB_Global",
+                    "row": {"generation": generation, "changes": 1}})
     else:
         ops.append({"op": "update", "table": "NB_Global", "where": [],
                     "row": {"generation": generation}})
+        ops.append({"op": "mutate", "table": "NB_Global", "where": [],
+                    "mutations": [["changes", "+=", 1]]})
     return ops
 
 

@@ -253,11 +253,11 @@ def leftovers(prefix: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_lab(topology: Path | None) -> Iterator[LabHandle]:
+def running_lab(topology: Path | None, *up_args: str) -> Iterator[LabHandle]:
     lab = LabHandle(unique_prefix())
     try:
         t0 = time.monotonic()
-        args = ["up"] + ([str(topology)] if topology else [])
+        args = ["up", *up_args] + ([str(topology)] if topology else [])
         lab.dvr(*args)
         lab.up_seconds = time.monotonic() - t0  # type: ignore[attr-defined]
         yield lab

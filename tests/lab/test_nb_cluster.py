@@ -1,0 +1,285 @@
+"""The northbound database as a 3-member RAFT cluster (`dvr lab up --nb-cluster 3`).
+
+The members run in their own namespaces on the underlay; the agents are given all three
+over TCP and the `dvr nb` commands all three over unix sockets. The leader is killed
+(kill -9) while changes stream in: every change lands exactly once (the database counts
+the changes it committed), the agents move to the survivors and follow, the traffic never
+stops, and the killed member rejoins with the cluster's state.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from dvr import nb
+from tests.lab.conftest import TOPOLOGIES, LabHandle, dvr, running_lab
+from tests.lab.test_northsouth import echo_requests, ext_ping
+
+FIP1, FIP2 = "203.0.113.50", "203.0.113.60"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[LabHandle]:
+    with running_lab(TOPOLOGIES / "cluster.yaml", "--nb-cluster", "3") as lab:
+        yield lab
+
+
+def northbound(lab: LabHandle) -> dict[str, Any]:
+    return lab.status()["northbound"]
+
+
+def select(conn: str, table: str) -> list[dict[str, Any]]:
+    db = nb.Northbound(conn, timeout=15)
+    try:
+        return db.transact([{"op": "select", "table": table, "where": []}])[0]["rows"]
+    finally:
+        db.close()
+
+
+def counted_changes(conn: str) -> tuple[str, int]:
+    """The desired state's generation and how many changes the database committed."""
+    row = select(conn, "NB_Global")[0]
+    return row["generation"], row["changes"]
+
+
+def wait_agents_on(conn: str, generation: str, nodes: set[str], timeout: float) -> None:
+    """Until every agent reports, in the database, that it converged on `generation`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = {r["node"]: r for r in select(conn, "Agent")}
+        behind = {n for n in nodes
+                  if rows.get(n, {}).get("generation") != generation
+                  or not rows[n]["converged"]}
+        if not behind:
+            return
+        assert time.monotonic() < deadline, f"agents of {sorted(behind)} did not follow"
+        time.sleep(0.1)
+
+
+def member_of(lab: LabHandle, node: str, members: dict[str, Any]) -> str | None:
+    """The member the node's agent is connected to (from the node's TCP sockets)."""
+    out = lab.node(node, "ss", "-tnH", "state", "established")
+    by_ip = {m["address"]: name for name, m in members.items()}
+    for line in out.splitlines():
+        m = re.search(r"(\d+\.\d+\.\d+\.\d+):6641\s*$", line)
+        if m and m.group(1) in by_ip:
+            return by_ip[m.group(1)]
+    return None
+
+
+def member_copy(lab: LabHandle, member: str) -> dict[str, Any]:
+    """The desired state as this one member holds it (asked directly, leader or not)."""
+    db = nb.Northbound(f"unix:{lab.rundir}/{member}/nb.sock", timeout=5)
+    try:
+        return db.dump()
+    finally:
+        db.close()
+
+
+def nb_cli(conn: str, *args: str) -> Any:
+    return dvr("nb", "--db", conn, *args, check=False)
+
+
+def test_the_cluster_forms_and_the_agents_watch_it(lab: LabHandle) -> None:
+    north = northbound(lab)
+    assert north["model"] == "clustered"
+    assert sorted(m["role"] for m in north["members"].values()) == [
+        "follower", "follower", "leader"]
+    assert north["agents_connection"].split(",") == [
+        f"tcp:{m['address']}:6641" for m in north["members"].values()]
+    # every agent holds a live connection to one member, over the underlay
+    for node in ("compute1", "compute2", "net1"):
+        assert member_of(lab, node, north["members"]) is not None, node
+    # each member holds the same desired state, replicated
+    copies = [member_copy(lab, m) for m in north["members"]]
+    assert copies[0] == copies[1] == copies[2]
+    assert copies[0]["vms"]["vm1"]["floating_ip"] == FIP1
+    assert all(n["agent"]["converged"] for n in lab.status()["nodes"].values())
+    # a dead member is refused by name; `kill-nb` without one is the leader's
+    res = lab.dvr("kill-nb", "nb7", check=False)
+    assert res.returncode != 0 and "unknown northbound member 'nb7'" in res.stderr
+
+
+def test_the_leader_killed_during_a_stream_of_changes(lab: LabHandle) -> None:
+    """kill -9 of the leader while `dvr nb` changes stream in: none is lost or applied
+    twice, the agents reconnect to the survivors and follow, traffic never stops, and
+    the killed member rejoins with the cluster's state."""
+    north = northbound(lab)
+    conn = north["connection"]
+    nodes = {"compute1", "compute2", "net1"}
+    _, before = counted_changes(conn)
+    commands: list[tuple[str, ...]] = []
+    for i in range(1, 13):
+        commands.append(("vm-add", f"s{i}", "--node", "compute1" if i % 2 else "compute2",
+                         "--network", "red", "--ip", f"10.2.0.{100 + i}"))
+        commands.append(("fip-set", "vm4" if i % 2 else "vm1", FIP1))
+    done: list[tuple[tuple[str, ...], int, str]] = []
+
+    def stream() -> None:
+        for args in commands:
+            res = nb_cli(conn, *args)
+            done.append((args, res.returncode, res.stderr.strip()))
+
+    traffic: dict[str, Any] = {}
+
+    def east_west() -> None:  # routed, across nodes, paced over the whole stream
+        traffic["tcp"] = lab.tcp_transfer("vm1", "vm2", "10.2.0.12", 1400 * 3000, pace=0.003)
+
+    def north_south() -> None:  # the external host to a floating IP that stays put
+        res = lab.dvr("ext", "--", "ping", "-n", "-q", "-i", "0.05", "-c", "200", "-W", "1",
+                      FIP2, check=False)
+        m = re.search(r"(\d+) received", res.stdout)
+        traffic["ping"] = int(m.group(1)) if m else 0
+
+    threads = [threading.Thread(target=f) for f in (east_west, north_south, stream)]
+    for t in threads:
+        t.start()
+    while len(done) < 6 and threads[2].is_alive():
+        time.sleep(0.05)
+    killed = lab.dvr("kill-nb").stdout.split()[-1]
+    killed_at = len(done)
+    for t in threads:
+        t.join(timeout=120)
+    assert killed in north["members"] and killed_at < len(commands)
+    assert north["members"][killed]["role"] == "leader"
+
+    # every change was accepted, and the database counted each exactly once
+    assert [(args, rc) for args, rc, _ in done] == [(args, 0) for args in commands], done
+    generation, after = counted_changes(conn)
+    assert after - before == len(commands)
+    state = nb.Northbound(conn, timeout=15)
+    try:
+        doc = state.dump()
+    finally:
+        state.close()
+    assert {f"s{i}" for i in range(1, 13)} <= set(doc["vms"])
+    assert doc["vms"]["vm1"].get("floating_ip") == FIP1  # the last move was back to vm1
+    assert "floating_ip" not in doc["vms"]["vm4"]
+
+    # the agents reconnected to the survivors and followed the last change
+    wait_agents_on(conn, generation, nodes, timeout=15)
+    survivors = {m: v for m, v in north["members"].items() if m != killed}
+    for node in sorted(nodes):
+        assert member_of(lab, node, survivors) is not None, f"{node} is not on a survivor"
+
+    # the traffic never stopped
+    assert traffic["tcp"]["max_gap"] < 0.3, traffic
+    assert traffic["ping"] >= 196, traffic
+    with lab.sniff(lab.vm_ns("vm1"), proto="icmp") as cap:
+        assert ext_ping(lab, FIP1)
+    assert {p["dst"] for p in echo_requests(cap.packets)} == {"10.1.0.11"}
+
+    # the killed member rejoins and catches up
+    lab.dvr("start-nb", killed)
+    roles = {m: v["role"] for m, v in northbound(lab)["members"].items()}
+    assert roles[killed] in ("follower", "leader") and sorted(roles.values()).count(
+        "leader") == 1, roles
+    deadline = time.monotonic() + 10
+    while member_copy(lab, killed) != doc:
+        assert time.monotonic() < deadline, f"{killed} did not catch up"
+        time.sleep(0.1)
+
+    # back to the lab's own state: the added ports go again
+    for i in range(1, 13):
+        assert nb_cli(conn, "vm-del", f"s{i}").returncode == 0
+    generation, _ = counted_changes(conn)
+    wait_agents_on(conn, generation, nodes, timeout=15)
+
+
+def test_a_change_cut_short_by_the_leader_failing_lands_once(lab: LabHandle) -> None:
+    """Changes back to back from one client while the leader dies: one of them is most
+    likely in flight; the client finds the new leader, learns whether it was committed
+    and never writes it twice."""
+    north = northbound(lab)
+    conn = north["connection"]
+    _, before = counted_changes(conn)
+    client = nb.Northbound(conn, timeout=15)
+    reconnects = []
+    original = client._reconnect
+
+    def counting_reconnect() -> None:
+        reconnects.append(client.remote)
+        original()
+
+    client._reconnect = counting_reconnect  # type: ignore[method-assign]
+    names = [f"c{i}" for i in range(120)]
+    landed: list[str] = []
+    errors: list[str] = []
+
+    def writer() -> None:
+        for i, name in enumerate(names):
+            try:
+                client.change(nb.vm_add(name, "compute2", "blue", f"10.1.0.{60 + i}"))
+                landed.append(name)
+            except (nb.NbError, nb.ChangeError) as exc:
+                errors.append(f"{name}: {exc}")
+
+    t = threading.Thread(target=writer)
+    t.start()
+    while len(landed) < 30 and t.is_alive():
+        time.sleep(0.005)
+    killed = lab.dvr("kill-nb").stdout.split()[-1]
+    t.join(timeout=120)
+    client.close()
+    try:
+        assert not errors, errors
+        assert landed == names
+        assert reconnects, "the writer never noticed the leader go"
+        generation, after = counted_changes(conn)
+        assert after - before == len(names)
+        doc = nb.Northbound(conn, timeout=15).dump()
+        assert {n for n in doc["vms"] if n.startswith("c")} == set(names)
+    finally:
+        lab.dvr("start-nb", killed)
+        cleanup = nb.Northbound(conn, timeout=15)
+        try:
+            cleanup.change(lambda d: {**d, "vms": {n: v for n, v in d["vms"].items()
+                                                   if n not in set(names)}})
+        finally:
+            cleanup.close()
+    generation, _ = counted_changes(conn)
+    wait_agents_on(conn, generation, {"compute1", "compute2", "net1"}, timeout=15)
+    assert all(n["agent"]["converged"] for n in lab.status()["nodes"].values())
+
+
+def test_the_whole_cluster_down_then_back(lab: LabHandle) -> None:
+    """Every member killed: the agents keep forwarding on their last state; the members
+    restarted, the cluster re-forms from their files and the agents resync."""
+    conn = northbound(lab)["connection"]
+    generation, _ = counted_changes(conn)
+    for member in ("nb1", "nb2", "nb3"):
+        lab.dvr("kill-nb", member)
+    assert {m["role"] for m in northbound(lab)["members"].values()} == {"down"}
+    assert lab.ping("vm1", "10.2.0.12", count=3)
+    assert ext_ping(lab, FIP2)
+    lab.dvr("start-nb")
+    assert sorted(m["role"] for m in northbound(lab)["members"].values()) == [
+        "follower", "follower", "leader"]
+    res = nb_cli(conn, "fip-set", "vm3", FIP1)
+    assert res.returncode == 0, res.stderr
+    try:
+        new, _ = counted_changes(conn)
+        assert new != generation
+        wait_agents_on(conn, new, {"compute1", "compute2", "net1"}, timeout=15)
+        with lab.sniff(lab.vm_ns("vm3"), proto="icmp") as cap:
+            assert ext_ping(lab, FIP1)
+        assert {p["dst"] for p in echo_requests(cap.packets)} == {"10.2.0.13"}
+    finally:
+        assert nb_cli(conn, "fip-set", "vm1", FIP1).returncode == 0
+
+
+def test_cluster_flags_are_checked(lab: LabHandle) -> None:
+    res = lab.dvr("up", "--nb-cluster", "5", check=False)
+    assert res.returncode != 0
+    assert "runs its northbound database as 3 members" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = dvr("lab", "--prefix", "tz" + lab.prefix[2:], "up", "--nb-cluster", "0",
+              check=False)
+    assert res.returncode != 0 and "between 1 and 9 members" in res.stderr
+
