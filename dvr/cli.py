@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -120,7 +121,10 @@ def trace_main(args: argparse.Namespace) -> int:
 def _nb_parser(sub: argparse._SubParsersAction) -> None:
     nb = sub.add_parser("nb", help="the northbound database: the desired state")
     nb.add_argument("--db", default=os.environ.get("DVR_NB_DB"),
-                    help="unix:PATH or tcp:HOST:PORT of the database (default: $DVR_NB_DB)")
+                    help="unix:PATH or tcp:HOST:PORT of the database, or of each member of "
+                         "a cluster, comma-separated (default: $DVR_NB_DB)")
+    nb.add_argument("--lab", metavar="PREFIX",
+                    help="the database of the running lab PREFIX (standalone or cluster)")
     cmds = nb.add_subparsers(dest="nb_cmd", required=True, metavar="COMMAND")
     ld = cmds.add_parser("load", help="replace the desired state (validated, one transaction)")
     ld.add_argument("topology")
@@ -152,8 +156,14 @@ def nb_main(args: argparse.Namespace) -> int:
     from dvr import nb
     from dvr.model import load_topology
 
+    if args.lab:
+        lab = Lab(args.lab)
+        if not lab.is_up():
+            raise LabError(f"lab {args.lab} is not up")
+        args.db = lab.nb_connection()
     if not args.db:
-        raise LabError("no northbound database: give --db unix:PATH (or set DVR_NB_DB)")
+        raise LabError("no northbound database: give --db unix:PATH, --lab PREFIX, or set "
+                       "DVR_NB_DB")
     topo = load_topology(args.topology) if args.nb_cmd == "load" else None  # validate first
     try:
         db = nb.Northbound(args.db)
@@ -284,6 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LabError, TopologyError, NetlinkError) as exc:
         print(f"dvr: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`dvr lab status | head`)
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         print(f"dvr: error: {exc}", file=sys.stderr)
         return 1

@@ -101,6 +101,8 @@ def test_the_cluster_forms_and_the_agents_watch_it(lab: LabHandle) -> None:
     assert copies[0] == copies[1] == copies[2]
     assert copies[0]["vms"]["vm1"]["floating_ip"] == FIP1
     assert all(n["agent"]["converged"] for n in lab.status()["nodes"].values())
+    # `dvr nb --lab PREFIX` finds the members by itself
+    assert "vm vm1 on compute1: blue 10.1.0.11" in dvr("nb", "--lab", lab.prefix, "show").stdout
     # a dead member is refused by name; `kill-nb` without one is the leader's
     res = lab.dvr("kill-nb", "nb7", check=False)
     assert res.returncode != 0 and "unknown northbound member 'nb7'" in res.stderr
