@@ -30,11 +30,29 @@ log() { echo "dvr-provision[$NODE]: $*"; }
 die() { echo "dvr-provision[$NODE]: error: $*" >&2; exit 1; }
 
 LOCAL_IP=""
+declare -A IP_OF=()
+NODES=()
 IFS=, read -ra pairs <<<"$UNDERLAY"
 for pair in "${pairs[@]}"; do
+    IP_OF[${pair%%=*}]=${pair#*=}
+    NODES+=("${pair%%=*}")
     [[ $pair == "$NODE="* ]] && LOCAL_IP=${pair#*=}
 done
 [[ -n $LOCAL_IP ]] || die "no underlay address for $NODE in '$UNDERLAY'"
+
+# the northbound database: a RAFT cluster, one member per node named here, the first
+# creating it; clients reach every member on NB_PORT, members talk RAFT on NB_RAFT_PORT
+NB_PORT=6641
+NB_RAFT_PORT=6643
+IFS=, read -ra NB_MEMBERS <<<"${DVR_NB_MEMBERS:-$(IFS=,; echo "${NODES[*]}")}"
+NB_REMOTES=""
+NB_MEMBER=no
+for m in "${NB_MEMBERS[@]}"; do
+    [[ -n ${IP_OF[$m]:-} ]] || die "northbound member $m has no underlay address"
+    NB_REMOTES+="${NB_REMOTES:+,}tcp:${IP_OF[$m]}:$NB_PORT"
+    [[ $m == "$NODE" ]] && NB_MEMBER=yes
+done
+NB_FIRST_IP=${IP_OF[${NB_MEMBERS[0]}]}
 [[ -f $SRC/pyproject.toml ]] || die "no project at $SRC (is the rsync synced folder there?)"
 [[ -f $SRC/$TOPOLOGY ]] || die "no topology file $SRC/$TOPOLOGY"
 
@@ -96,6 +114,71 @@ with open(dst + ".tmp", "w") as f:
 os.replace(dst + ".tmp", dst)
 EOF
 
+if [[ $NB_MEMBER == yes ]]; then
+    log "northbound database member (RAFT, ${#NB_MEMBERS[@]} members: ${NB_MEMBERS[*]})"
+    install -d -m 755 /var/log/dvr
+    if [[ ! -f $STATE/nb.db ]]; then
+        if [[ $LOCAL_IP == "$NB_FIRST_IP" ]]; then
+            ovsdb-tool create-cluster "$STATE/nb.db" "$SRC/dvr/nb.ovsschema" \
+                "tcp:$LOCAL_IP:$NB_RAFT_PORT"
+        else
+            ovsdb-tool join-cluster "$STATE/nb.db" DVR_Northbound \
+                "tcp:$LOCAL_IP:$NB_RAFT_PORT" "tcp:$NB_FIRST_IP:$NB_RAFT_PORT"
+        fi
+    fi
+    cat >/etc/systemd/system/dvr-nb.service <<EOF
+[Unit]
+Description=dvr: member of the clustered northbound database (the desired state)
+Documentation=file://$SRC/vagrant/README.md
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=simple
+RuntimeDirectory=dvr
+RuntimeDirectoryPreserve=yes
+ExecStart=/usr/sbin/ovsdb-server $STATE/nb.db --remote=ptcp:$NB_PORT:$LOCAL_IP \\
+    --remote=punix:/run/dvr/nb.sock --unixctl=/run/dvr/nb.ctl \\
+    --log-file=/var/log/dvr/nb.log --no-chdir -vconsole:off
+Restart=on-failure
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+EOF
+    systemctl daemon-reload
+    systemctl enable dvr-nb.service
+    systemctl restart dvr-nb.service
+    log "waiting for this member to join the cluster"
+    joined=no
+    for _ in $(seq 1 120); do
+        if ovs-appctl -t /run/dvr/nb.ctl cluster/status DVR_Northbound 2>/dev/null |
+            grep -q '^Status: cluster member'; then
+            joined=yes
+            break
+        fi
+        sleep 0.5
+    done
+    [[ $joined == yes ]] || die "not a member of the northbound cluster after 60 s"
+    # the project's schema is newer than the database's: convert it in place
+    if [[ $(ovsdb-client needs-conversion unix:/run/dvr/nb.sock \
+            "$SRC/dvr/nb.ovsschema") == yes ]]; then
+        log "converting the northbound database to the project's schema"
+        ovsdb-client convert unix:/run/dvr/nb.sock "$SRC/dvr/nb.ovsschema"
+    fi
+fi
+
+log "desired state into the northbound database ($NB_REMOTES)"
+loaded=no
+for _ in $(seq 1 30); do   # a leader may still be being elected
+    if "$VENV/bin/dvr" nb --db "$NB_REMOTES" load "$ETC/topology.yaml"; then
+        loaded=yes
+        break
+    fi
+    sleep 2
+done
+[[ $loaded == yes ]] || die "cannot load the topology into the northbound database"
+
 log "agent configuration $ETC/agent.ini"
 cat >"$ETC/agent.ini" <<EOF
 # dvr-agent configuration (oslo.config), written by vagrant/provision.sh
@@ -110,7 +193,9 @@ tunnel_type = vxlan
 local_ip = $LOCAL_IP
 
 [topology]
-source = file
+# the desired state: the northbound database's members (the file is what was loaded there)
+source = nb
+nb_connection = $NB_REMOTES
 file = $ETC/topology.yaml
 
 [agent]
@@ -124,7 +209,7 @@ Description=dvr-agent: Distributed Virtual Router dataplane of this node
 Documentation=file://$SRC/vagrant/README.md
 # the agent reconnects by itself when Open vSwitch restarts: order, do not bind
 Wants=openvswitch-switch.service network-online.target
-After=openvswitch-switch.service ovs-vswitchd.service network-online.target
+After=openvswitch-switch.service ovs-vswitchd.service network-online.target dvr-nb.service
 
 [Service]
 Type=simple
