@@ -1,5 +1,5 @@
 """The northbound database: the cloud's desired state in an `ovsdb-server` (schema
-`dvr/nb.ovsschema`), written and read over OVSDB's JSON-RPC with the `ovs` bindings.
+`dvr/nb.ovsschema`), written and read over OVSDB's JSON-RPC (`dvr/jsonrpc.py`).
 
 The database holds the *effective* topology: every value the model allocates (VNIs, MACs,
 IPs, external IPs) is written out, so what is read back is the same cloud whatever the order
@@ -13,14 +13,12 @@ import copy
 import hashlib
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
+from dvr import jsonrpc
 from dvr.model import Topology, build_topology, to_dict
 
-# the ovs bindings import eventlet when it is installed, which warns about itself
-warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 DB = "DVR_Northbound"
 SCHEMA = Path(__file__).with_name("nb.ovsschema")
 
@@ -45,30 +43,26 @@ def split_remotes(target: str) -> list[str]:
     return out
 
 
-def _open(remote: str, timeout: float) -> Any:
-    import ovs.jsonrpc
-    import ovs.stream
-
-    error, stream = ovs.stream.Stream.open_block(ovs.stream.Stream.open(remote),
-                                                 int(timeout * 1000))
-    if error:
+def _open(remote: str, timeout: float) -> jsonrpc.Connection:
+    try:
+        return jsonrpc.Connection(remote, timeout)
+    except jsonrpc.RpcError as exc:
         raise NbError(f"cannot connect to the northbound database at {remote}: "
-                      f"{_strerror(error)}")
-    return ovs.jsonrpc.Connection(stream)
+                      f"{exc}") from None
 
 
-def _cluster_role(conn: Any) -> str:
+def _cluster_role(conn: jsonrpc.Connection) -> str:
     """What this server is for the northbound database: standalone, leader, follower,
     or not (yet) a connected member, from its _Server database."""
-    import ovs.jsonrpc
-
-    request = ovs.jsonrpc.Message.create_request("transact", ["_Server", {
-        "op": "select", "table": "Database", "where": [["name", "==", DB]],
-        "columns": ["model", "leader", "connected"]}])
-    error, reply = conn.transact_block(request)
-    if error or reply.error or not reply.result[0].get("rows"):
+    try:
+        result, error = conn.call("transact", ["_Server", {
+            "op": "select", "table": "Database", "where": [["name", "==", DB]],
+            "columns": ["model", "leader", "connected"]}], timeout=5)
+    except jsonrpc.RpcError:
         return "unreachable"
-    row = reply.result[0]["rows"][0]
+    if error or not result or not result[0].get("rows"):
+        return "unreachable"
+    row = result[0]["rows"][0]
     if row["model"] != "clustered":
         return "standalone"
     if not row["connected"]:
@@ -157,14 +151,13 @@ class Northbound:
     `change()` makes sure a change the failover interrupted is applied exactly once."""
 
     def __init__(self, target: str, timeout: float = 10.0):
-        warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
         self.target = target
         self.remotes = split_remotes(target)
         if not self.remotes:
             raise NbError("no northbound database given")
         self.timeout = timeout
         self.remote = ""
-        self.conn: Any = None
+        self.conn: jsonrpc.Connection | None = None
         self._connect()
 
     def _connect(self) -> None:
@@ -200,17 +193,16 @@ class Northbound:
             self.conn.close()
 
     def transact(self, ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        import ovs.jsonrpc
-
-        request = ovs.jsonrpc.Message.create_request("transact", [DB, *ops])
-        error, reply = self.conn.transact_block(request)
+        if self.conn is None:
+            raise NbLost(f"{self.target}: not connected")
+        try:
+            results, error = self.conn.call("transact", [DB, *ops])
+        except jsonrpc.RpcError as exc:
+            raise NbLost(f"{self.remote}: {exc}") from None
         if error:
-            raise NbLost(f"{self.remote}: {_strerror(error)}")
-        if reply.error:
-            if _lost_leader(str(reply.error)):
-                raise NbLost(f"{self.remote}: {reply.error}")
-            raise NbError(f"{self.remote}: {reply.error}")
-        results = reply.result
+            if _lost_leader(str(error)):
+                raise NbLost(f"{self.remote}: {error}")
+            raise NbError(f"{self.remote}: {error}")
         for op, res in zip(ops, results, strict=False):
             if isinstance(res, dict) and res.get("error"):
                 raise NbError(f"{op['op']} {op.get('table', '')}: {res['error']}: "
@@ -230,9 +222,10 @@ class Northbound:
     def load(self, topo: Topology) -> str:
         """Replace the desired state with `topo`, changing only the rows that differ, in
         one transaction. Returns the new generation."""
-        return self.change(lambda _: to_dict(topo))
+        doc = to_dict(topo)
+        return self.change(lambda _: doc, validate=False)  # a Topology is valid already
 
-    def change(self, edit: Any, retries: int = 5) -> str:
+    def change(self, edit: Any, retries: int = 5, validate: bool = True) -> str:
         """Read the desired state, `edit` its document, validate the result (a
         TopologyError writes nothing), write the difference in one transaction guarded by
         the generation read; a concurrent change makes it start over.
@@ -249,7 +242,9 @@ class Northbound:
                 if expected is not None and generation == expected:
                     return expected
                 old = document(results) if generation is not None else None
-                new = to_dict(build_topology(edit(copy.deepcopy(old)), "<change>"))
+                new = edit(copy.deepcopy(old))
+                if validate:
+                    new = to_dict(build_topology(new, "<change>"))
                 if old is not None and new == old:
                     return generation or ""
                 expected = generation_of(new)
@@ -270,12 +265,6 @@ class Northbound:
 
     def topology(self, source: str = "<northbound>") -> Topology:
         return build_topology(self.dump(), source)
-
-
-def _strerror(error: int) -> str:
-    import os
-
-    return os.strerror(error) if isinstance(error, int) and error > 0 else str(error)
 
 
 def summary(data: dict[str, Any]) -> str:
