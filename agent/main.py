@@ -75,7 +75,8 @@ class DvrAgent:
         self.node: str = conf.node
         self.bridge: str = conf.ovs.integration_bridge
         if source is None:
-            source = (NbSource(conf.topology.nb_connection) if conf.topology.source == "nb"
+            source = (NbSource(conf.topology.nb_connection, conf.node)
+                      if conf.topology.source == "nb"
                       else FileSource(conf.topology.file))
         self.source = source
         target = conf.ovs.openflow_connection or (
@@ -270,6 +271,7 @@ class DvrAgent:
                 self._announce(result)
                 self.report(converged=True, generation=self.topo.digest, flows=result.flows,
                             vms=result.vms, snat=result.snat, error=None,
+                            known_vms=len(self.topo.vms),  # what the source holds
                             gateway_mac=self.gateway_mac(),
                             syncs=self.status["syncs"] + 1,
                             last_change={"added": result.added, "deleted": result.deleted})

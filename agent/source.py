@@ -1,13 +1,37 @@
-"""Where the agent reads the desired state from: one small interface, several backends."""
+"""Where the agent reads the desired state from: one small interface, several backends.
+
+From the northbound database, an agent keeps only what its node's plan can depend on
+(OVSDB `monitor_cond`, as ovn-controller does): NB_Global, Node, External, Network and
+Router in full (small tables), its own Agent row (not every agent's heartbeat), and the
+Port rows of `flows.planner.scope()`, expressed over its copy: the ports on this node; on
+the networks reachable from theirs (sharing a router) and on the networks of the routers
+whose SNAT is active here; every port with a floating IP when this node NATs (it hosts a
+floating IP or a router's SNAT); and any port holding a MAC the model tried for a router
+or a node (those MACs are allocated around the ports' MACs, so such a port decides them).
+
+The condition is recomputed from the copy whenever the copy changes, and the copy is handed
+to the agent only once the server has acknowledged the latest condition (the copy then holds
+every row that condition selects). At start-up that takes two or three round trips (this
+node's ports, then their networks' ports): a restarting agent never plans from a copy still
+missing ports, so it removes no flow. A port newly needed (a VM on a network new to this
+node, a router interface added) arrives with the next acknowledgement, before the change
+that needs it is handed out. A VM bound here that the database puts on another node is
+known only if it is in scope anyway (the database has no column for its port id).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 import warnings
 from abc import ABC, abstractmethod
 from typing import Any
 
 from dvr.model import Topology, TopologyError, build_topology, load_topology
+from flows.planner import Scope, scope
+
+LOG = logging.getLogger(__name__)
 
 
 class Source(ABC):
@@ -52,14 +76,33 @@ class FileSource(Source):
 
 
 RECONNECT_MIN_MS, RECONNECT_MAX_MS = 100, 1000
+# a condition change the server has not acknowledged after this long is logged
+COND_WARN_SECONDS = 10.0
+
+
+def _replica_class() -> type:
+    """The `ovs` IDL, counting changes of the desired state (every table but Agent: agents'
+    heartbeats do not count)."""
+    import ovs.db.idl
+
+    class Replica(ovs.db.idl.Idl):  # type: ignore[misc]
+        desired_changes = 0
+
+        def notify(self, event: Any, row: Any, updates: Any = None) -> None:
+            if row._table.name != "Agent":
+                self.desired_changes += 1
+
+    return Replica
 
 
 class NbSource(Source):
     """The northbound database, through the `ovs` IDL: the server pushes every change (a
     monitor); `poll()` only processes what has arrived. Reconnects by itself, keeping the
-    last state meanwhile."""
+    last state meanwhile; reads from any member of a cluster (comma-separated remotes).
+    With `node`, keeps only that node's scope (see the module docstring); without, the
+    whole database."""
 
-    def __init__(self, remote: str):
+    def __init__(self, remote: str, node: str | None = None):
         warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
         import ovs.db.idl
 
@@ -67,28 +110,111 @@ class NbSource(Source):
 
         helper = ovs.db.idl.SchemaHelper(location=str(nb.SCHEMA))
         helper.register_all()
-        self.idl = ovs.db.idl.Idl(remote, helper)
+        self.node = node
+        self.idl = _replica_class()(remote, helper, leader_only=False)
+        if node is not None:  # no port before this node's own row is known
+            self.idl.cond_change("Port", [False])
+            self.idl.cond_change("Agent", [["node", "==", node]])
         # a database back after a restart or a failover is found within a second (the
         # default backoff grows to 8 s); the bindings offer no public call for this
         session = getattr(self.idl, "_session", None)
         if session is not None:
             session.reconnect.set_backoff(RECONNECT_MIN_MS, RECONNECT_MAX_MS)
-        self._seen: str | None = None
-
-    def _generation(self) -> str | None:
-        rows = list(self.idl.tables["NB_Global"].rows.values())
-        return rows[0].generation if rows else None
+        self._built = -1  # the copy's `desired_changes` when `_state` was built
+        self._state: Topology | TopologyError | None = None
+        self._seen = -1  # ... when `load()` last handed it out
+        self._pending_since: float | None = None
 
     def wait(self, poller: Any) -> bool:
-        self.idl.wait(poller)
+        idl = self.idl
+        session = getattr(idl, "_session", None)
+        if idl.cond_changed and session is not None and (
+                not session.is_connected() or getattr(idl, "_request_id", None) is not None):
+            # a new condition that cannot be sent yet (no connection, or an earlier
+            # request not answered): the IDL's own wait() would wake at once, again and
+            # again; wake when the connection has news instead
+            session.wait(poller)
+            session.recv_wait(poller)
+        else:
+            idl.wait(poller)
         return True
 
     def poll(self) -> bool:
-        """True when the desired state has a new generation (agents' own reports, in the
-        same database, do not count)."""
+        """True when the copy's desired state changed since `load()` (agents' reports, in
+        the same database, do not count) and the copy is complete for its condition."""
         self.idl.run()
-        return self.idl.has_ever_connected() and self._generation() != self._seen
+        if not self.idl.has_ever_connected():
+            return False
+        self._current()
+        if not self._in_force():
+            return False
+        return self.idl.desired_changes != self._seen
 
+    def load(self) -> Topology:
+        state = self._current()
+        self._seen = self._built
+        if isinstance(state, TopologyError):
+            raise state
+        assert state is not None
+        return state
+
+    # --- the copy and its condition ---------------------------------------------------------
+    def _current(self) -> Topology | TopologyError | None:
+        """The topology the copy holds (built once per change), after asking the server
+        for the ports its scope needs."""
+        if self.idl.desired_changes == self._built:
+            return self._state
+        self._built = self.idl.desired_changes
+        glob = list(self.idl.tables["NB_Global"].rows.values())
+        try:
+            if not glob:
+                raise TopologyError("northbound", [("(database)", "holds no desired state yet")])
+            topo = build_topology(document_of(self.idl), "northbound")
+            self._state = _with_digest(topo, glob[0].generation)
+        except TopologyError as exc:  # keep the condition; the agent keeps its last state
+            self._state = exc
+            return exc
+        if self.node is not None:
+            self.idl.cond_change("Port", self._port_condition(scope(self._state, self.node)))
+        return self._state
+
+    def _port_condition(self, sc: Scope) -> list[Any]:
+        """The scope as an OVSDB condition on Port rows (clauses ORed; sorted, so that the
+        same scope is the same condition)."""
+        t = self.idl.tables
+        clauses: list[Any] = [["node", "==", ["uuid", str(r.uuid)]]
+                              for r in t["Node"].rows.values() if r.name == sc.node]
+        clauses += sorted(["network", "==", ["uuid", str(r.uuid)]]
+                          for r in t["Network"].rows.values() if r.name in sc.networks)
+        if sc.floating_ips:
+            clauses.append(["floating_ip", "!=", ["set", []]])
+        clauses += [["mac", "==", mac] for mac in sorted(sc.macs)]
+        return clauses or [False]
+
+    def _in_force(self) -> bool:
+        """Every table's latest condition acknowledged by the server, and the copy
+        filled for it (not between a reconnection and the server's answer).
+
+        (Not `cond_change()`'s seqno: in the `ovs` bindings (4.0) it asks for one
+        acknowledgement more than comes, and `cond_seqno` restarts from 0 when the copy is
+        refilled after a reconnection.)"""
+        idl = self.idl
+        waiting = sorted(t.name for t in idl.tables.values()
+                         if t.condition_state.new is not None
+                         or t.condition_state.requested is not None)
+        monitoring = idl.state == idl.IDL_S_MONITORING
+        now = time.monotonic()
+        if not (monitoring and waiting):
+            self._pending_since = None
+        elif self._pending_since is None:
+            self._pending_since = now
+        elif now - self._pending_since > COND_WARN_SECONDS:  # connected, yet no answer
+            LOG.warning("the northbound database has not acknowledged the condition on %s "
+                        "for %.0f s", ", ".join(waiting), now - self._pending_since)
+            self._pending_since = now
+        return monitoring and not waiting
+
+    # --- this agent's report ----------------------------------------------------------------
     def report(self, node: str, status: dict[str, Any]) -> None:
         """Write this agent's row of the Agent table (skipped while the previous report
         is still on its way)."""
@@ -112,14 +238,6 @@ class NbSource(Source):
         row.error = [str(status["error"])] if status.get("error") else []
         row.gateway_mac = [status["gateway_mac"]] if status.get("gateway_mac") else []
         txn.commit()
-
-    def load(self) -> Topology:
-        self._seen = self._generation()
-        glob = list(self.idl.tables["NB_Global"].rows.values())
-        if not glob:
-            raise TopologyError("northbound", [("(database)", "holds no desired state yet")])
-        topo = build_topology(document_of(self.idl), "northbound")
-        return _with_digest(topo, glob[0].generation)
 
     def close(self) -> None:
         self.idl.close()
