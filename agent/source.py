@@ -5,9 +5,9 @@ From the northbound database, an agent keeps only what its node's plan can depen
 Router in full (small tables), its own Agent row (not every agent's heartbeat), and the
 Port rows of `flows.planner.scope()`, expressed over its copy: the ports on this node; on
 the networks reachable from theirs (sharing a router) and on the networks of the routers
-whose SNAT is active here; every port with a floating IP when this node NATs (it hosts a
-floating IP or a router's SNAT); and any port holding a MAC the model tried for a router
-or a node (those MACs are allocated around the ports' MACs, so such a port decides them).
+whose SNAT is active here; and every port with a floating IP when this node NATs (it hosts
+a floating IP or a router's SNAT). (Router and node MACs are derived from their own names,
+not around the ports' MACs, so a partial copy derives the same ones.)
 
 The condition is recomputed from the copy whenever the copy changes, and the copy is handed
 to the agent only once the server has acknowledged the latest condition (the copy then holds
@@ -188,7 +188,6 @@ class NbSource(Source):
                           for r in t["Network"].rows.values() if r.name in sc.networks)
         if sc.floating_ips:
             clauses.append(["floating_ip", "!=", ["set", []]])
-        clauses += [["mac", "==", mac] for mac in sorted(sc.macs)]
         return clauses or [False]
 
     def _in_force(self) -> bool:

@@ -4,7 +4,9 @@
 and fills in what the file leaves out (VNIs, MACs, IPs, external IPs) deterministically:
 the same file always yields the same addresses. An object's address is chosen from the hash
 of its own name, avoiding what is explicitly taken; on a collision, objects are served in
-file order, so adding a VM (a network, a router) at the end never moves the others.
+file order, so adding a VM (a network, a router) at the end never moves the others. Router
+and node MACs avoid only each other, never the VMs' (a VM may not take one): a copy of the
+cloud holding only some of its VMs derives the same ones.
 
 Nothing here has side effects; the model is immutable.
 """
@@ -193,6 +195,36 @@ def _mac_for(label: str, taken: set[str]) -> str:
             taken.add(mac)
             return mac
         attempt += 1
+
+
+@dataclass
+class _InfraMacs:
+    macs: dict[str, str]  # label (rif:ROUTER:NET, rgw:ROUTER, node:NODE) -> MAC
+    owner: dict[str, str]  # MAC -> who holds it, for error messages
+
+
+def _infrastructure_macs(router_specs: Mapping[str, Any], router_of: Mapping[str, str],
+                         nodes: Mapping[str, Any], has_external: bool) -> _InfraMacs:
+    """Router interface, router gateway and node provider MACs: from their labels, avoiding
+    only each other (routers in name order, then nodes)."""
+    taken: set[str] = set()
+    out = _InfraMacs({}, {})
+
+    def take(label: str, owner: str) -> None:
+        mac = _mac_for(label, taken)
+        out.macs[label] = mac
+        out.owner[mac] = owner
+
+    for name in sorted(router_specs):
+        spec = router_specs[name]
+        for net in spec.get("interfaces", []):
+            if router_of.get(net) == name:
+                take(f"rif:{name}:{net}", f"router {name}'s MAC on {net}")
+        if spec.get("external_gateway") is True and has_external:
+            take(f"rgw:{name}", f"router {name}'s external MAC")
+    for n in nodes:
+        take(f"node:{n}", f"node {n}'s MAC on the provider network")
+    return out
 
 
 def _pick_ip(
@@ -622,7 +654,17 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
                 ok = False
         if ok:
             vm_specs[name] = spec
+    if c.errors:
+        raise TopologyError(source, c.errors)
+    # the MACs of routers and nodes come from their own names alone, whatever the VMs
+    # hold, so that a copy of the cloud holding only some VMs (an agent's share of the
+    # northbound database) derives the same ones; a VM may not take one
+    infra = _infrastructure_macs(router_specs, router_of, nodes, external is not None)
+    for mac, name in explicit_macs.items():
+        if mac in infra.owner:
+            c.err(f"vms.{name}.mac", f"{mac} is {infra.owner[mac]}")
     macs.update(explicit_macs)
+    macs.update(infra.owner)
 
     if c.errors:
         raise TopologyError(source, c.errors)
@@ -670,7 +712,7 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
             zones.add(zone)
             router_zones.append(zone)
         itfs = tuple(
-            RouterInterface(net, networks[net].gateway_ip, _mac_for(f"rif:{name}:{net}", macs))
+            RouterInterface(net, networks[net].gateway_ip, infra.macs[f"rif:{name}:{net}"])
             for net in spec.get("interfaces", [])
             if router_of.get(net) == name
         )
@@ -682,13 +724,13 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
             interfaces=itfs,
             external_gateway=ext_gw,
             external_ip=ext_ips.get(name) if ext_gw else None,
-            external_mac=_mac_for(f"rgw:{name}", macs) if ext_gw else None,
+            external_mac=infra.macs[f"rgw:{name}"] if ext_gw else None,
             snat_nodes=tuple(snat) if ext_gw else (),
             snat_zone=router_zones[0],
             dnat_zone=router_zones[1],
         )
-    # each node's MAC on the provider network, after every other MAC is taken
-    nodes = {n: dataclasses.replace(node, external_mac=_mac_for(f"node:{n}", macs))
+    # each node's MAC on the provider network
+    nodes = {n: dataclasses.replace(node, external_mac=infra.macs[f"node:{n}"])
              for n, node in nodes.items()}
 
     return Topology(

@@ -21,7 +21,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from dvr.model import VM, Network, Router, Topology, _mac_for
+from dvr.model import VM, Network, Router, Topology
 from flows.ofp import (
     CT,
     CT_EST,
@@ -482,14 +482,11 @@ def _provider(topo: Topology, node: str, ports: NodePorts, local: Mapping[str, V
 
 # --- scope: which VMs a node's plan can depend on ---------------------------------------------
 
-MAX_MAC_ATTEMPTS = 64  # far more than the model ever needs: 2**24 MACs, a few thousand used
-
-
 @dataclass(frozen=True)
 class Scope:
-    """The VMs (ports) a node's plan reads, as four rules over the cloud's VMs: those the
-    topology puts on `node`, those on `networks`, those with a floating IP when
-    `floating_ips`, and those holding one of `macs`. Nodes, networks, routers and the
+    """The VMs (ports) a node's plan reads, as three rules over the cloud's VMs: those the
+    topology puts on `node`, those on `networks`, and those with a floating IP when
+    `floating_ips`. Nodes, networks, routers and the
     external network are not restricted: `plan()` is the same on a topology holding only
     the VMs in scope as on the whole cloud (for the VMs bound here being those the topology
     puts here)."""
@@ -497,11 +494,10 @@ class Scope:
     node: str
     networks: frozenset[str] = frozenset()
     floating_ips: bool = False
-    macs: frozenset[str] = frozenset()
 
     def holds(self, vm: VM) -> bool:
         return (vm.node == self.node or vm.network in self.networks
-                or (self.floating_ips and vm.floating_ip is not None) or vm.mac in self.macs)
+                or (self.floating_ips and vm.floating_ip is not None))
 
 
 def scope(topo: Topology, node: str) -> Scope:
@@ -513,10 +509,10 @@ def scope(topo: Topology, node: str) -> Scope:
       delivery flows;
     - every VM with a floating IP, when the node NATs for the provider network (it hosts a
       floating IP, or a router's SNAT): the `ext_out` flows that send traffic for a
-      floating IP straight to its node;
-    - every VM holding a MAC the model tried for a router or node MAC (`mac_probes`): the
-      model allocates those around the VMs' MACs, so the VM that pushed a router's MAC to
-      its next choice must be known for the same MAC to come out.
+      floating IP straight to its node.
+
+    (Router and node MACs come from their own names, never from the VMs': a copy holding
+    only some VMs derives the same ones.)
 
     Computed on a topology holding only these VMs, it gives the same scope again (the
     agent computes it over its partial copy of the northbound database)."""
@@ -527,25 +523,4 @@ def scope(topo: Topology, node: str) -> Scope:
         networks.update(i.network for i in topo.routers[name].interfaces)
     natting = topo.external is not None and (
         bool(snat) or any(vm.floating_ip is not None for vm in local))
-    return Scope(node, frozenset(networks), natting, mac_probes(topo))
-
-
-def mac_probes(topo: Topology) -> frozenset[str]:
-    """Every MAC the model tried, in order, for each router interface, router external
-    port and node provider port up to the one it took: a VM holding one of them decided
-    the outcome (see `dvr.model._mac_for`)."""
-    labelled: list[tuple[str, str | None]] = []
-    for r in topo.routers.values():
-        labelled += [(f"rif:{r.name}:{i.network}", i.mac) for i in r.interfaces]
-        if r.external_gateway:
-            labelled.append((f"rgw:{r.name}", r.external_mac))
-    labelled += [(f"node:{n.name}", n.external_mac) for n in topo.nodes.values()]
-    out: set[str] = set()
-    for label, taken in labelled:
-        tried: set[str] = set()
-        for _ in range(MAX_MAC_ATTEMPTS):
-            mac = _mac_for(label, tried)  # the first choice not tried yet
-            if mac == taken:
-                break
-        out |= tried
-    return frozenset(out)
+    return Scope(node, frozenset(networks), natting)
