@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import arp, config
-from agent.ofswitch import InstalledFlow, OpenFlowError, Switch
+from agent.ofswitch import InstalledFlow, OpenFlowError, Switch, installed
 from agent.ovsdb import Ovsdb, OvsdbError
 from agent.source import FileSource, NbSource, Source
 from dvr.model import Topology, TopologyError
@@ -49,6 +49,24 @@ class SyncResult:
     snat: list[str] = field(default_factory=list)
     announce: dict[str, str] = field(default_factory=dict)
     provider: int | None = None
+    timing: dict[str, float] = field(default_factory=dict)  # milliseconds, by phase
+
+
+class _Clock:
+    """Milliseconds spent in each phase of a sync, for the log and the status."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[phase] = round((now - self._t) * 1e3, 2)
+        self._t = now
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in self.laps.items())
+        return f"{sum(self.laps.values()):.1f} ms ({parts})"
 
 
 def diff(
@@ -95,6 +113,8 @@ class DvrAgent:
         self._garps: list[tuple[float, str, str, int]] = []  # (due, ip, mac, port)
         self._gateway: tuple[str, str] | None = None  # (gateway IP, resolved MAC)
         self._gateway_next = 0.0
+        # the flows we own on the switch as the last sync left them (None: read them back)
+        self._installed: dict[int, InstalledFlow] | None = None
 
     # --- status ---------------------------------------------------------------------------
     def report(self, **changes: Any) -> None:
@@ -115,9 +135,13 @@ class DvrAgent:
         self._last_report = time.monotonic()
 
     # --- one reconciliation ---------------------------------------------------------------
-    def sync(self) -> SyncResult:
+    def sync(self, full: bool = True) -> SyncResult:
+        """One reconciliation. `full` reads back the flows we own from the switch; else
+        the flows the last successful sync left are taken as installed (a change of the
+        desired state alone: the switch and its ports did not change meanwhile)."""
         assert self.topo is not None and self.ovsdb is not None
         topo = self.topo
+        clock = _Clock()
         peers = {
             n.name: str(n.tunnel_ip)
             for n in topo.nodes.values()
@@ -140,15 +164,27 @@ class DvrAgent:
             provider=plugged.provider if ext else None,
             gateway_mac=self.gateway_mac(),
             snat=snat_routers(topo, self.node))
+        clock.lap("ovsdb")
         desired = plan(topo, self.node, ports)
-        stale, missing = diff(desired, self.switch.dump_owned())
+        clock.lap("plan")
+        if full or self._installed is None:
+            current = self.switch.dump_owned()
+            clock.lap("dump")
+        else:
+            current = list(self._installed.values())
+        stale, missing = diff(desired, current)
+        self._installed = None  # unknown until the bundle is committed
         self.switch.apply(stale, missing)
+        clock.lap("apply")
+        gone = {id(f) for f in stale}
+        self._installed = {f.cookie: f for f in current if id(f) not in gone}
+        self._installed.update((f.cookie, installed(f)) for f in missing)
         if stale or missing:
-            LOG.info("node %s: +%d -%d flows (%d desired)", self.node, len(missing),
-                     len(stale), len(desired))
+            LOG.info("node %s: +%d -%d flows (%d desired) in %s", self.node, len(missing),
+                     len(stale), len(desired), clock)
         return SyncResult(len(missing), len(stale), len(desired), sorted(vms),
                           sorted(ports.snat), announcements(topo, self.node, ports),
-                          ports.provider)
+                          ports.provider, clock.laps)
 
     # --- the upstream gateway ---------------------------------------------------------------
     def gateway_mac(self) -> str | None:
@@ -242,7 +278,7 @@ class DvrAgent:
                 self.report(error=str(exc), converged=False)
                 LOG.warning("%s; retrying", exc)
                 time.sleep(1)
-        dirty = True
+        dirty = full = True  # full: read the switch's flows back (see sync())
         next_resync = 0.0
         backoff = 0.1
         while self.running:
@@ -251,14 +287,14 @@ class DvrAgent:
                 dirty = True
             if self.ovsdb is not None and self.ovsdb.changed.is_set():
                 self.ovsdb.changed.clear()
-                dirty = True
+                dirty = full = True  # ports changed, or a restarted ovs-vswitchd
             if now >= next_resync:
-                dirty = True
+                dirty = full = True
             if self.refresh_gateway():
                 dirty = True
             if dirty and self.topo is not None:
                 try:
-                    result = self.sync()
+                    result = self.sync(full)
                 except (OpenFlowError, OvsdbError) as exc:
                     LOG.warning("sync failed: %s", exc)
                     self.report(converged=False, error=str(exc))
@@ -266,15 +302,17 @@ class DvrAgent:
                     backoff = min(backoff * 2, 2.0)
                     continue
                 backoff = 0.1
-                dirty = False
-                next_resync = now + conf.agent.resync_interval
+                if full:
+                    next_resync = now + conf.agent.resync_interval
+                dirty = full = False
                 self._announce(result)
                 self.report(converged=True, generation=self.topo.digest, flows=result.flows,
                             vms=result.vms, snat=result.snat, error=None,
                             known_vms=len(self.topo.vms),  # what the source holds
                             gateway_mac=self.gateway_mac(),
                             syncs=self.status["syncs"] + 1,
-                            last_change={"added": result.added, "deleted": result.deleted})
+                            last_change={"added": result.added, "deleted": result.deleted,
+                                         "ms": result.timing})
             elif now - self._last_report >= conf.agent.heartbeat_interval:
                 self.report()
             self._send_due_garps()

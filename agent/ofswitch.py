@@ -55,6 +55,12 @@ class InstalledFlow:
     packet_count: int = 0
 
 
+def installed(flow: Flow) -> InstalledFlow:
+    """The flow as the switch will report it once added (without a dump)."""
+    return InstalledFlow(flow.cookie, TABLES[flow.table].number, flow.priority,
+                         to_ofp_match(flow))
+
+
 def _match_value(fld: str, value: Any) -> Any:
     kind, _ = FIELDS[fld]
     if kind == "ip" and "/" in str(value):
