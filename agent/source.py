@@ -242,42 +242,23 @@ class NbSource(Source):
         self.idl.close()
 
 
-def _one(value: Any) -> Any:
-    return value[0] if isinstance(value, list) and value else (value or None)
-
-
 def document_of(idl: Any) -> dict[str, Any]:
-    """The topology document the IDL's replica of the northbound database holds."""
-    t = idl.tables
-    doc: dict[str, Any] = {"nodes": {}}
-    for n in sorted(t["Node"].rows.values(), key=lambda r: r.position):
-        spec: dict[str, Any] = {"role": n.role}
-        if _one(n.tunnel_ip):
-            spec["tunnel_ip"] = _one(n.tunnel_ip)
-        doc["nodes"][n.name] = spec
-    for e in t["External"].rows.values():
-        doc["external"] = {"cidr": e.cidr, "gateway_ip": e.gateway_ip,
-                           "remote_ip": e.remote_ip}
-        if _one(e.gateway_mac):
-            doc["external"]["gateway_mac"] = _one(e.gateway_mac)
-    doc["networks"] = {
-        n.name: {"cidr": n.cidr, "gateway_ip": n.gateway_ip, "mtu": n.mtu, "vni": n.vni}
-        for n in sorted(t["Network"].rows.values(), key=lambda r: r.position)}
-    doc["routers"] = {}
-    for r in sorted(t["Router"].rows.values(), key=lambda r: r.position):
-        spec = {"interfaces": [r.interfaces[k].name for k in sorted(r.interfaces)]}
-        if r.external_gateway:
-            spec["external_gateway"] = True
-            spec["external_ip"] = _one(r.external_ip)
-            spec["snat_nodes"] = [r.snat_nodes[k].name for k in sorted(r.snat_nodes)]
-        doc["routers"][r.name] = spec
-    doc["vms"] = {}
-    for p in sorted(t["Port"].rows.values(), key=lambda r: r.name):
-        spec = {"node": p.node.name, "network": p.network.name, "ip": p.ip, "mac": p.mac}
-        if _one(p.floating_ip):
-            spec["floating_ip"] = _one(p.floating_ip)
-        doc["vms"][p.name] = spec
-    return doc
+    """The topology document the IDL's copy of the northbound database holds: its rows in
+    OVSDB's JSON form, read by the same `dvr.nb.document()` as a `dvr nb dump`."""
+    from ovs.db.data import Datum
+
+    from dvr import nb
+
+    def row(table: Any, r: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {"_uuid": ["uuid", str(r.uuid)]}
+        for name, column in table.columns.items():  # a column at its default may be absent
+            datum = r._data.get(name) or Datum.default(column.type)
+            out[name] = datum.to_json()
+        return out
+
+    return nb.document([
+        {"rows": [row(idl.tables[t], r) for r in idl.tables[t].rows.values()]}
+        for t in nb.DESIRED_TABLES])
 
 
 def _with_digest(topo: Topology, digest: str) -> Topology:

@@ -87,9 +87,12 @@ def _lost_leader(error: str) -> bool:
                                             "connection", "closed"))
 
 
+# the tables of the desired state, in the order `document()` reads them
+DESIRED_TABLES = ("NB_Global", "Node", "External", "Network", "Router", "Port")
+
+
 def dump_ops() -> list[dict[str, Any]]:
-    return [{"op": "select", "table": t, "where": []}
-            for t in ("NB_Global", "Node", "External", "Network", "Router", "Port")]
+    return [{"op": "select", "table": t, "where": []} for t in DESIRED_TABLES]
 
 
 def _one(value: Any) -> Any:
@@ -106,7 +109,8 @@ def _pairs(value: Any) -> list[tuple[int, str]]:
 
 
 def document(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """A topology document from the rows `dump_ops()` selected."""
+    """A topology document from rows in OVSDB's JSON form, one result per table of
+    DESIRED_TABLES (what `dump_ops()` selects; an agent's IDL copy in the same form)."""
     _, nodes, ext, nets, routers, ports = (r.get("rows", []) for r in results)
     node_name = {n["_uuid"][1]: n["name"] for n in nodes}
     net_name = {n["_uuid"][1]: n["name"] for n in nets}
