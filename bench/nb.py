@@ -72,6 +72,7 @@ FIP = "203.0.113.50"
 MOVERS = (("vm4", "compute2"), ("vm1", "compute1"))  # the first move goes to compute2
 AGENT_NODE = "compute1"  # the agent restarted, measured and given the bound ports
 BOUND = 50               # generated ports bound (plugged) on AGENT_NODE
+BOUND_NETS = 4           # ... on this many generated networks (two routers)
 GEN_COMPUTES = 100       # generated compute nodes, not in the lab
 PER_NET = 100            # ports per generated network
 GEN_TUNNELS = ipaddress.IPv4Address("198.18.100.1")  # their tunnel_ip, from here up
@@ -272,6 +273,27 @@ class Move:
     reported_s: float | None  # to the new node's agent reporting the generation converged
 
 
+def one_move(lb: Lab, db: TimedNorthbound, watches: dict[str, FlowWatch], vm: str, node: str,
+             timeout: float, t0: float | None = None) -> tuple[Move, str, float]:
+    """Move the floating IP to `vm` (on `node`): the Move timed from `t0` (default: just
+    before the change() call), the new generation, and when change() was called."""
+    for w in watches.values():
+        w.drain()
+    db.timed()
+    t_call = time.perf_counter()
+    start = t_call if t0 is None else t0
+    generation = db.change(nb.fip_set(vm, FIP))
+    t1 = time.perf_counter()
+    rpc_s, rpcs = db.timed()
+    seen = watches[node].wait_added(FIP, timeout)
+    reported: float | None = None
+    with contextlib.suppress(BenchError):
+        reported = wait_agents(lb, [node], generation, timeout, t0=start, poll=0.001)[node]
+    count = 0 if seen is None else 1 + watches[node].count_added(FIP, seen)
+    return (Move(node, t1 - start, rpc_s, rpcs, None if seen is None else seen - start,
+                 count, reported), generation, t_call)
+
+
 def bench_moves(lb: Lab, db: TimedNorthbound, watches: dict[str, FlowWatch], moves: int,
                 label: str, timeout: float = FLOW_TIMEOUT_S) -> list[Move]:
     out: list[Move] = []
@@ -282,23 +304,7 @@ def bench_moves(lb: Lab, db: TimedNorthbound, watches: dict[str, FlowWatch], mov
         for i in range(moves):
             vm, node = MOVERS[i % 2]
             time.sleep(SETTLE_S)
-            for w in watches.values():
-                w.drain()
-            db.timed()
-            t0 = time.perf_counter()
-            generation = db.change(nb.fip_set(vm, FIP))
-            t1 = time.perf_counter()
-            rpc_s, rpcs = db.timed()
-            seen = watches[node].wait_added(FIP, timeout)
-            reported: float | None = None
-            try:
-                reported = wait_agents(lb, [node], generation, timeout, t0=t0,
-                                       poll=0.001)[node]
-            except BenchError:
-                reported = None
-            count = 0 if seen is None else 1 + watches[node].count_added(FIP, seen)
-            m = Move(node, t1 - t0, rpc_s, rpcs, None if seen is None else seen - t0,
-                     count, reported)
+            m, generation, _ = one_move(lb, db, watches, vm, node, timeout)
             out.append(m)
             flows = f"{m.flows_s * 1e3:8.1f} ms ({m.flows} flows)" if m.flows_s is not None \
                 else f"   none within {timeout:.0f} s"
@@ -342,7 +348,8 @@ def generate(base: dict[str, Any], ports: int, bound_node: str, bound: int = BOU
     tunnel_ip, its networks, routers and VMs) plus generated ones, `ports` ports in all:
     `computes` compute nodes that are not in the lab, networks of `per_net` ports two to a
     router with an external gateway, one floating IP per ten ports, and `bound` ports on
-    the lab's `bound_node` (b0, b1, ...), spread over the generated networks."""
+    the lab's `bound_node` (b0, b1, ...) on the first BOUND_NETS generated networks (a
+    hypervisor hosts a few tenants' networks, not every one)."""
     doc: dict[str, Any] = json.loads(json.dumps(base))
     ext = doc["external"]
     small = ipaddress.IPv4Network(ext["cidr"])
@@ -375,7 +382,7 @@ def generate(base: dict[str, Any], ports: int, bound_node: str, bound: int = BOU
             vm["floating_ip"] = str(next(pool))
         doc["vms"][f"v{k}"] = vm
     for b in range(bound):
-        n, j = b % nets, b // nets
+        n, j = b % min(nets, BOUND_NETS), b // min(nets, BOUND_NETS)
         doc["vms"][f"b{b}"] = {"node": bound_node, "network": f"g{n}",
                                "ip": f"172.{16 + n // 256}.{n % 256}.{200 + j}",
                                "mac": f"02:b0:00:00:{b // 256:02x}:{b % 256:02x}"}
@@ -448,6 +455,7 @@ class Restart:
     hwm_kb: int
     flows: int
     vms: int
+    known: int  # ports in the agent's copy of the database (its scope)
 
 
 def restart_agent(lb: Lab, node: str, generation: str, timeout: float) -> Restart:
@@ -476,7 +484,7 @@ def restart_agent(lb: Lab, node: str, generation: str, timeout: float) -> Restar
     mem = proc_mem(pid) if pid else {}
     return Restart(stop_s, started if started is not None else sync_s, sync_s,
                    mem.get("VmRSS", 0), mem.get("VmHWM", 0), int(st.get("flows", 0)),
-                   len(st.get("vms", [])))
+                   len(st.get("vms", [])), int(st.get("known_vms", 0)))
 
 
 def bench_restarts(lb: Lab, node: str, generation: str, reps: int, timeout: float,
@@ -487,7 +495,8 @@ def bench_restarts(lb: Lab, node: str, generation: str, reps: int, timeout: floa
         out.append(r)
         print(f"  {label} restart {i + 1}: stop {r.stop_s:.2f} s, first status "
               f"{r.started_s:.2f} s, converged {r.sync_s:.2f} s; RSS {r.rss_kb / 1024:.1f} MB "
-              f"(peak {r.hwm_kb / 1024:.1f} MB), {r.flows} flows, {r.vms} VMs bound")
+              f"(peak {r.hwm_kb / 1024:.1f} MB), {r.flows} flows, {r.vms} VMs bound, "
+              f"{r.known} ports known")
     return out
 
 
@@ -533,23 +542,11 @@ def bench_failover(lb: Lab, db: TimedNorthbound, watches: dict[str, FlowWatch], 
         vm, node = MOVERS[i % 2]
         time.sleep(SETTLE_S)
         on = members_of_agents(lb)
-        for w in watches.values():
-            w.drain()
         t_kill = time.perf_counter()
         killed = lb.kill_northbound()
         assert killed is not None
-        db.timed()
-        t0 = time.perf_counter()
-        generation = db.change(nb.fip_set(vm, FIP))
-        t1 = time.perf_counter()
-        rpc_s, rpcs = db.timed()
-        seen = watches[node].wait_added(FIP, timeout)
-        reported: float | None = None
-        with contextlib.suppress(BenchError):
-            reported = wait_agents(lb, [node], generation, timeout, t0=t_kill,
-                                   poll=0.001)[node]
-        move = Move(node, t1 - t_kill, rpc_s, rpcs, None if seen is None else seen - t_kill,
-                    0 if seen is None else 1 + watches[node].count_added(FIP, seen), reported)
+        move, generation, t0 = one_move(lb, db, watches, vm, node, timeout, t0=t_kill)
+        t1 = t_kill + move.change_s
         leader = lb.nb_leader()
         f = Failover(killed, leader, move, sum(1 for m in on.values() if m == killed))
         out.append(f)
@@ -731,7 +728,7 @@ def summary(args: argparse.Namespace, fig: Figures) -> None:
             rss = statistics.median(r.rss_kb for r in rs)
             row(f"agent RSS, {size}", f"{rss / 1024:.1f} MB = {rss / base_rss:.1f}x small "
                 f"(peak {max(r.hwm_kb for r in rs) / 1024:.0f} MB), {rs[-1].flows} flows, "
-                f"{rs[-1].vms} bound")
+                f"{rs[-1].vms} bound, {rs[-1].known} of {size} ports known")
     cl = [m.flows_s for m in fig.cluster_moves if m.flows_s is not None]
     if cl:
         row("change to flows, cluster", stats_ms(cl))
