@@ -115,6 +115,7 @@ class DvrAgent:
         self._gateway_next = 0.0
         # the flows we own on the switch as the last sync left them (None: read them back)
         self._installed: dict[int, InstalledFlow] | None = None
+        self._installed_on = 0  # ... over this connection to the switch
 
     # --- status ---------------------------------------------------------------------------
     def report(self, **changes: Any) -> None:
@@ -167,17 +168,21 @@ class DvrAgent:
         clock.lap("ovsdb")
         desired = plan(topo, self.node, ports)
         clock.lap("plan")
-        if full or self._installed is None:
+        if full or self._installed is None or self._installed_on != self.switch.connections:
             current = self.switch.dump_owned()
             clock.lap("dump")
         else:
             current = list(self._installed.values())
+        # the connection `current` is true of: a reconnection during the apply (a switch
+        # restarted meanwhile) makes the next sync read the flows back
+        epoch = self.switch.connections
         stale, missing = diff(desired, current)
         self._installed = None  # unknown until the bundle is committed
         self.switch.apply(stale, missing)
         clock.lap("apply")
         gone = {id(f) for f in stale}
         self._installed = {f.cookie: f for f in current if id(f) not in gone}
+        self._installed_on = epoch
         self._installed.update((f.cookie, installed(f)) for f in missing)
         if stale or missing:
             LOG.info("node %s: +%d -%d flows (%d desired) in %s", self.node, len(missing),

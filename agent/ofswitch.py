@@ -138,6 +138,7 @@ class Switch:
         self.timeout = timeout
         self.dp = ofproto_protocol.ProtocolDesc(ofp.OFP_VERSION)
         self._sock: socket.socket | None = None
+        self.connections = 0  # a new connection may be to a restarted switch
         self._buf = b""
         self._xid = 0
         self._bundle = 0
@@ -159,6 +160,7 @@ class Switch:
         except OSError as exc:
             raise OpenFlowError(f"cannot connect to {self.target}: {exc}") from None
         self._sock, self._buf = sock, b""
+        self.connections += 1
         try:
             self._send(parser.OFPHello(self.dp))
             hello = self._recv()
