@@ -21,6 +21,7 @@ known only if it is in scope anyway (the database has no column for its port id)
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -95,6 +96,19 @@ def _replica_class() -> type:
     return Replica
 
 
+def spread(remote: str, node: str | None) -> str:
+    """The members of a cluster in an order of this node's own (a rotation chosen by its
+    name, the same at every restart), so that a cloud's agents spread over the members
+    instead of all starting with the first; the IDL moves on to the next when one fails."""
+    from dvr.nb import split_remotes
+
+    remotes = split_remotes(remote)
+    if node is None or len(remotes) < 2:
+        return remote
+    k = int.from_bytes(hashlib.sha256(node.encode()).digest()[:4], "big") % len(remotes)
+    return ",".join(remotes[k:] + remotes[:k])
+
+
 class NbSource(Source):
     """The northbound database, through the `ovs` IDL: the server pushes every change (a
     monitor); `poll()` only processes what has arrived. Reconnects by itself, keeping the
@@ -111,7 +125,7 @@ class NbSource(Source):
         helper = ovs.db.idl.SchemaHelper(location=str(nb.SCHEMA))
         helper.register_all()
         self.node = node
-        self.idl = _replica_class()(remote, helper, leader_only=False)
+        self.idl = _replica_class()(spread(remote, node), helper, leader_only=False)
         if node is not None:  # no port before this node's own row is known
             self.idl.cond_change("Port", [False])
             self.idl.cond_change("Agent", [["node", "==", node]])

@@ -194,6 +194,32 @@ def test_the_leader_killed_during_a_stream_of_changes(lab: LabHandle) -> None:
     wait_agents_on(conn, generation, nodes, timeout=15)
 
 
+def test_agents_move_off_the_member_they_watch(lab: LabHandle) -> None:
+    """Agents spread over the members (each node's own order); the member most of them
+    watch is killed: they reconnect to the others and follow the next change."""
+    north = northbound(lab)
+    conn = north["connection"]
+    nodes = {"compute1", "compute2", "net1"}
+    on = {n: member_of(lab, n, north["members"]) for n in sorted(nodes)}
+    assert None not in on.values(), on
+    victim = max(set(on.values()), key=lambda m: list(on.values()).count(m))
+    lab.dvr("kill-nb", victim)
+    try:
+        res = nb_cli(conn, "fip-set", "vm3", FIP1)
+        assert res.returncode == 0, res.stderr
+        generation, _ = counted_changes(conn)
+        wait_agents_on(conn, generation, nodes, timeout=15)
+        survivors = {m: v for m, v in north["members"].items() if m != victim}
+        for node in sorted(nodes):
+            assert member_of(lab, node, survivors) is not None, f"{node} is not on a survivor"
+        with lab.sniff(lab.vm_ns("vm3"), proto="icmp") as cap:
+            assert ext_ping(lab, FIP1)
+        assert {p["dst"] for p in echo_requests(cap.packets)} == {"10.2.0.13"}
+    finally:
+        lab.dvr("start-nb", victim)
+        assert nb_cli(conn, "fip-set", "vm1", FIP1).returncode == 0
+
+
 def test_a_change_cut_short_by_the_leader_failing_lands_once(lab: LabHandle) -> None:
     """Changes back to back from one client while the leader dies: one of them is most
     likely in flight; the client finds the new leader, learns whether it was committed
