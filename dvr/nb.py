@@ -9,7 +9,6 @@ of its rows. `load` validates first and replaces the whole desired state in one 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -246,7 +245,7 @@ class Northbound:
                 if expected is not None and generation == expected:
                     return expected
                 old = document(results) if generation is not None else None
-                new = edit(copy.deepcopy(old))
+                new = edit(json.loads(json.dumps(old)))  # a copy (plain JSON data)
                 if validate:
                     new = to_dict(build_topology(new, "<change>"))
                 if old is not None and new == old:
