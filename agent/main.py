@@ -148,12 +148,14 @@ class DvrAgent:
             for n in topo.nodes.values()
             if n.name != self.node and n.tunnel_ip is not None
         }
-        self.ovsdb.ensure_tunnels(self.bridge, peers, self.conf.ovs.tunnel_type,
-                                  self.conf.ovs.local_ip)
+        plugged = self.ovsdb.plugged(self.bridge)
+        changed = self.ovsdb.ensure_tunnels(self.bridge, peers, self.conf.ovs.tunnel_type,
+                                            self.conf.ovs.local_ip, plugged)
         provider_bridge = self.conf.ovs.external_bridge
         if topo.external is not None and provider_bridge:
-            self.ovsdb.ensure_provider_patch(self.bridge, provider_bridge)
-        plugged = self.ovsdb.plugged(self.bridge)
+            changed |= self.ovsdb.ensure_provider_patch(self.bridge, provider_bridge)
+        if changed:  # read again what the changes made
+            plugged = self.ovsdb.plugged(self.bridge)
         vms = {}
         for iface_id, ofport in plugged.ports.items():
             vm = topo.vm_by_port(iface_id)
@@ -202,13 +204,19 @@ class DvrAgent:
             return self._gateway[1]
         return None
 
+    def _resolves_gateway(self) -> bool:
+        """Whether the gateway's MAC is this agent's to resolve (an external network whose
+        gateway MAC the topology does not give, and a provider bridge to ask through)."""
+        ext = self.topo.external if self.topo else None
+        return ext is not None and not ext.gateway_mac and bool(self.conf.ovs.external_bridge)
+
     def refresh_gateway(self) -> bool:
         """Resolve the gateway's MAC by ARP when it is due; True when it changed. A gateway
         that stops answering keeps its last MAC (as a kernel neighbour entry would)."""
-        ext = self.topo.external if self.topo else None
-        bridge = self.conf.ovs.external_bridge
-        if ext is None or ext.gateway_mac or not bridge:
+        if not self._resolves_gateway():
             return False
+        assert self.topo is not None and self.topo.external is not None
+        ext, bridge = self.topo.external, self.conf.ovs.external_bridge
         now = time.monotonic()
         gw = str(ext.gateway_ip)
         if self._gateway and self._gateway[0] != gw:
@@ -334,21 +342,26 @@ class DvrAgent:
         import ovs.poller
 
         poller = ovs.poller.Poller()
-        now = time.monotonic()
-        due = [next_resync, self._last_report + self.conf.agent.heartbeat_interval,
-               now + MAX_SLEEP]
-        due += [g[0] for g in self._garps]
-        if self.topo is not None and self.topo.external is not None:
-            due.append(self._gateway_next)
-        if retry is not None:
-            due.append(now + retry)
-        if not self.source.wait(poller):
-            due.append(now + self.conf.agent.poll_interval)
+        polled = not self.source.wait(poller)
         if self.ovsdb is not None:
             poller.fd_wait(self.ovsdb.changed.fd, select.POLLIN)
         poller.fd_wait(self._stop_r, select.POLLIN)
-        poller.timer_wait(max(0, int((min(due) - now) * 1000)))
+        poller.timer_wait(int(self._sleep(time.monotonic(), next_resync, retry, polled) * 1000))
         poller.block()
+
+    def _sleep(self, now: float, next_resync: float, retry: float | None,
+               polled: bool) -> float:
+        """Seconds until the first timer is due (at most MAX_SLEEP)."""
+        due = [next_resync, self._last_report + self.conf.agent.heartbeat_interval,
+               now + MAX_SLEEP]
+        due += [g[0] for g in self._garps]
+        if self._resolves_gateway():
+            due.append(self._gateway_next)
+        if retry is not None:
+            due.append(now + retry)
+        if polled:
+            due.append(now + self.conf.agent.poll_interval)
+        return max(0.0, min(due) - now)
 
     def stop(self, *_: Any) -> None:
         self.running = False

@@ -58,9 +58,6 @@ class Wakeup:
             while os.read(self.fd, 4096):
                 pass
 
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._flag.wait(timeout)
-
     def close(self) -> None:
         for fd in (self.fd, self._w):
             with contextlib.suppress(OSError):
@@ -124,10 +121,12 @@ class Ovsdb:
         ])
 
     def ensure_tunnels(
-        self, bridge: str, peers: Mapping[str, str], tunnel_type: str, local_ip: str | None
-    ) -> None:
-        """One tunnel port per peer node; stale ones (ours only) are removed."""
-        current = self.plugged(bridge)
+        self, bridge: str, peers: Mapping[str, str], tunnel_type: str, local_ip: str | None,
+        current: Plugged | None = None,
+    ) -> bool:
+        """One tunnel port per peer node; stale ones (ours only) are removed. `current`:
+        what `plugged()` just read. True when something was changed."""
+        current = current or self.plugged(bridge)
         commands: list[Any] = []
         for peer, port in self._tunnel_ports(bridge).items():
             if peer not in peers or current.tunnel_config.get(peer) != (
@@ -147,6 +146,7 @@ class Ovsdb:
                 ("external_ids", {PEER_KEY: peer})))
         if commands:
             self._execute(f"tunnels on {bridge}", commands)
+        return bool(commands)
 
     def _tunnel_ports(self, bridge: str) -> dict[str, str]:
         out = {}
@@ -192,13 +192,14 @@ class Ovsdb:
 
     def ensure_provider_patch(self, bridge: str, provider_bridge: str) -> bool:
         """Patch the integration bridge to the provider bridge (which the operator creates,
-        with its uplink, as for Neutron's bridge_mappings). False when it does not exist."""
+        with its uplink, as for Neutron's bridge_mappings), if that bridge exists. True
+        when the patch was created now."""
         if not self.has_bridge(provider_bridge):
             return False
         names = {i.name for i in self._interfaces(bridge)}
         peer_names = {i.name for i in self._interfaces(provider_bridge)}
         if PROVIDER_PATCH in names and PROVIDER_PEER in peer_names:
-            return True
+            return False
         self._execute(f"patch {bridge} to {provider_bridge}", [
             self.api.add_port(bridge, PROVIDER_PATCH, may_exist=True),
             self.api.db_set("Interface", PROVIDER_PATCH, ("type", "patch"),
