@@ -26,6 +26,9 @@ class NbError(Exception):
     """The database could not be reached or refused a transaction."""
 
 
+MAX_FAILOVERS = 5  # connections lost in one change before giving up
+
+
 class NbLost(NbError):
     """The connection, or the leader, was lost: a transaction's outcome is unknown."""
 
@@ -238,7 +241,8 @@ class Northbound:
         done when it shows the generation that transaction was writing; it is never
         written twice."""
         expected: str | None = None  # what a transaction sent but unconfirmed would make
-        for _ in range(retries + 5):
+        conflicts = failovers = 0
+        while True:
             try:
                 results = self.transact(dump_ops())
                 uuids, generation = _uuids(results)
@@ -254,14 +258,17 @@ class Northbound:
                 self.transact(diff_ops(old, new, uuids, generation))
                 return expected
             except NbLost:
-                self._reconnect()
-            except NbError as exc:
-                if not ("timed out" in str(exc) or "wait" in str(exc)):
+                failovers += 1
+                if failovers > MAX_FAILOVERS:
                     raise
-                retries -= 1  # somebody else changed it meanwhile: read again
-                if retries <= 0:
-                    break
-        raise NbError("the desired state kept changing under this change; try again")
+                self._reconnect()  # the leader, or an NbError when none comes
+            except NbError as exc:
+                if "timed out" not in str(exc) and "wait" not in str(exc):
+                    raise
+                conflicts += 1  # somebody else changed it meanwhile: read again
+                if conflicts >= retries:
+                    raise NbError("the desired state kept changing under this change; "
+                                  "try again") from None
 
     def dump(self) -> dict[str, Any]:
         return document(self.transact(dump_ops()))
