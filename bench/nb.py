@@ -81,11 +81,6 @@ SETTLE_S = 0.3           # quiet time between moves (gratuitous ARPs, reports)
 
 
 # --- the lab's database -----------------------------------------------------------------------
-def nb_target(lb: Lab) -> str:
-    """The lab's northbound database as this host reaches it."""
-    return lb.nb_connection()
-
-
 class TimedNorthbound(nb.Northbound):
     """A Northbound that adds up the time its transactions (round trips) take."""
 
@@ -613,7 +608,7 @@ def run(args: argparse.Namespace, fig: Figures) -> None:
     state = lb.state()
     print(f"  underlay: {', '.join(f'{n} {ip}' for n, ip in sorted(state['underlay'].items()))}")
     nodes = sorted(state["underlay"])
-    db = TimedNorthbound(nb_target(lb))
+    db = TimedNorthbound(lb.nb_connection())
     watches: dict[str, FlowWatch] = {}
     try:
         base = db.dump()
