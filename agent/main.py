@@ -24,7 +24,7 @@ from agent import arp, config
 from agent.ofswitch import InstalledFlow, OpenFlowError, Switch, installed
 from agent.ovsdb import Ovsdb, OvsdbError
 from agent.source import FileSource, NbSource, Source
-from dvr.model import Topology, TopologyError
+from flows.model import Topology, TopologyError
 from flows.ofp import Flow
 from flows.planner import NodePorts, announcements, plan, snat_routers
 

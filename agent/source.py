@@ -29,7 +29,9 @@ import warnings
 from abc import ABC, abstractmethod
 from typing import Any
 
-from dvr.model import Topology, TopologyError, build_topology, load_topology
+from flows import northbound
+from flows.model import Topology, TopologyError, build_topology, load_topology
+from flows.northbound import split_remotes
 from flows.planner import Scope, scope
 
 LOG = logging.getLogger(__name__)
@@ -100,8 +102,6 @@ def spread(remote: str, node: str | None) -> str:
     """The members of a cluster in an order of this node's own (a rotation chosen by its
     name, the same at every restart), so that a cloud's agents spread over the members
     instead of all starting with the first; the IDL moves on to the next when one fails."""
-    from dvr.nb import split_remotes
-
     remotes = split_remotes(remote)
     if node is None or len(remotes) < 2:
         return remote
@@ -120,9 +120,7 @@ class NbSource(Source):
         warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
         import ovs.db.idl
 
-        from dvr import nb
-
-        helper = ovs.db.idl.SchemaHelper(location=str(nb.SCHEMA))
+        helper = ovs.db.idl.SchemaHelper(location=str(northbound.SCHEMA))
         helper.register_all()
         self.node = node
         self.idl = _replica_class()(spread(remote, node), helper, leader_only=False)
@@ -258,10 +256,8 @@ class NbSource(Source):
 
 def document_of(idl: Any) -> dict[str, Any]:
     """The topology document the IDL's copy of the northbound database holds: its rows in
-    OVSDB's JSON form, read by the same `dvr.nb.document()` as a `dvr nb dump`."""
+    OVSDB's JSON form, read by the same `flows.northbound.document()` as a `dvr nb dump`."""
     from ovs.db.data import Datum
-
-    from dvr import nb
 
     def row(table: Any, r: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"_uuid": ["uuid", str(r.uuid)]}
@@ -270,9 +266,9 @@ def document_of(idl: Any) -> dict[str, Any]:
             out[name] = datum.to_json()
         return out
 
-    return nb.document([
+    return northbound.document([
         {"rows": [row(idl.tables[t], r) for r in idl.tables[t].rows.values()]}
-        for t in nb.DESIRED_TABLES])
+        for t in northbound.DESIRED_TABLES])
 
 
 def _with_digest(topo: Topology, digest: str) -> Topology:

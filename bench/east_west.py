@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dvr.model import Topology, build_topology  # noqa: E402
+from flows.model import Topology, build_topology  # noqa: E402
 from flows.planner import assumed_ports, plan  # noqa: E402
 
 TARGET_UP_S = 3.0

@@ -62,8 +62,9 @@ if str(ROOT) not in sys.path:
 
 from bench.east_west import BenchError, lab, lab_down, last_line, row  # noqa: E402
 from dvr import nb  # noqa: E402
-from dvr.lab import PREFIX_RE, Lab, _kill_pidfile, _read_pid  # noqa: E402
-from dvr.model import build_topology, port_id_for  # noqa: E402
+from dvr.lab.lab import PREFIX_RE, Lab, _kill_pidfile, _read_pid  # noqa: E402
+from flows import northbound  # noqa: E402
+from flows.model import build_topology, port_id_for  # noqa: E402
 
 TOPOLOGY = ROOT / "tests" / "lab" / "topologies" / "northsouth.yaml"
 TARGET_CHANGE_MS = 30.0
@@ -277,7 +278,7 @@ def one_move(lb: Lab, db: TimedNorthbound, watches: dict[str, FlowWatch], vm: st
     db.timed()
     t_call = time.perf_counter()
     start = t_call if t0 is None else t0
-    generation = db.change(nb.fip_set(vm, FIP))
+    generation = db.change(northbound.fip_set(vm, FIP))
     t1 = time.perf_counter()
     rpc_s, rpcs = db.timed()
     seen = watches[node].wait_added(FIP, timeout)

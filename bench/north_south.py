@@ -58,8 +58,8 @@ from bench.east_west import (  # noqa: E402
     last_line,
     row,
 )
-from dvr.lab import PREFIX_RE  # noqa: E402
-from dvr.model import load_topology  # noqa: E402
+from dvr.lab.lab import PREFIX_RE  # noqa: E402
+from flows.model import load_topology  # noqa: E402
 
 TOPOLOGY = ROOT / "tests" / "lab" / "topologies" / "northsouth.yaml"
 TARGET_RATIO = 0.9
@@ -371,7 +371,7 @@ def one_move(prefix: str, st: dict[str, Any], path: Path, old: str, new: str,
         _, err = apply.communicate(timeout=30)
         if returned:
             m.apply_s = returned[0] - t0
-        with contextlib.suppress(OSError):  # the file the agents watch (see dvr/lab.py)
+        with contextlib.suppress(OSError):  # the file the agents watch (see dvr/lab/lab.py)
             m.written_s = lab_topology(prefix).stat().st_mtime_ns / 1e9 - wall0
         if apply.returncode != 0:
             m.apply_error = (err.strip().splitlines() or [f"exit {apply.returncode}"])[-1]

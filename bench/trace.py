@@ -30,8 +30,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.east_west import lab, lab_down, last_line, row  # noqa: E402
-from dvr.model import Topology, build_topology  # noqa: E402
-from dvr.trace import offline  # noqa: E402
+from dvr.trace.offline import offline  # noqa: E402
+from flows.model import Topology, build_topology  # noqa: E402
 
 TARGET_OFFLINE_MS = 100.0
 TARGET_LIVE_S_PER_NODE = 1.0
@@ -102,8 +102,8 @@ def bench_offline(sizes: list[int], reps: int) -> dict[int, dict[str, float]]:
 
 
 def bench_live(prefix: str, reps: int) -> dict[str, tuple[float, float, int]] | None:
-    from dvr.lab import Lab
-    from dvr.trace_live import LiveTracer
+    from dvr.lab.lab import Lab
+    from dvr.trace.live import LiveTracer
 
     res = lab(prefix, "up", str(ROOT / "tests" / "lab" / "topologies" / "trace.yaml"))
     if res.returncode != 0:

@@ -12,9 +12,10 @@ import sys
 import time
 from collections.abc import Sequence
 
-from agent.netlink import NetlinkError
-from dvr.lab import Lab, LabError
-from dvr.model import TopologyError
+from dvr.lab import LabError
+from dvr.lab.lab import Lab
+from dvr.lab.netlink import NetlinkError
+from flows.model import TopologyError
 
 
 def _lab_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,10 +72,11 @@ def _trace_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def trace_main(args: argparse.Namespace) -> int:
-    from dvr import trace as tracing
-    from dvr.lab import DEFAULT_TOPOLOGY
-    from dvr.model import load_topology
-    from flows.expr import ExprError
+    from dvr.lab.lab import DEFAULT_TOPOLOGY
+    from dvr.trace import report as tracing
+    from dvr.trace.expr import ExprError
+    from dvr.trace.offline import offline
+    from flows.model import load_topology
 
     level = args.level or "summary"
     what = list(args.what)
@@ -87,7 +89,7 @@ def trace_main(args: argparse.Namespace) -> int:
     args.sender, args.packet = what
     try:
         if args.offline is None:
-            from dvr.trace_live import LiveTracer
+            from dvr.trace.live import LiveTracer
 
             if os.geteuid() != 0:
                 raise LabError("the live trace needs root (use --offline without a lab)")
@@ -104,7 +106,7 @@ def trace_main(args: argparse.Namespace) -> int:
             if args.verify:
                 raise LabError("--verify sends a real packet: it needs the live lab, not "
                                "--offline")
-            report = tracing.offline(topo, args.sender, args.packet)
+            report = offline(topo, args.sender, args.packet)
     except ExprError as exc:
         print(f"dvr: error: bad packet: {exc}\n{exc.pointer()}", file=sys.stderr)
         return 2
@@ -154,7 +156,8 @@ def nb_main(args: argparse.Namespace) -> int:
     import yaml
 
     from dvr import nb
-    from dvr.model import load_topology
+    from flows import northbound
+    from flows.model import load_topology
 
     if args.lab:
         lab = Lab(args.lab)
@@ -176,21 +179,21 @@ def nb_main(args: argparse.Namespace) -> int:
             elif args.nb_cmd == "dump":
                 print(yaml.safe_dump(db.dump(), sort_keys=False), end="")
             elif args.nb_cmd == "show":
-                print(nb.summary(db.dump()))
+                print(northbound.summary(db.dump()))
             else:
                 edit = {
-                    "vm-add": lambda: nb.vm_add(args.name, args.node, args.network, args.ip,
+                    "vm-add": lambda: northbound.vm_add(args.name, args.node, args.network, args.ip,
                                                 args.mac, args.floating_ip),
-                    "vm-del": lambda: nb.vm_del(args.name),
-                    "fip-set": lambda: nb.fip_set(args.vm, args.floating_ip),
-                    "fip-del": lambda: nb.fip_del(args.vm),
-                    "router-if-add": lambda: nb.router_if(args.router, args.network, True),
-                    "router-if-del": lambda: nb.router_if(args.router, args.network, False),
+                    "vm-del": lambda: northbound.vm_del(args.name),
+                    "fip-set": lambda: northbound.fip_set(args.vm, args.floating_ip),
+                    "fip-del": lambda: northbound.fip_del(args.vm),
+                    "router-if-add": lambda: northbound.router_if(args.router, args.network, True),
+                    "router-if-del": lambda: northbound.router_if(args.router, args.network, False),
                 }[args.nb_cmd]()
                 print(f"generation {db.change(edit)}")
         finally:
             db.close()
-    except (nb.NbError, nb.ChangeError) as exc:
+    except (nb.NbError, northbound.ChangeError) as exc:
         raise LabError(str(exc)) from None
     return 0
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import cached_property, lru_cache
 
+from flows.pipeline import TABLES
+
 OWNER_COOKIE = 0xD7A5  # top 16 bits of every cookie this project installs
 OWNER_MASK = 0xFFFF << 48
 IN_PORT = 0xFFFFFFF8  # OFPP_IN_PORT
@@ -252,8 +254,6 @@ class Goto:
     table: str
 
     def to_ofctl(self) -> str:
-        from flows.pipeline import TABLES
-
         return f"goto_table:{TABLES[self.table].number}"
 
 
@@ -280,8 +280,6 @@ class CT:
     nat: NAT | None = None
 
     def to_ofctl(self) -> str:
-        from flows.pipeline import TABLES
-
         parts = ["commit"] if self.commit else []
         parts += [f"zone={self.zone}", f"table={TABLES[self.table].number}"]
         if self.nat is not None:
@@ -345,8 +343,6 @@ class Flow:
         return ",".join(a.to_ofctl() for a in self.actions) or "drop"
 
     def to_ofctl(self) -> str:
-        from flows.pipeline import TABLES
-
         m = self.match.to_ofctl()
         return (
             f"cookie={self.cookie:#x},table={TABLES[self.table].number},"

@@ -1,9 +1,10 @@
 """The integration bridge's pipeline, declared once.
 
 Every table this project uses is listed here with its number, name, the fields its flows may
-match and the tables they may go to. The planner checks each flow against this declaration, so
-a flow that matches an undeclared field or jumps to an undeclared table is a programming error
-caught by the unit tests. `docs/pipeline.md` documents each table; a test keeps the two in step.
+match and the tables they may go to. This module is data only; `flows/check.py` checks each
+planned flow against it, so a flow that matches an undeclared field or jumps to an undeclared
+table is a programming error caught by the unit tests. `docs/pipeline.md` documents each
+table; a test keeps the two in step.
 
 Registers (what holds between tables):
 - metadata: the logical datapath the packet is in: a network's VNI, or a router's key while it
@@ -25,8 +26,6 @@ A `ct` action recirculates into its `table=`, which must be one the table may go
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from flows.ofp import CT, Flow, Goto
 
 
 @dataclass(frozen=True)
@@ -107,51 +106,3 @@ RECIRCULATE_BACK = frozenset({("ext_out", "unsnat"), ("ext_out", "dnat")})
 TABLES: dict[str, Table] = {t.name: t for t in _TABLES}
 BY_NUMBER: dict[int, Table] = {t.number: t for t in _TABLES}
 FIRST_TABLE = "classify"
-
-
-class PipelineError(ValueError):
-    pass
-
-
-def check_flow(flow: Flow) -> None:
-    """Raise PipelineError if `flow` does not fit the declared pipeline. A shape of flow
-    (table, matched fields, the protocol values prerequisites look at, actions) found good
-    once is not checked again."""
-    shape = (flow.table,
-             tuple((k, v if k in _PREREQ_VALUES else None) for k, v in flow.match.fields),
-             tuple((type(a), getattr(a, "table", None)) for a in flow.actions))
-    if shape not in _GOOD_SHAPES:
-        _check_flow(flow)  # raises
-        _GOOD_SHAPES.add(shape)
-
-
-_PREREQ_VALUES = frozenset({"eth_type", "ip_proto"})
-_GOOD_SHAPES: set[tuple] = set()
-
-
-def _check_flow(flow: Flow) -> None:
-    table = TABLES.get(flow.table)
-    if table is None:
-        raise PipelineError(f"flow in undeclared table {flow.table!r}")
-    for fld, _ in flow.match.fields:
-        if fld not in table.match:
-            raise PipelineError(f"table {table.name} may not match {fld}: {flow.to_ofctl()}")
-    missing = flow.match.missing_prereqs()
-    if missing:
-        raise PipelineError(f"table {table.name}: {'; '.join(missing)}: {flow.to_ofctl()}")
-    for i, action in enumerate(flow.actions):
-        if isinstance(action, Goto):
-            if action.table not in table.next:
-                raise PipelineError(f"table {table.name} may not go to {action.table}")
-            if TABLES[action.table].number <= table.number:
-                raise PipelineError(f"table {table.name} may only go forward")
-            if i != len(flow.actions) - 1:
-                raise PipelineError(f"goto must be the last action: {flow.to_ofctl()}")
-        if isinstance(action, CT):
-            if action.table not in table.next:
-                raise PipelineError(f"table {table.name} may not recirculate to {action.table}")
-            back = TABLES[action.table].number <= table.number
-            if back and (table.name, action.table) not in RECIRCULATE_BACK:
-                raise PipelineError(f"table {table.name} may only go forward")
-            if i != len(flow.actions) - 1:
-                raise PipelineError(f"ct must be the last action: {flow.to_ofctl()}")

@@ -21,7 +21,8 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from dvr.model import VM, Network, Router, Topology
+from flows.check import check_flow
+from flows.model import VM, Network, Router, Topology
 from flows.ofp import (
     CT,
     CT_EST,
@@ -47,7 +48,6 @@ from flows.ofp import (
     SetTTL,
     ct_state,
 )
-from flows.pipeline import check_flow
 
 # offline port numbers: VMs from 1, the provider patch and tunnels above any VM count
 PROVIDER_PORT = 60000  # OVS port numbers are 16 bits (up to 0xfeff)

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dvr.model import Topology
+from flows.model import Topology
 from flows.ofp import (
     CT,
     CT_EST,

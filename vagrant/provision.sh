@@ -91,7 +91,7 @@ log "topology $ETC/topology.yaml (from $TOPOLOGY, with each node's tunnel_ip)"
 install -d -m 755 "$ETC" "$STATE"
 "$VENV/bin/python" - "$SRC/$TOPOLOGY" "$UNDERLAY" "$ETC/topology.yaml" <<'EOF'
 import os, sys, yaml
-from dvr.model import TopologyError, parse_topology
+from flows.model import TopologyError, parse_topology
 
 src, underlay, dst = sys.argv[1:]
 ips = dict(p.split("=", 1) for p in underlay.split(","))
@@ -119,7 +119,7 @@ if [[ $NB_MEMBER == yes ]]; then
     install -d -m 755 /var/log/dvr
     if [[ ! -f $STATE/nb.db ]]; then
         if [[ $LOCAL_IP == "$NB_FIRST_IP" ]]; then
-            ovsdb-tool create-cluster "$STATE/nb.db" "$SRC/dvr/nb.ovsschema" \
+            ovsdb-tool create-cluster "$STATE/nb.db" "$SRC/flows/nb.ovsschema" \
                 "tcp:$LOCAL_IP:$NB_RAFT_PORT"
         else
             ovsdb-tool join-cluster "$STATE/nb.db" DVR_Northbound \
@@ -162,9 +162,9 @@ EOF
     [[ $joined == yes ]] || die "not a member of the northbound cluster after 60 s"
     # the project's schema is newer than the database's: convert it in place
     if [[ $(ovsdb-client needs-conversion unix:/run/dvr/nb.sock \
-            "$SRC/dvr/nb.ovsschema") == yes ]]; then
+            "$SRC/flows/nb.ovsschema") == yes ]]; then
         log "converting the northbound database to the project's schema"
-        ovsdb-client convert unix:/run/dvr/nb.sock "$SRC/dvr/nb.ovsschema"
+        ovsdb-client convert unix:/run/dvr/nb.sock "$SRC/flows/nb.ovsschema"
     fi
 fi
 
@@ -230,7 +230,7 @@ cat >/usr/local/sbin/dvr-plug-vms <<EOF
 set -euo pipefail
 "$VENV/bin/python" - "$ETC/agent.ini" <<'PY' |
 import configparser, sys
-from dvr.model import load_topology
+from flows.model import load_topology
 
 conf = configparser.ConfigParser()
 conf.read(sys.argv[1])

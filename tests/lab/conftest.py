@@ -111,7 +111,7 @@ class LabHandle:
         return f"{self.prefix}-ul"
 
     def topology(self) -> Any:
-        from dvr.model import load_topology
+        from flows.model import load_topology
 
         return load_topology(self.rundir / "topology.yaml")
 

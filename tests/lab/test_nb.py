@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from dvr import nb
-from dvr.model import build_topology, load_topology, to_dict
+from flows import northbound
+from flows.model import build_topology, load_topology, to_dict
 from tests.lab.conftest import ROOT, dvr
 
 DEFAULT = ROOT / "dvr" / "examples" / "default.yaml"
@@ -21,7 +22,7 @@ DEFAULT = ROOT / "dvr" / "examples" / "default.yaml"
 @pytest.fixture()
 def db(tmp_path: Path) -> Iterator[str]:
     path, sock = tmp_path / "nb.db", tmp_path / "nb.sock"
-    subprocess.run(["ovsdb-tool", "create", str(path), str(nb.SCHEMA)], check=True)
+    subprocess.run(["ovsdb-tool", "create", str(path), str(northbound.SCHEMA)], check=True)
     server = subprocess.Popen(
         ["ovsdb-server", str(path), f"--remote=punix:{sock}", f"--unixctl={tmp_path}/ctl",
          "--no-chdir", f"--log-file={tmp_path}/log"],
@@ -135,7 +136,7 @@ def test_object_commands_change_only_their_rows(db: str) -> None:
         nb_cli(db, "vm-del", "vm9")
         nb_cli(db, "fip-del", "vm4")
         assert to_dict(conn.topology()) == to_dict(load_topology(DEFAULT))
-        assert gen != nb.generation_of(conn.dump())
+        assert gen != northbound.generation_of(conn.dump())
     finally:
         conn.close()
 
@@ -161,17 +162,17 @@ def test_a_change_on_a_stale_read_is_refused_by_the_database(db: str) -> None:
     conn = nb.Northbound(db)
     try:
         conn.load(load_topology(DEFAULT))
-        results = conn.transact(nb.dump_ops())
-        uuids, generation = nb._uuids(results)
-        old = nb.document(results)
+        results = conn.transact(northbound.dump_ops())
+        uuids, generation = northbound.uuids_of(results)
+        old = northbound.document(results)
         nb_cli(db, "fip-set", "vm1", "203.0.113.50")  # somebody else, meanwhile
-        new = nb.document(results)
+        new = northbound.document(results)
         new["vms"]["vm2"]["floating_ip"] = "203.0.113.51"
         with pytest.raises(nb.NbError, match="wait"):
-            conn.transact(nb.diff_ops(old, new, uuids, generation))
+            conn.transact(northbound.diff_ops(old, new, uuids, generation))
         assert "floating_ip" not in conn.dump()["vms"]["vm2"]
         # through change(), the same edit reads again and lands on top of the other one
-        conn.change(nb.fip_set("vm2", "203.0.113.51"))
+        conn.change(northbound.fip_set("vm2", "203.0.113.51"))
         vms = conn.dump()["vms"]
         assert (vms["vm1"]["floating_ip"], vms["vm2"]["floating_ip"]) == (
             "203.0.113.50", "203.0.113.51")

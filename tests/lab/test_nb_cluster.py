@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from dvr import nb
+from flows import northbound
 from tests.lab.conftest import TOPOLOGIES, LabHandle, dvr, running_lab
 from tests.lab.test_northsouth import echo_requests, ext_ping
 
@@ -30,7 +31,7 @@ def lab() -> Iterator[LabHandle]:
         yield lab
 
 
-def northbound(lab: LabHandle) -> dict[str, Any]:
+def lab_northbound(lab: LabHandle) -> dict[str, Any]:
     return lab.status()["northbound"]
 
 
@@ -87,7 +88,7 @@ def nb_cli(conn: str, *args: str) -> Any:
 
 
 def test_the_cluster_forms_and_the_agents_watch_it(lab: LabHandle) -> None:
-    north = northbound(lab)
+    north = lab_northbound(lab)
     assert north["model"] == "clustered"
     assert sorted(m["role"] for m in north["members"].values()) == [
         "follower", "follower", "leader"]
@@ -112,7 +113,7 @@ def test_the_leader_killed_during_a_stream_of_changes(lab: LabHandle) -> None:
     """kill -9 of the leader while `dvr nb` changes stream in: none is lost or applied
     twice, the agents reconnect to the survivors and follow, traffic never stops, and
     the killed member rejoins with the cluster's state."""
-    north = northbound(lab)
+    north = lab_northbound(lab)
     conn = north["connection"]
     nodes = {"compute1", "compute2", "net1"}
     _, before = counted_changes(conn)
@@ -179,7 +180,7 @@ def test_the_leader_killed_during_a_stream_of_changes(lab: LabHandle) -> None:
 
     # the killed member rejoins and catches up
     lab.dvr("start-nb", killed)
-    roles = {m: v["role"] for m, v in northbound(lab)["members"].items()}
+    roles = {m: v["role"] for m, v in lab_northbound(lab)["members"].items()}
     assert roles[killed] in ("follower", "leader") and sorted(roles.values()).count(
         "leader") == 1, roles
     deadline = time.monotonic() + 10
@@ -197,7 +198,7 @@ def test_the_leader_killed_during_a_stream_of_changes(lab: LabHandle) -> None:
 def test_agents_move_off_the_member_they_watch(lab: LabHandle) -> None:
     """Agents spread over the members (each node's own order); the member most of them
     watch is killed: they reconnect to the others and follow the next change."""
-    north = northbound(lab)
+    north = lab_northbound(lab)
     conn = north["connection"]
     nodes = {"compute1", "compute2", "net1"}
     on = {n: member_of(lab, n, north["members"]) for n in sorted(nodes)}
@@ -224,7 +225,7 @@ def test_a_change_cut_short_by_the_leader_failing_lands_once(lab: LabHandle) -> 
     """Changes back to back from one client while the leader dies: one of them is most
     likely in flight; the client finds the new leader, learns whether it was committed
     and never writes it twice."""
-    north = northbound(lab)
+    north = lab_northbound(lab)
     conn = north["connection"]
     _, before = counted_changes(conn)
     client = nb.Northbound(conn, timeout=15)
@@ -243,9 +244,9 @@ def test_a_change_cut_short_by_the_leader_failing_lands_once(lab: LabHandle) -> 
     def writer() -> None:
         for i, name in enumerate(names):
             try:
-                client.change(nb.vm_add(name, "compute2", "blue", f"10.1.0.{60 + i}"))
+                client.change(northbound.vm_add(name, "compute2", "blue", f"10.1.0.{60 + i}"))
                 landed.append(name)
-            except (nb.NbError, nb.ChangeError) as exc:
+            except (nb.NbError, northbound.ChangeError) as exc:
                 errors.append(f"{name}: {exc}")
 
     t = threading.Thread(target=writer)
@@ -279,15 +280,15 @@ def test_a_change_cut_short_by_the_leader_failing_lands_once(lab: LabHandle) -> 
 def test_the_whole_cluster_down_then_back(lab: LabHandle) -> None:
     """Every member killed: the agents keep forwarding on their last state; the members
     restarted, the cluster re-forms from their files and the agents resync."""
-    conn = northbound(lab)["connection"]
+    conn = lab_northbound(lab)["connection"]
     generation, _ = counted_changes(conn)
     for member in ("nb1", "nb2", "nb3"):
         lab.dvr("kill-nb", member)
-    assert {m["role"] for m in northbound(lab)["members"].values()} == {"down"}
+    assert {m["role"] for m in lab_northbound(lab)["members"].values()} == {"down"}
     assert lab.ping("vm1", "10.2.0.12", count=3)
     assert ext_ping(lab, FIP2)
     lab.dvr("start-nb")
-    assert sorted(m["role"] for m in northbound(lab)["members"].values()) == [
+    assert sorted(m["role"] for m in lab_northbound(lab)["members"].values()) == [
         "follower", "follower", "leader"]
     res = nb_cli(conn, "fip-set", "vm3", FIP1)
     assert res.returncode == 0, res.stderr

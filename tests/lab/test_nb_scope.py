@@ -24,7 +24,8 @@ import yaml
 
 from agent.source import NbSource
 from dvr import nb
-from dvr.model import Topology, load_topology
+from flows import northbound
+from flows.model import Topology, load_topology
 from flows.planner import scope
 from tests.lab.conftest import TOPOLOGIES, LabHandle, dvr, running_lab
 
@@ -193,7 +194,7 @@ def server(tmp_path: Path) -> Iterator[Callable[[bool], None]]:
     """A standalone ovsdb-server holding scope.yaml; call it with False to kill it, True to
     start it again on the same file."""
     db, sock = tmp_path / "nb.db", tmp_path / "nb.sock"
-    subprocess.run(["ovsdb-tool", "create", str(db), str(nb.SCHEMA)], check=True)
+    subprocess.run(["ovsdb-tool", "create", str(db), str(northbound.SCHEMA)], check=True)
     proc: list[subprocess.Popen] = []
 
     def run(up: bool) -> None:
@@ -247,7 +248,7 @@ def test_the_source_hands_out_only_complete_copies(server: Callable[[bool], None
         other = nb.Northbound(target)
         try:
             other.transact([{"op": "insert", "table": "Agent", "row": {"node": "compute2"}}])
-            other.change(nb.vm_add("vm6", "compute1", "green", ip="10.3.0.16"))
+            other.change(northbound.vm_add("vm6", "compute1", "green", ip="10.3.0.16"))
         finally:
             other.close()
         assert handed_out(src, 1.0) == [{"vm1", "vm5", "vm6"}]  # vm5 with vm6, not after

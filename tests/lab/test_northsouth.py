@@ -77,7 +77,7 @@ def test_agents_resolve_the_gateway_mac_by_arp(lab: LabHandle) -> None:
     assert nodes["net1"]["agent"]["snat"] == ["r1", "r2"]
     # what `status` shows comes from the agents' rows in the northbound database
     assert {n["agent"]["reported_to"] for n in nodes.values()} == {"northbound"}
-    from dvr.lab import Lab
+    from dvr.lab.lab import Lab
 
     first = Lab(lab.prefix).nb_agents()
     time.sleep(1.5)

@@ -10,7 +10,7 @@ import pytest
 
 from agent.main import diff
 from agent.ofswitch import OpenFlowError, Switch
-from dvr.model import load_topology
+from flows.model import load_topology
 from flows.ofp import ETH_IP, Flow, Hint, Match, Output, Purpose, SetField
 from flows.planner import assumed_ports, plan
 from tests.lab.conftest import LabHandle, running_lab

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from dvr import trace as tracing
-from dvr.lab import Lab
-from dvr.trace_live import LiveTracer
+from dvr.lab.lab import Lab
+from dvr.trace import report as tracing
+from dvr.trace.live import LiveTracer
+from dvr.trace.offline import offline
 from tests.lab.conftest import TOPOLOGIES, LabHandle, running_lab
 
 PATHS = [  # (sender, packet, outcome (kind, node, to))
@@ -57,10 +58,10 @@ def test_live_offline_and_a_real_packet_agree(lab: LabHandle, sender: str, packe
     assert live.divergence is None, live.divergence
     assert tracer.verify(live) == []
     assert [(o.kind, o.node, o.to) for o in live.outcomes] == [outcome]
-    offline = tracing.offline(with_gateway(lab), sender, packet)
-    assert shape(live) == shape(offline)
+    planned = offline(with_gateway(lab), sender, packet)
+    assert shape(live) == shape(planned)
     # the same tables, node by node, changing the same headers the same way
-    assert changes(live) == changes(offline)
+    assert changes(live) == changes(planned)
 
 
 def with_gateway(lab: LabHandle) -> Any:

@@ -10,7 +10,7 @@ import yaml
 from agent import config
 from agent.main import MAX_SLEEP, DvrAgent
 from agent.source import FileSource
-from dvr.model import load_topology
+from flows.model import load_topology
 from tests.unit.paths import EXAMPLE
 
 

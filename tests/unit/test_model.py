@@ -1,4 +1,4 @@
-"""Unit tests of dvr.model: the topology file's rules, allocation and helpers."""
+"""Unit tests of flows.model: the topology file's rules, allocation and helpers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import dvr
-from dvr.model import (
+from flows.model import (
     MAX_VNI,
     ROUTER_KEY_BASE,
     Topology,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dvr.model import build_topology, load_topology
+from flows.model import build_topology, load_topology
 from flows.ofp import CT, Purpose
 from flows.planner import ASSUMED_GATEWAY_MAC, announcements, assumed_ports, plan
 from flows.simulator import Cloud, NodePlan, Trace, packet

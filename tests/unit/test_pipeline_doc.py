@@ -65,8 +65,8 @@ def test_every_next_table_exists_and_is_further_down(name: str) -> None:
 
 def test_only_conntrack_may_go_back() -> None:
     """A goto backwards is refused even where a ct recirculation may go back."""
+    from flows.check import PipelineError, check_flow
     from flows.ofp import CT, Flow, Goto, Match
-    from flows.pipeline import PipelineError, check_flow
 
     for name, nxt in RECIRCULATE_BACK:
         check_flow(Flow(name, 1, Match(), (CT(1, nxt),)))

@@ -23,7 +23,8 @@ from itertools import combinations
 
 import pytest
 
-from dvr.model import Topology, parse_topology
+from flows.check import PipelineError, check_flow
+from flows.model import Topology, parse_topology
 from flows.ofp import (
     ETH_ARP,
     ETH_IP,
@@ -37,7 +38,7 @@ from flows.ofp import (
     SetField,
     purpose_of_cookie,
 )
-from flows.pipeline import TABLES, PipelineError, check_flow
+from flows.pipeline import TABLES
 from flows.planner import NodePorts, assumed_ports, plan
 from flows.simulator import Cloud, End, Trace, packet
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agent.main import diff
 from agent.ofswitch import InstalledFlow
-from dvr.model import load_topology
+from flows.model import load_topology
 from flows.ofp import Flow, Output
 from flows.pipeline import TABLES
 from flows.planner import assumed_ports, plan

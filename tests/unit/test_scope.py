@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dvr.model import Topology, TopologyError, _mac_for, build_topology, load_topology, to_dict
+from flows.model import Topology, TopologyError, _mac_for, build_topology, load_topology, to_dict
 from flows.ofp import Flow
 from flows.planner import Scope, announcements, assumed_ports, plan, scope, snat_routers
 from tests.unit.paths import EXAMPLE

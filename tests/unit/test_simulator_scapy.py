@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dvr.model import load_topology
+from flows.model import load_topology
 from tests.unit.paths import EXAMPLE
 
 

@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 from dvr import cli
-from dvr.model import build_topology, load_topology
-from dvr.trace import offline, render
-from flows.expr import BROADCAST, ExprError, from_external, from_vm, parse
+from dvr.trace.expr import BROADCAST, ExprError, from_external, from_vm, parse
+from dvr.trace.offline import offline
+from dvr.trace.report import render
+from flows.model import build_topology, load_topology
 
 NS = Path(__file__).parents[1] / "lab" / "topologies" / "northsouth.yaml"
 
@@ -183,7 +184,7 @@ def test_focused_planning_on_a_generated_cloud() -> None:
 def test_svg_draws_the_numbered_path(topo) -> None:
     import xml.etree.ElementTree as ET
 
-    from dvr.trace import svg
+    from dvr.trace.report import svg
 
     r = offline(topo, "vm4", "udp, ip.dst=198.51.100.10")
     root = ET.fromstring(svg(r))

@@ -34,30 +34,27 @@ from typing import Any
 
 import yaml
 
-from agent.netlink import NetlinkError, Netns, delete_namespace, ensure_namespace, list_namespaces
-from dvr.model import VM, Topology, TopologyError, load_topology, parse_topology
+from dvr.lab import LabError
+from dvr.lab.netlink import NetlinkError, Netns, delete_namespace, ensure_namespace, list_namespaces
+from flows import northbound
+from flows.model import VM, Topology, TopologyError, load_topology, parse_topology, to_dict
 
 LOG = logging.getLogger(__name__)
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 UNDERLAY = ipaddress.IPv4Network("198.18.0.0/16")  # RFC 2544 benchmarking range
 UNDERLAY_MTU = 1600
 VSWITCH_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
-DEFAULT_TOPOLOGY = Path(__file__).parent / "examples" / "default.yaml"
+DEFAULT_TOPOLOGY = Path(__file__).parents[1] / "examples" / "default.yaml"
 CONVERGE_TIMEOUT = 60.0
 # the external host's MAC on the provider segment (each lab has its own segment)
 GATEWAY_MAC = "02:d7:ee:00:00:01"
 PROVIDER_BRIDGE = "br-ex"
-NB_SCHEMA = Path(__file__).with_name("nb.ovsschema")
 # a clustered northbound database: member i (nb1, nb2, ...) in its own namespace on the
 # underlay at 198.18.250.i, clients on NB_PORT, RAFT between members on NB_RAFT_PORT
 NB_PORT, NB_RAFT_PORT = 6641, 6643
 NB_MEMBER_NET = 250
 MAX_NB_MEMBERS = 9
 NB_CLUSTER_TIMEOUT = 20.0
-
-
-class LabError(Exception):
-    """A lab operation failed; the message is one line for the operator."""
 
 
 def rundir() -> Path:
@@ -208,7 +205,8 @@ class Lab:
             d.mkdir(parents=True, exist_ok=True)
             local = f"tcp:{self.nb_member_ip(m)}:{NB_RAFT_PORT}"
             if m == members[0]:
-                cmd = ["ovsdb-tool", "create-cluster", str(d / "nb.db"), str(NB_SCHEMA), local]
+                cmd = ["ovsdb-tool", "create-cluster", str(d / "nb.db"),
+                       str(northbound.SCHEMA), local]
             else:
                 first = f"tcp:{self.nb_member_ip(members[0])}:{NB_RAFT_PORT}"
                 cmd = ["ovsdb-tool", "join-cluster", str(d / "nb.db"), "DVR_Northbound",
@@ -247,7 +245,7 @@ class Lab:
         schema, on a unix socket every node's agent reaches (namespaces share the files)."""
         db = self.dir / "nb.db"
         if not db.exists():
-            subprocess.run(["ovsdb-tool", "create", str(db), str(NB_SCHEMA)], check=True,
+            subprocess.run(["ovsdb-tool", "create", str(db), str(northbound.SCHEMA)], check=True,
                            capture_output=True)
         self._sh(self.ul_ns, [
             "ovsdb-server", str(db), f"--remote=punix:{self.nb_socket}",
@@ -868,10 +866,7 @@ def _set(value: Any) -> list[Any]:
 
 
 def _nb_generation(topo: Topology) -> Topology:
-    from dvr import nb
-    from dvr.model import to_dict
-
-    return dataclasses.replace(topo, digest=nb.generation_of(to_dict(topo)))
+    return dataclasses.replace(topo, digest=northbound.generation_of(to_dict(topo)))
 
 
 def underlay_mac(ip: str) -> str:
@@ -882,7 +877,7 @@ def underlay_mac(ip: str) -> str:
 
 def _pythonpath() -> str:
     """Let agents import this project even when it runs from a source checkout."""
-    here = str(Path(__file__).resolve().parent.parent)
+    here = str(Path(__file__).resolve().parents[2])
     old = os.environ.get("PYTHONPATH")
     return f"{here}:{old}" if old else here
 

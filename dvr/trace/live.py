@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from dvr import trace as tracing
-from dvr.lab import Lab, LabError
-from dvr.model import Topology
-from flows import expr
+from dvr.lab import LabError
+from dvr.lab.lab import Lab
+from dvr.trace import expr
+from dvr.trace import report as tracing
+from dvr.trace.offline import explain_drop, offline
+from flows.model import Topology
 from flows.ofp import ETH_ARP, ETH_IP, OWNER_COOKIE, Flow
 from flows.pipeline import BY_NUMBER
 from flows.planner import NodePorts, plan, snat_routers
@@ -161,7 +163,7 @@ class LiveTracer:
         cloud = Cloud(self.topo, nodes)
         cloud.gateway_mac = self.ext_mac
         cloud.conntrack = table
-        report = tracing.offline(self.topo, sender, packet_expr, cloud)
+        report = offline(self.topo, sender, packet_expr, cloud)
         if not any(re.match(r"ct\(zone=\d+\): est", c) for h in report.hops
                    for c in h.changes):
             return None
@@ -170,7 +172,7 @@ class LiveTracer:
         planned.gateway_mac = cloud.gateway_mac
         planned.conntrack = {k: list(v) for k, v in table.items()}
         report.divergence = tracing.compare(
-            tracing.offline(self.topo, sender, packet_expr, planned), report)
+            offline(self.topo, sender, packet_expr, planned), report)
         self.packet = (expr.from_external(self.topo, packet_expr) if sender == "ext"
                        else expr.from_vm(self.topo, sender, packet_expr))
         self.packet_sender = sender
@@ -179,7 +181,7 @@ class LiveTracer:
     def _compare(self, live: tracing.Report, sender: str, packet_expr: str) -> None:
         cloud = self.planned()
         cloud.gateway_mac = self.ext_mac
-        planned = tracing.offline(self.topo, sender, packet_expr, cloud)
+        planned = offline(self.topo, sender, packet_expr, cloud)
         live.divergence = tracing.compare(planned, live)
 
     def trace(self, sender: str, packet_expr: str) -> tracing.Report:
@@ -239,7 +241,7 @@ class LiveTracer:
         procs = {}
         for label, (ns, iface) in points.items():
             procs[label] = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "dvr.capture", "sniff",
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "dvr.lab.capture", "sniff",
                  iface, str(seconds), mark], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 text=True, env=env)
         try:
@@ -250,7 +252,7 @@ class LiveTracer:
             sender_ns, iface = ((f"{self.lab.prefix}-ext", "ext0") if self.packet_sender ==
                                 "ext" else (self.lab.vm_ns(self.packet_sender), "eth0"))
             send = subprocess.run(
-                ["ip", "netns", "exec", sender_ns, sys.executable, "-m", "dvr.capture", "send",
+                ["ip", "netns", "exec", sender_ns, sys.executable, "-m", "dvr.lab.capture", "send",
                  iface], input=json.dumps(pkt), capture_output=True, text=True, env=env,
                 timeout=30)
             if send.returncode != 0:
@@ -422,7 +424,7 @@ class LiveTracer:
         planned = view.flows.get(last.cookie)
         note = planned.hint.note if planned else ""
         end = _End(note or f"table {last.table}: drop", view.name)
-        return tracing.explain_drop(self.topo, report.sender, pkt, end)  # type: ignore[arg-type]
+        return explain_drop(self.topo, report.sender, pkt, end)  # type: ignore[arg-type]
 
 
 COMPARED = ("eth.src", "eth.dst", "ip.src", "ip.dst", "ip.ttl", "arp.op", "arp.spa",

@@ -1,7 +1,7 @@
 """Real packets for `dvr trace --verify`, run inside a lab namespace with scapy:
 
-    python3 -m dvr.capture sniff IFACE SECONDS MARK   # prints READY, then a JSON list
-    python3 -m dvr.capture send IFACE < packet.json    # the packet as the trace's dict
+    python3 -m dvr.lab.capture sniff IFACE SECONDS MARK   # prints READY, then a JSON list
+    python3 -m dvr.lab.capture send IFACE < packet.json    # the packet as the trace's dict
 
 A traced IPv4 packet carries a unique IP identification (`MARK`), which no router on its
 way changes, so every capture keeps only that packet: on a VM's or the external host's
@@ -119,7 +119,7 @@ def main(argv: list[str]) -> int:
         return sniff(argv[1], float(argv[2]), argv[3])
     if argv[:1] == ["send"] and len(argv) == 2:
         return send(argv[1])
-    print("usage: python3 -m dvr.capture sniff IFACE SECONDS MARK | send IFACE",
+    print("usage: python3 -m dvr.lab.capture sniff IFACE SECONDS MARK | send IFACE",
           file=sys.stderr)
     return 2
 

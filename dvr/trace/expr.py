@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from dvr.model import Topology
+from flows.model import Topology
 from flows.ofp import ETH_ARP, ETH_IP, PROTO_ICMP, PROTO_TCP, PROTO_UDP
 from flows.planner import ASSUMED_GATEWAY_MAC, snat_node
 
