@@ -426,29 +426,4 @@ def packet(**kw: Any) -> Packet:
     return pkt
 
 
-def from_scapy(p: Any) -> Packet:
-    """The simulator's view of a scapy packet (Ether / ARP or IP with ICMP, TCP or UDP)."""
-    from scapy.layers.inet import ICMP, IP, TCP, UDP
-    from scapy.layers.l2 import ARP, Ether
-
-    pkt: Packet = {"eth_src": p[Ether].src.lower(), "eth_dst": p[Ether].dst.lower()}
-    if ARP in p:
-        a = p[ARP]
-        pkt.update(eth_type=ETH_ARP, arp_op=a.op, arp_spa=a.psrc, arp_tpa=a.pdst,
-                   arp_sha=a.hwsrc.lower(), arp_tha=a.hwdst.lower())
-    elif IP in p:
-        ip = p[IP]
-        pkt.update(eth_type=ETH_IP, ipv4_src=ip.src, ipv4_dst=ip.dst, ip_proto=ip.proto,
-                   ip_ttl=ip.ttl)
-        if ICMP in p:
-            pkt.update(icmpv4_type=p[ICMP].type, icmpv4_code=p[ICMP].code)
-        elif TCP in p:
-            pkt.update(tcp_src=p[TCP].sport, tcp_dst=p[TCP].dport)
-        elif UDP in p:
-            pkt.update(udp_src=p[UDP].sport, udp_dst=p[UDP].dport)
-    else:
-        pkt["eth_type"] = p[Ether].type
-    return pkt
-
-
-__all__ = ["Cloud", "End", "NodePlan", "Step", "Trace", "from_scapy", "packet"]
+__all__ = ["Cloud", "End", "NodePlan", "Step", "Trace", "packet"]

@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Any
 
+from flows.ofp import ETH_ARP, ETH_IP
+
 
 def _describe(p: Any) -> dict[str, Any]:
     from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -86,7 +88,7 @@ def build(pkt: dict[str, Any]) -> Any:
     from scapy.layers.l2 import ARP, Ether
 
     eth = Ether(src=pkt["eth_src"], dst=pkt["eth_dst"])
-    if pkt.get("eth_type") == 0x0806:
+    if pkt.get("eth_type") == ETH_ARP:
         return eth / ARP(op=pkt.get("arp_op", 1), hwsrc=pkt["arp_sha"], psrc=pkt["arp_spa"],
                          hwdst=pkt.get("arp_tha", "00:00:00:00:00:00"), pdst=pkt["arp_tpa"])
     ip = IP(src=pkt["ipv4_src"], dst=pkt["ipv4_dst"], ttl=pkt.get("ip_ttl", 64),
@@ -103,6 +105,32 @@ def build(pkt: dict[str, Any]) -> Any:
         l4 = ICMP(type=pkt.get("icmpv4_type", 8), code=pkt.get("icmpv4_code", 0),
                   id=pkt.get("icmp_id", pkt.get("ip_id", 1)))
     return eth / ip / l4
+
+
+def from_scapy(p: Any) -> dict[str, Any]:
+    """The simulator's packet (OXM-named fields) of a scapy frame (Ether / ARP or IP with
+    ICMP, TCP or UDP): the reverse of `build()`."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.layers.l2 import ARP, Ether
+
+    pkt: dict[str, Any] = {"eth_src": p[Ether].src.lower(), "eth_dst": p[Ether].dst.lower()}
+    if ARP in p:
+        a = p[ARP]
+        pkt.update(eth_type=ETH_ARP, arp_op=a.op, arp_spa=a.psrc, arp_tpa=a.pdst,
+                   arp_sha=a.hwsrc.lower(), arp_tha=a.hwdst.lower())
+    elif IP in p:
+        ip = p[IP]
+        pkt.update(eth_type=ETH_IP, ipv4_src=ip.src, ipv4_dst=ip.dst, ip_proto=ip.proto,
+                   ip_ttl=ip.ttl)
+        if ICMP in p:
+            pkt.update(icmpv4_type=p[ICMP].type, icmpv4_code=p[ICMP].code)
+        elif TCP in p:
+            pkt.update(tcp_src=p[TCP].sport, tcp_dst=p[TCP].dport)
+        elif UDP in p:
+            pkt.update(udp_src=p[UDP].sport, udp_dst=p[UDP].dport)
+    else:
+        pkt["eth_type"] = p[Ether].type
+    return pkt
 
 
 def send(iface: str) -> int:
