@@ -4,8 +4,11 @@ Field names are the OXM names os-ken uses (`eth_dst`, `ipv4_dst`, `tunnel_id`, `
 Values are canonical: MAC and IPv4 addresses as lowercase strings (an IPv4 prefix as
 `a.b.c.d/len`), everything else as ints; an int field may carry a mask as `(value, mask)`.
 
-A `Flow`'s identity is (table, priority, match): the one place where what is added and what is
-deleted is decided. Its cookie is derived from the whole flow, so a changed flow is a new flow.
+A `Flow`'s cookie is derived from the whole flow as the switch holds it (table number,
+priority, match, actions), so a changed flow is a new flow: the agent's diff keys on the
+cookie, deleting a flow whose content changed and adding its successor in the same bundle.
+Its identity (table, priority, match) is what OpenFlow itself keys flows on: two planned flows
+never share one (a unit test checks), or the switch would keep only one of them.
 """
 
 from __future__ import annotations
@@ -334,8 +337,11 @@ class Flow:
 
     @cached_property
     def cookie(self) -> int:
-        """Owner bits, purpose byte and a hash of the flow (computed once per flow)."""
-        text = f"{self.table}|{self.priority}|{self.match.to_ofctl()}|{self.actions_ofctl()}"
+        """Owner bits, purpose byte and a hash of the flow as the switch holds it (table
+        number, priority, match, actions: renaming a table changes no cookie), computed
+        once per flow."""
+        text = (f"{TABLES[self.table].number}|{self.priority}|{self.match.to_ofctl()}|"
+                f"{self.actions_ofctl()}")
         h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=5).digest(), "big")
         return (OWNER_COOKIE << 48) | (int(self.hint.purpose) << 40) | h
 

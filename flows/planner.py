@@ -138,14 +138,14 @@ def plan(topo: Topology, node: str, ports: NodePorts,
     flows += _defaults(ports)
     for peer, ofport in sorted(ports.tunnels.items()):
         flows.append(_flow(
-            "classify", 100, Match.of(in_port=ofport), [Goto("tunnel_in")],
+            "phy_in_classify", 100, Match.of(in_port=ofport), [Goto("phy_in_tunnel")],
             Hint(Purpose.TUNNEL, "node", peer, f"arrived through the tunnel from {peer}"),
         ))
     for net_name in sorted(local_nets):
         net = topo.networks[net_name]
         flows.append(_flow(
-            "tunnel_in", 100, Match.of(tunnel_id=net.vni),
-            [SetField("metadata", net.vni), SetField("reg1", 1), Goto("dst_key")],
+            "phy_in_tunnel", 100, Match.of(tunnel_id=net.vni),
+            [SetField("metadata", net.vni), SetField("reg1", 1), Goto("ls_in_dst_key")],
             Hint(Purpose.TUNNEL, "network", net.name, f"VNI {net.vni} is network {net.name}"),
         ))
     for name, vm in sorted(local.items()):
@@ -165,7 +165,7 @@ def plan(topo: Topology, node: str, ports: NodePorts,
             router = topo.router_of(vm.network)
             if vm.floating_ip and router and router.external_gateway:
                 flows.append(_flow(
-                    "lr_egress", 100,
+                    "lr_out_redirect", 100,
                     Match.of(metadata=router.key, eth_type=ETH_IP, ipv4_src=str(vm.ip)), [],
                     Hint(Purpose.FLOATING_IP, "vm", vm.name,
                          f"drop: no provider network on this node for {vm.floating_ip}")))
@@ -181,7 +181,7 @@ def plan(topo: Topology, node: str, ports: NodePorts,
             continue
         net = topo.networks[vm.network]
         flows.append(_flow(
-            "remote_out", 100, Match.of(metadata=net.vni, reg0=int(vm.ip)),
+            "ls_out_remote", 100, Match.of(metadata=net.vni, reg0=int(vm.ip)),
             [SetField("eth_dst", vm.mac), SetField("tunnel_id", net.vni), Output(tunnel)],
             Hint(Purpose.DELIVERY_REMOTE, "vm", vm.name, f"to {vm.name} on {vm.node}"),
         ))
@@ -193,55 +193,56 @@ def _defaults(ports: NodePorts) -> list[Flow]:
         return _flow(table, 0, Match(), actions, Hint(Purpose.DEFAULT, note=note))
 
     if ports.provider is None:
-        to_gateway = miss("ext_out", [], "drop: this node has no provider network")
+        to_gateway = miss("lr_out_delivery", [], "drop: this node has no provider network")
     elif ports.gateway_mac is None:
-        to_gateway = miss("ext_out", [], "drop: the upstream gateway's MAC is not known yet")
+        to_gateway = miss("lr_out_delivery", [],
+                          "drop: the upstream gateway's MAC is not known yet")
     else:
         to_gateway = _flow(
-            "ext_out", 0, Match(),
+            "lr_out_delivery", 0, Match(),
             [SetField("eth_dst", ports.gateway_mac), Output(ports.provider)],
             Hint(Purpose.EXTERNAL, note="to the upstream gateway"))
     return [
-        miss("ext_in", [], "drop: not for an address hosted on this node"),
-        miss("unsnat", [], "drop: unsolicited traffic to a router's external IP, or invalid"),
-        miss("dnat", [], "drop: unsolicited, and not to a floating IP hosted here"),
-        miss("undnat", [], "drop: conntrack refused it (invalid)"),
-        miss("lr_egress", [], "drop: no route"),
-        miss("nat_out", [], "drop: conntrack refused it (invalid)"),
-        miss("ext_src", [], "drop: no external address for this source"),
+        miss("lr_in_provider", [], "drop: not for an address hosted on this node"),
+        miss("lr_in_unsnat", [], "drop: unsolicited traffic to a router's external IP, or invalid"),
+        miss("lr_in_dnat", [], "drop: unsolicited, and not to a floating IP hosted here"),
+        miss("lr_out_undnat", [], "drop: conntrack refused it (invalid)"),
+        miss("lr_out_redirect", [], "drop: no route"),
+        miss("lr_out_snat", [], "drop: conntrack refused it (invalid)"),
+        miss("lr_out_src_mac", [], "drop: no external address for this source"),
         to_gateway,
-        miss("tunnel_in", [], "drop: unknown VNI"),
-        miss("ls_gateway", [Goto("dst_key")], "not for the router: switch it"),
-        miss("lr_routing", [], "drop: no route"),
-        _flow("dst_key", 100, Match.of(eth_type=ETH_IP),
-              [Move("ipv4_dst", "reg0"), Goto("remote_out")],
+        miss("phy_in_tunnel", [], "drop: unknown VNI"),
+        miss("ls_in_gateway", [Goto("ls_in_dst_key")], "not for the router: switch it"),
+        miss("lr_in_routing", [], "drop: no route"),
+        _flow("ls_in_dst_key", 100, Match.of(eth_type=ETH_IP),
+              [Move("ipv4_dst", "reg0"), Goto("ls_out_remote")],
               Hint(Purpose.DST_KEY, note="deliver IPv4 by ip.dst")),
-        _flow("dst_key", 100, Match.of(eth_type=ETH_ARP),
-              [Move("arp_tpa", "reg0"), Goto("remote_out")],
+        _flow("ls_in_dst_key", 100, Match.of(eth_type=ETH_ARP),
+              [Move("arp_tpa", "reg0"), Goto("ls_out_remote")],
               Hint(Purpose.DST_KEY, note="deliver ARP by arp.tpa")),
-        miss("dst_key", [], "drop: neither IPv4 nor ARP"),
-        _flow("remote_out", 200, Match.of(reg1=1), [Goto("local_out")],
+        miss("ls_in_dst_key", [], "drop: neither IPv4 nor ARP"),
+        _flow("ls_out_remote", 200, Match.of(reg1=1), [Goto("ls_out_local")],
               Hint(Purpose.DEFAULT, note="from a tunnel: deliver locally only")),
-        miss("remote_out", [Goto("local_out")], "not on another node"),
-        miss("local_out", [], "drop: unknown destination"),
+        miss("ls_out_remote", [Goto("ls_out_local")], "not on another node"),
+        miss("ls_out_local", [], "drop: unknown destination"),
     ]
 
 
 def _local_vm(net: Network, vm: VM, ofport: int) -> list[Flow]:
     hint = Hint(Purpose.PORT_SECURITY, "vm", vm.name)
-    admit: list[Action] = [SetField("metadata", net.vni), Goto("ls_gateway")]
+    admit: list[Action] = [SetField("metadata", net.vni), Goto("ls_in_gateway")]
     return [
-        _flow("classify", 100,
+        _flow("phy_in_classify", 100,
               Match.of(in_port=ofport, eth_src=vm.mac, eth_type=ETH_IP, ipv4_src=str(vm.ip)),
               admit, hint),
-        _flow("classify", 100,
+        _flow("phy_in_classify", 100,
               Match.of(in_port=ofport, eth_src=vm.mac, eth_type=ETH_ARP,
                        arp_spa=str(vm.ip), arp_sha=vm.mac),
               admit, hint),
-        _flow("classify", 50, Match.of(in_port=ofport), [],
+        _flow("phy_in_classify", 50, Match.of(in_port=ofport), [],
               Hint(Purpose.PORT_SECURITY, "vm", vm.name,
                    f"drop: port security, not from {vm.mac} {vm.ip}")),
-        _flow("local_out", 100, Match.of(metadata=net.vni, reg0=int(vm.ip)),
+        _flow("ls_out_local", 100, Match.of(metadata=net.vni, reg0=int(vm.ip)),
               [SetField("eth_dst", vm.mac), Output(ofport)],
               Hint(Purpose.DELIVERY_LOCAL, "vm", vm.name, f"to {vm.name}")),
     ]
@@ -257,7 +258,7 @@ def _router(topo: Topology, router: Router, local_nets: set[str], ports: NodePor
         if itf.network in local_nets:
             # ARP for the gateway is answered here and never leaves the node
             out.append(_flow(
-                "ls_gateway", 100,
+                "ls_in_gateway", 100,
                 Match.of(metadata=net.vni, eth_type=ETH_ARP, arp_op=ARP_REQUEST,
                          arp_tpa=str(itf.ip)),
                 _arp_reply(itf.mac, str(itf.ip)),
@@ -267,7 +268,7 @@ def _router(topo: Topology, router: Router, local_nets: set[str], ports: NodePor
             # ping to any of the router's addresses, from this network
             for target in router.interfaces:
                 out.append(_flow(
-                    "ls_gateway", 100,
+                    "ls_in_gateway", 100,
                     Match.of(metadata=net.vni, eth_type=ETH_IP, eth_dst=itf.mac,
                              ip_proto=PROTO_ICMP, icmpv4_type=ICMP_ECHO_REQUEST,
                              ipv4_dst=str(target.ip)),
@@ -280,7 +281,7 @@ def _router(topo: Topology, router: Router, local_nets: set[str], ports: NodePor
                 ))
             out.append(_enter_router(router, net, itf.mac))
             out.append(_flow(
-                "ls_gateway", 80, Match.of(metadata=net.vni, eth_dst=itf.mac), [],
+                "ls_in_gateway", 80, Match.of(metadata=net.vni, eth_dst=itf.mac), [],
                 Hint(Purpose.GATEWAY, "router", router.name,
                      "drop: the router takes only IPv4 and ARP for its address"),
             ))
@@ -290,23 +291,23 @@ def _router(topo: Topology, router: Router, local_nets: set[str], ports: NodePor
                 active = snat_node(router)
                 tunnel = ports.tunnels.get(active) if active else None
                 out.append(_flow(
-                    "lr_egress", 50, Match.of(metadata=router.key, reg2=net.vni),
+                    "lr_out_redirect", 50, Match.of(metadata=router.key, reg2=net.vni),
                     [SetField("tunnel_id", net.vni), Output(tunnel)] if tunnel else [],
                     Hint(Purpose.SNAT, "router", router.name,
                          f"from {net.name} to SNAT on {active}" if tunnel else
                          f"drop: no tunnel to the SNAT node {active}"),
                 ))
         out.append(_flow(
-            "lr_routing", 100 + net.cidr.prefixlen,
+            "lr_in_routing", 100 + net.cidr.prefixlen,
             Match.of(metadata=router.key, eth_type=ETH_IP, ipv4_dst=str(net.cidr)),
             [DecTTL(), SetField("eth_src", itf.mac), SetField("metadata", net.vni),
-             Goto("dst_key")],
+             Goto("ls_in_dst_key")],
             Hint(Purpose.ROUTE, "router", router.name, f"route {net.cidr} to {net.name}"),
         ))
     if router.external_gateway:
         out.append(_flow(
-            "lr_routing", 100, Match.of(metadata=router.key, eth_type=ETH_IP),
-            [Goto("lr_egress")],
+            "lr_in_routing", 100, Match.of(metadata=router.key, eth_type=ETH_IP),
+            [Goto("lr_out_redirect")],
             Hint(Purpose.ROUTE, "router", router.name, "default route: to the outside"),
         ))
     return out
@@ -314,8 +315,8 @@ def _router(topo: Topology, router: Router, local_nets: set[str], ports: NodePor
 
 def _enter_router(router: Router, net: Network, mac: str) -> Flow:
     return _flow(
-        "ls_gateway", 90, Match.of(metadata=net.vni, eth_type=ETH_IP, eth_dst=mac),
-        [SetField("metadata", router.key), SetField("reg2", net.vni), Goto("lr_routing")],
+        "ls_in_gateway", 90, Match.of(metadata=net.vni, eth_type=ETH_IP, eth_dst=mac),
+        [SetField("metadata", router.key), SetField("reg2", net.vni), Goto("lr_in_routing")],
         Hint(Purpose.GATEWAY, "router", router.name,
              f"enter router {router.name} from {net.name}"),
     )
@@ -330,24 +331,24 @@ def _arp_reply(mac: str, ip: str) -> list[Action]:
 
 
 def _conntrack_states(router: Router, dnat: bool) -> list[Flow]:
-    """Packets of known connections pass after conntrack, already translated. `dnat`: the
+    """Packets of known connections pass after conntrack, already translated. `lr_in_dnat`: the
     router also DNATs here (floating IPs), so outbound packets see the DNAT zone first."""
     out = []
     for bit, name in ((CT_EST, "established"), (CT_REL, "related")):
         state = ct_state(on=CT_TRK | bit, off=CT_INV)
         m = Match.of(metadata=router.key, ct_state=state)
         hint = Hint(Purpose.SNAT, "router", router.name, f"{name}: already translated")
-        out.append(_flow("unsnat", 100, m, [Goto("lr_routing")], hint))
-        out.append(_flow("nat_out", 100, m, [Goto("ext_src")], hint))
+        out.append(_flow("lr_in_unsnat", 100, m, [Goto("lr_in_routing")], hint))
+        out.append(_flow("lr_out_snat", 100, m, [Goto("lr_out_src_mac")], hint))
         if dnat:
-            out.append(_flow("dnat", 100, m, [Goto("lr_routing")], hint))
-            out.append(_flow("undnat", 100, m, [Goto("ext_src")], hint))
+            out.append(_flow("lr_in_dnat", 100, m, [Goto("lr_in_routing")], hint))
+            out.append(_flow("lr_out_undnat", 100, m, [Goto("lr_out_src_mac")], hint))
     if dnat:
         out.append(_flow(
-            "undnat", 50,
+            "lr_out_undnat", 50,
             Match.of(metadata=router.key, ct_state=ct_state(on=CT_TRK | CT_NEW, off=CT_INV),
                      eth_type=ETH_IP),
-            [SetField("reg3", 1), CT(router.snat_zone, "nat_out", nat=NAT())],
+            [SetField("reg3", 1), CT(router.snat_zone, "lr_out_snat", nat=NAT())],
             Hint(Purpose.FLOATING_IP, "router", router.name,
                  "not a reply to an inbound connection: on to the SNAT zone")))
     return out
@@ -358,14 +359,14 @@ def _provider_address(ip: str, mac: str, router: Router, hint: Hint) -> list[Flo
     the router's external IP): ARP for it answered with `mac`, traffic to it into the
     router's SNAT zone, traffic from it sent with `mac` (one router hop)."""
     return [
-        _flow("ext_in", 100, Match.of(eth_type=ETH_ARP, arp_op=ARP_REQUEST, arp_tpa=ip),
+        _flow("lr_in_provider", 100, Match.of(eth_type=ETH_ARP, arp_op=ARP_REQUEST, arp_tpa=ip),
               _arp_reply(mac, ip),
               Hint(hint.purpose, hint.kind, hint.name, f"ARP reply: {ip} is at {mac}")),
-        _flow("ext_in", 100, Match.of(eth_type=ETH_IP, eth_dst=mac, ipv4_dst=ip),
-              [SetField("metadata", router.key), CT(router.snat_zone, "unsnat", nat=NAT())],
+        _flow("lr_in_provider", 100, Match.of(eth_type=ETH_IP, eth_dst=mac, ipv4_dst=ip),
+              [SetField("metadata", router.key), CT(router.snat_zone, "lr_in_unsnat", nat=NAT())],
               hint),
-        _flow("ext_src", 100, Match.of(eth_type=ETH_IP, ipv4_src=ip),
-              [SetField("eth_src", mac), DecTTL(), Goto("ext_out")], hint),
+        _flow("lr_out_src_mac", 100, Match.of(eth_type=ETH_IP, ipv4_src=ip),
+              [SetField("eth_src", mac), DecTTL(), Goto("lr_out_delivery")], hint),
     ]
 
 
@@ -377,19 +378,20 @@ def _floating_ip(topo: Topology, node: str, vm: VM, router: Router) -> list[Flow
     new = ct_state(on=CT_TRK | CT_NEW, off=CT_INV)
     return [
         *_provider_address(fip, mac, router, hint),
-        _flow("unsnat", 90,
+        _flow("lr_in_unsnat", 90,
               Match.of(metadata=router.key, ct_state=new, eth_type=ETH_IP, ipv4_dst=fip),
-              [CT(router.dnat_zone, "dnat", nat=NAT())],
+              [CT(router.dnat_zone, "lr_in_dnat", nat=NAT())],
               Hint(Purpose.FLOATING_IP, "vm", vm.name, f"new, to {fip}: to the DNAT zone")),
-        _flow("dnat", 90,
+        _flow("lr_in_dnat", 90,
               Match.of(metadata=router.key, ct_state=new, eth_type=ETH_IP, ipv4_dst=fip),
-              [CT(router.dnat_zone, "lr_routing", commit=True, nat=NAT("dst", fixed))],
+              [CT(router.dnat_zone, "lr_in_routing", commit=True, nat=NAT("dst", fixed))],
               Hint(Purpose.FLOATING_IP, "vm", vm.name, f"DNAT {fip} to {fixed}")),
-        _flow("lr_egress", 100, Match.of(metadata=router.key, eth_type=ETH_IP, ipv4_src=fixed),
-              [CT(router.dnat_zone, "undnat", nat=NAT())], hint),
-        _flow("nat_out", 90,
+        _flow("lr_out_redirect", 100,
+              Match.of(metadata=router.key, eth_type=ETH_IP, ipv4_src=fixed),
+              [CT(router.dnat_zone, "lr_out_undnat", nat=NAT())], hint),
+        _flow("lr_out_snat", 90,
               Match.of(metadata=router.key, ct_state=new, eth_type=ETH_IP, ipv4_src=fixed),
-              [CT(router.snat_zone, "ext_src", commit=True, nat=NAT("src", fip))],
+              [CT(router.snat_zone, "lr_out_src_mac", commit=True, nat=NAT("src", fip))],
               Hint(Purpose.FLOATING_IP, "vm", vm.name, f"SNAT {fixed} to {fip}")),
     ]
 
@@ -404,8 +406,8 @@ def _snat(topo: Topology, router: Router, local_nets: set[str]) -> list[Flow]:
         net = topo.networks[itf.network]
         if itf.network not in local_nets:
             out.append(_flow(
-                "tunnel_in", 100, Match.of(tunnel_id=net.vni),
-                [SetField("metadata", net.vni), SetField("reg1", 1), Goto("ls_gateway")],
+                "phy_in_tunnel", 100, Match.of(tunnel_id=net.vni),
+                [SetField("metadata", net.vni), SetField("reg1", 1), Goto("ls_in_gateway")],
                 Hint(Purpose.SNAT, "router", router.name,
                      f"VNI {net.vni}: {net.name}, to router {router.name}'s SNAT"),
             ))
@@ -413,10 +415,10 @@ def _snat(topo: Topology, router: Router, local_nets: set[str]) -> list[Flow]:
     hint = Hint(Purpose.SNAT, "router", router.name, f"SNAT of {router.name} to {ext_ip}")
     new = ct_state(on=CT_TRK | CT_NEW, off=CT_INV)
     out += [
-        _flow("lr_egress", 50, Match.of(metadata=router.key, eth_type=ETH_IP),
-              [CT(router.snat_zone, "nat_out", nat=NAT())], hint),
-        _flow("nat_out", 50, Match.of(metadata=router.key, ct_state=new, eth_type=ETH_IP),
-              [CT(router.snat_zone, "ext_src", commit=True, nat=NAT("src", ext_ip))],
+        _flow("lr_out_redirect", 50, Match.of(metadata=router.key, eth_type=ETH_IP),
+              [CT(router.snat_zone, "lr_out_snat", nat=NAT())], hint),
+        _flow("lr_out_snat", 50, Match.of(metadata=router.key, ct_state=new, eth_type=ETH_IP),
+              [CT(router.snat_zone, "lr_out_src_mac", commit=True, nat=NAT("src", ext_ip))],
               Hint(Purpose.SNAT, "router", router.name, f"SNAT to {ext_ip}")),
     ]
     return out + _provider_address(ext_ip, mac, router, hint)
@@ -427,7 +429,7 @@ def _provider(topo: Topology, node: str, ports: NodePorts, local: Mapping[str, V
               only: frozenset[str] | None = None) -> list[Flow]:
     """The provider network side: what comes in from it, and where NATed traffic goes."""
     assert ports.provider is not None
-    out = [_flow("classify", 100, Match.of(in_port=ports.provider), [Goto("ext_in")],
+    out = [_flow("phy_in_classify", 100, Match.of(in_port=ports.provider), [Goto("lr_in_provider")],
                  Hint(Purpose.EXTERNAL, note="arrived from the provider network"))]
     fip_vms = [vm for _, vm in sorted(local.items())
                if vm.floating_ip and (r := topo.router_of(vm.network)) and r.external_gateway]
@@ -452,28 +454,28 @@ def _provider(topo: Topology, node: str, ports: NodePorts, local: Mapping[str, V
         if vm.name in local:
             # after the SNAT zone on the way out, the way in starts at the DNAT zone
             out.append(_flow(
-                "ext_out", 110, Match.of(eth_type=ETH_IP, reg3=1, ipv4_dst=str(fip)),
+                "lr_out_delivery", 110, Match.of(eth_type=ETH_IP, reg3=1, ipv4_dst=str(fip)),
                 [SetField("in_port", ports.provider), SetField("metadata", router.key),
-                 CT(router.dnat_zone, "dnat", nat=NAT())],
+                 CT(router.dnat_zone, "lr_in_dnat", nat=NAT())],
                 Hint(Purpose.EXTERNAL, "vm", vm.name,
                      f"hairpin to floating IP {fip} of {vm.name}, on this node")))
             # (as if from the provider port: the VM's own floating IP may lead back to it)
             actions: list[Action] = [SetField("in_port", ports.provider),
                                      SetField("metadata", router.key),
-                                     CT(router.snat_zone, "unsnat", nat=NAT())]
+                                     CT(router.snat_zone, "lr_in_unsnat", nat=NAT())]
             note = f"hairpin to floating IP {fip} of {vm.name}, on this node"
         else:
             actions = [SetField("eth_dst", topo.nodes[vm.node].external_mac),
                        Output(ports.provider)]
             note = f"to floating IP {fip} of {vm.name}, straight to {vm.node}"
-        out.append(_flow("ext_out", 100, Match.of(eth_type=ETH_IP, ipv4_dst=str(fip)),
+        out.append(_flow("lr_out_delivery", 100, Match.of(eth_type=ETH_IP, ipv4_dst=str(fip)),
                          actions, Hint(Purpose.EXTERNAL, "vm", vm.name, note)))
     for router in topo.routers.values():
         if only is not None and str(router.external_ip) not in only:
             continue
         if router.external_gateway and router.name not in snat and snat_node(router):
             out.append(_flow(
-                "ext_out", 100, Match.of(eth_type=ETH_IP, ipv4_dst=str(router.external_ip)),
+                "lr_out_delivery", 100, Match.of(eth_type=ETH_IP, ipv4_dst=str(router.external_ip)),
                 [SetField("eth_dst", str(router.external_mac)), Output(ports.provider)],
                 Hint(Purpose.EXTERNAL, "router", router.name,
                      f"to {router.name}'s external IP on {snat_node(router)}")))
@@ -508,7 +510,7 @@ def scope(topo: Topology, node: str) -> Scope:
       networks of the routers whose SNAT is active here (`snat_routers`): their remote
       delivery flows;
     - every VM with a floating IP, when the node NATs for the provider network (it hosts a
-      floating IP, or a router's SNAT): the `ext_out` flows that send traffic for a
+      floating IP, or a router's SNAT): the `lr_out_delivery` flows that send traffic for a
       floating IP straight to its node.
 
     (Router and node MACs come from their own names, never from the VMs': a copy holding

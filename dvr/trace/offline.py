@@ -92,7 +92,7 @@ def explain_drop(topo: Topology, sender: str, pkt: dict[str, Any], end: End) -> 
                 f"({reason})")
     if reason.startswith("no route") and router is not None:
         return f"no route to {dst} on router {router.name}"
-    if reason == "unknown destination" or reason.startswith("table dst_key"):
+    if reason == "unknown destination" or reason.startswith("table ls_in_dst_key"):
         owner = next((v for v in topo.vms.values() if v.ip == addr
                       and v.network in topo.reachable_networks([vm.network])), None)
         if owner is not None:

@@ -17,7 +17,6 @@ from typing import Any
 
 from dvr.trace import expr
 
-LEVELS = ("minimal", "summary", "detailed", "json")
 # headers shown for a packet at its end, in this order (OXM name -> expression name)
 SHOWN = {v[0]: k for k, v in expr.FIELDS.items()}
 

@@ -55,10 +55,10 @@ def test_invalid_flow_discards_the_whole_bundle(switch: tuple[LabHandle, Switch]
     want = planned()
     sw.apply(*diff(want, sw.dump_owned()))
     before = cookies(sw)
-    good = Flow("local_out", 100, Match.of(metadata=7, reg0=1), (Output(5),),
+    good = Flow("ls_out_local", 100, Match.of(metadata=7, reg0=1), (Output(5),),
                 Hint(Purpose.DELIVERY_LOCAL))
     # setting an ARP field on an IPv4 match: OVS refuses it
-    bad = Flow("dst_key", 100, Match.of(eth_type=ETH_IP),
+    bad = Flow("ls_in_dst_key", 100, Match.of(eth_type=ETH_IP),
                (SetField("arp_op", 2), Output(1)), Hint(Purpose.DST_KEY))
     stale = sw.dump_owned()[:3]
     with pytest.raises(OpenFlowError, match="discarded"):

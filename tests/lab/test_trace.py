@@ -121,7 +121,7 @@ def test_a_broken_node_is_named_with_its_table(lab: LabHandle) -> None:
                  f"table=40,priority=100,reg0=0xa02000c,metadata={red:#x}")
         out = _trace_cli(lab, "vm1", "icmp, ip.dst=10.2.0.12")
         assert "dropped on compute1" in out
-        assert ("DIFFERS FROM THE PLAN at compute1, table remote_out: the plan has "
+        assert ("DIFFERS FROM THE PLAN at compute1, table ls_out_remote: the plan has "
                 "delivery_remote [vm vm2]") in out
         offline = _trace_cli(lab, "--offline", "vm1", "icmp, ip.dst=10.2.0.12")
         assert "delivered to vm2 on compute2" in offline

@@ -65,7 +65,7 @@ def test_floating_ip_inbound_new_connection_is_dnatted(topo, cloud) -> None:
     end = only(trace)
     assert (end.vm, end.packet["ipv4_src"], end.packet["ipv4_dst"]) == (
         "vm1", REMOTE, "10.1.0.11")
-    assert "dnat" in [s.table for s in trace.steps]
+    assert "lr_in_dnat" in [s.table for s in trace.steps]
     reply = only(from_vm(topo, cloud, "vm1", REMOTE, tcp_src=22, tcp_dst=5555))
     assert reply.external and reply.packet["ipv4_src"] == "203.0.113.50"
 
@@ -171,7 +171,7 @@ def test_a_node_without_nat_has_no_provider_destination_flows(topo) -> None:
         vm.pop("floating_ip", None)
     bare = build_topology(data)
     flows = plan(bare, "compute1", assumed_ports(bare, "compute1"))
-    assert not [f for f in flows if f.table == "ext_out" and f.priority > 0]
+    assert not [f for f in flows if f.table == "lr_out_delivery" and f.priority > 0]
     assert not [f for f in flows if any(isinstance(a, CT) for a in f.actions)]
     # a floating IP elsewhere costs a NATing node exactly one flow
     with_fip = plan(topo, "compute1", assumed_ports(topo, "compute1"))

@@ -2,6 +2,8 @@
 
 Every declared table has a section headed exactly `## Table N: name`, and every such section
 is a declared table: adding, renaming or renumbering a table on either side alone fails here.
+Each section's `**Declared:**` line says what the declaration says the table may match, set
+and go to.
 """
 
 from __future__ import annotations
@@ -36,6 +38,27 @@ def test_each_table_is_documented_once_and_in_pipeline_order() -> None:
     documented = documented_tables()
     assert len(documented) == len(set(documented))
     assert documented == sorted(documented)
+
+
+DECLARED = re.compile(r"^\*\*Declared:\*\* matches (.*); sets (.*); goes to (.*)\.$")
+
+
+def _names(text: str) -> frozenset[str]:
+    return frozenset() if text == "nothing" else frozenset(re.findall(r"`([^`]+)`", text))
+
+
+def test_each_section_says_what_its_table_may_match_set_and_go_to() -> None:
+    found: dict[str, tuple[frozenset[str], ...]] = {}
+    table = None
+    for line in DOC.read_text().splitlines():
+        m = HEADING.match(line)
+        if m:
+            table = m.group(2)
+        m = DECLARED.match(line)
+        if m:
+            assert table is not None and table not in found, f"stray Declared line: {line}"
+            found[table] = tuple(_names(g) for g in m.groups())
+    assert found == {t.name: (t.match, t.sets, t.next) for t in TABLES.values()}
 
 
 def test_table_headings_use_the_exact_format() -> None:

@@ -155,7 +155,7 @@ def test_same_network_same_node_is_switched_locally(topo: Topology, cloud: Cloud
     assert p["eth_src"] == topo.vms["vm1"].mac
     assert p["eth_dst"] == topo.vms["vm8"].mac
     assert (p["ipv4_src"], p["ipv4_dst"]) == ("10.1.0.11", "10.1.0.18")
-    assert "lr_routing" not in tables_on(trace, "compute1")
+    assert "lr_in_routing" not in tables_on(trace, "compute1")
 
 
 @pytest.mark.parametrize(("src", "dst"), [("vm1", "vm4"), ("vm4", "vm1"), ("vm9", "vm7")])
@@ -173,14 +173,14 @@ def test_same_network_across_nodes_crosses_one_tunnel(
     assert p["eth_src"] == s.mac
     assert p["eth_dst"] == d.mac
     assert "tunnel_id" not in p
-    assert "lr_routing" not in tables_on(trace, s.node) + tables_on(trace, d.node)
+    assert "lr_in_routing" not in tables_on(trace, s.node) + tables_on(trace, d.node)
 
 
 def test_the_tunnel_carries_the_destination_networks_vni(topo: Topology, cloud: Cloud) -> None:
     trace = ping_vm(topo, cloud, "vm1", "vm4")
     arrival = next(s for s in trace.steps if s.node == "compute2")
-    assert arrival.table == "classify"
-    tunnel_in = next(s for s in trace.steps if s.node == "compute2" and s.table == "tunnel_in")
+    assert arrival.table == "phy_in_classify"
+    tunnel_in = next(s for s in trace.steps if s.node == "compute2" and s.table == "phy_in_tunnel")
     assert tunnel_in.flow is not None
     assert tunnel_in.flow.match.get("tunnel_id") == topo.networks["blue"].vni
 
@@ -217,8 +217,8 @@ def test_routed_across_nodes_is_routed_at_the_source(
     assert trace.tunnels == [(s.node, d.node)]
     assert trace.nodes == [s.node, d.node]
     assert "net1" not in trace.nodes
-    assert "lr_routing" in tables_on(trace, s.node)  # routed where it was sent
-    assert "lr_routing" not in tables_on(trace, d.node)
+    assert "lr_in_routing" in tables_on(trace, s.node)  # routed where it was sent
+    assert "lr_in_routing" not in tables_on(trace, d.node)
     p = end.packet
     assert p["ip_ttl"] == 49
     assert p["eth_src"] == router_mac(topo, d.network)
@@ -434,7 +434,7 @@ def test_a_tunnel_packet_of_a_network_not_on_the_node_is_dropped(
                  tunnel_id=topo.networks[network].vni)
     trace = cloud.run("compute2", in_port, pkt)
     dropped_at_source(trace, "compute2")
-    assert trace.steps[-1].table == "tunnel_in"
+    assert trace.steps[-1].table == "phy_in_tunnel"
 
 
 def test_the_network_node_drops_whatever_a_tunnel_brings(topo: Topology, cloud: Cloud) -> None:
@@ -480,7 +480,7 @@ def test_port_security_drops_spoofed_packets_at_the_port(
 ) -> None:
     trace = cloud.send_from_vm("vm1", spoofed(topo, case))
     dropped_at_source(trace, "compute1")
-    assert [s.table for s in trace.steps] == ["classify"]
+    assert [s.table for s in trace.steps] == ["phy_in_classify"]
 
 
 def test_the_unspoofed_packets_pass(topo: Topology, cloud: Cloud) -> None:
@@ -584,7 +584,7 @@ def test_a_remote_vm_costs_one_flow_exactly_when_reachable(
             assert less <= full, (vm.name, node)
             added = full - less
             assert len(added) == expected, (vm.name, node, vm.network, sorted(local_nets))
-            assert all(f.table == "remote_out" for f in added)
+            assert all(f.table == "ls_out_remote" for f in added)
             counts[expected] += 1
     assert counts[0] > 50 and counts[1] > 50, counts  # both cases are exercised
 
@@ -599,7 +599,7 @@ def test_remote_flows_per_node_follow_reachability(
         reachable = set().union(*(expected_reachable(n) for n in local_nets))
         remote = [v for v in gen.vms.values() if v.node != node and v.network in reachable]
         remote_flows = [f for f in gen_plans[node]
-                        if f.table == "remote_out" and f.match.get("reg0") is not None]
+                        if f.table == "ls_out_remote" and f.match.get("reg0") is not None]
         assert len(remote_flows) == len(remote), node
 
 
@@ -619,10 +619,10 @@ def test_a_node_without_vms_has_only_defaults_and_tunnels(
     assert len(extra) == len(ports.tunnels) == len(gen.nodes) - 1
     tunnel_ports = set(ports.tunnels.values())
     for flow in extra:
-        assert flow.table == "classify"
+        assert flow.table == "phy_in_classify"
         assert set(flow.match.as_dict()) == {"in_port"}
         assert flow.match.get("in_port") in tunnel_ports
-        assert flow.actions == (Goto("tunnel_in"),)
+        assert flow.actions == (Goto("phy_in_tunnel"),)
 
 
 def test_the_defaults_do_not_depend_on_the_topology(topo: Topology, gen: Topology) -> None:
@@ -675,7 +675,7 @@ def test_cookies_are_unique_and_carry_owner_and_purpose(topo, gen, gen_plans) ->
 
 
 def test_a_changed_flow_gets_a_new_cookie() -> None:
-    a = Flow("local_out", 100, Match.of(metadata=5, reg0=1),
+    a = Flow("ls_out_local", 100, Match.of(metadata=5, reg0=1),
              (SetField("eth_dst", "fa:16:3e:00:00:01"), Output(1)))
     b = dataclasses.replace(a, actions=(SetField("eth_dst", "fa:16:3e:00:00:01"), Output(2)))
     assert a.identity == b.identity
@@ -735,9 +735,9 @@ def test_generated_cloud_connectivity_matrix(gen: Topology) -> None:
 
 def test_a_flow_matching_an_undeclared_field_is_refused() -> None:
     with pytest.raises(PipelineError, match="may not match"):
-        check_flow(Flow("tunnel_in", 100, Match.of(eth_src="fa:16:3e:00:00:01"), ()))
+        check_flow(Flow("phy_in_tunnel", 100, Match.of(eth_src="fa:16:3e:00:00:01"), ()))
     with pytest.raises(PipelineError, match="may not match"):
-        check_flow(Flow("lr_routing", 100, Match.of(reg0=1), ()))
+        check_flow(Flow("lr_in_routing", 100, Match.of(reg0=1), ()))
 
 
 def test_a_flow_in_an_undeclared_table_is_refused() -> None:
@@ -747,39 +747,39 @@ def test_a_flow_in_an_undeclared_table_is_refused() -> None:
 
 def test_a_flow_going_to_an_undeclared_table_is_refused() -> None:
     with pytest.raises(PipelineError, match="may not go to"):
-        check_flow(Flow("classify", 100, Match.of(in_port=1), (Goto("acl"),)))
+        check_flow(Flow("phy_in_classify", 100, Match.of(in_port=1), (Goto("acl"),)))
 
 
 def test_a_flow_going_to_an_undeclared_next_table_is_refused() -> None:
-    """local_out exists but classify may not jump straight there."""
+    """ls_out_local exists but phy_in_classify may not jump straight there."""
     with pytest.raises(PipelineError, match="may not go to"):
-        check_flow(Flow("classify", 100, Match.of(in_port=1), (Goto("local_out"),)))
+        check_flow(Flow("phy_in_classify", 100, Match.of(in_port=1), (Goto("ls_out_local"),)))
 
 
 def test_a_flow_going_backwards_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(PipelineError):
-        check_flow(Flow("dst_key", 100, Match(), (Goto("classify"),)))
+        check_flow(Flow("ls_in_dst_key", 100, Match(), (Goto("phy_in_classify"),)))
     # even if the declaration allowed it
-    loose = dataclasses.replace(TABLES["dst_key"],
-                                next=TABLES["dst_key"].next | {"ls_gateway"})
-    monkeypatch.setitem(TABLES, "dst_key", loose)
+    loose = dataclasses.replace(TABLES["ls_in_dst_key"],
+                                next=TABLES["ls_in_dst_key"].next | {"ls_in_gateway"})
+    monkeypatch.setitem(TABLES, "ls_in_dst_key", loose)
     with pytest.raises(PipelineError, match="forward"):
-        check_flow(Flow("dst_key", 100, Match(), (Goto("ls_gateway"),)))
+        check_flow(Flow("ls_in_dst_key", 100, Match(), (Goto("ls_in_gateway"),)))
 
 
 def test_goto_must_be_the_last_action() -> None:
     with pytest.raises(PipelineError, match="last"):
-        check_flow(Flow("remote_out", 0, Match(), (Goto("local_out"), Output(1))))
+        check_flow(Flow("ls_out_remote", 0, Match(), (Goto("ls_out_local"), Output(1))))
 
 
 def test_a_match_without_its_prerequisites_is_refused() -> None:
     with pytest.raises(PipelineError, match="eth_type"):
-        check_flow(Flow("classify", 100, Match.of(in_port=1, ipv4_src="10.0.0.1"), ()))
+        check_flow(Flow("phy_in_classify", 100, Match.of(in_port=1, ipv4_src="10.0.0.1"), ()))
     with pytest.raises(PipelineError, match="ip_proto"):
-        check_flow(Flow("ls_gateway", 100, Match.of(eth_type=ETH_IP, icmpv4_type=8), ()))
+        check_flow(Flow("ls_in_gateway", 100, Match.of(eth_type=ETH_IP, icmpv4_type=8), ()))
 
 
 def test_a_well_formed_flow_is_accepted() -> None:
-    check_flow(Flow("classify", 100, Match.of(in_port=1, eth_type=ETH_IP,
-                                              ipv4_src="10.0.0.1"), (Goto("ls_gateway"),)))
-    check_flow(Flow("remote_out", 200, Match.of(reg1=1), (Goto("local_out"),)))
+    check_flow(Flow("phy_in_classify", 100, Match.of(in_port=1, eth_type=ETH_IP,
+                                              ipv4_src="10.0.0.1"), (Goto("ls_in_gateway"),)))
+    check_flow(Flow("ls_out_remote", 200, Match.of(reg1=1), (Goto("ls_out_local"),)))

@@ -109,7 +109,7 @@ def test_the_scope_follows_the_plan_s_rules() -> None:
     topo = load_topology(EXAMPLE)
     assert scope(topo, "compute1").networks == {"blue", "red"}
     assert scope(topo, "net1").networks == {"blue", "red"}
-    assert scope(topo, "net1").floating_ips  # SNAT here: ext_out to every floating IP
+    assert scope(topo, "net1").floating_ips  # SNAT here: lr_out_delivery to every floating IP
     assert not scope(topo, "compute1").floating_ips  # no floating IP in this cloud
     ns = load_topology(NORTHSOUTH)
     assert scope(ns, "compute1").networks == {"blue", "red"}  # not green (r2)

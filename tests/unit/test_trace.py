@@ -148,11 +148,11 @@ def test_levels(topo) -> None:
         f"eth.dst={topo.vms['vm2'].mac} ip.src=10.1.0.11 ip.dst=10.2.0.12 ip.ttl=63",
     ]
     summary = render(r)
-    assert "20 lr_routing: route [router r1]: route 10.2.0.0/24 to red" in summary
+    assert "20 lr_in_routing: route [router r1]: route 10.2.0.0/24 to red" in summary
     detailed = render(r, "detailed")
     assert "actions=dec_ttl" in detailed and "actions=dec_ttl" not in summary
     doc = json.loads(render(r, "json"))
-    assert doc["outcomes"][0]["to"] == "vm2" and doc["hops"][0]["table"] == "classify"
+    assert doc["outcomes"][0]["to"] == "vm2" and doc["hops"][0]["table"] == "phy_in_classify"
 
 
 @pytest.mark.parametrize("sender,packet", [
@@ -191,7 +191,7 @@ def test_svg_draws_the_numbered_path(topo) -> None:
     texts = [t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text")]
     assert "compute2 (br-int)" in texts and "net1 (br-int)" in texts
     assert "external host" in texts
-    assert "1. classify" in texts and "4. lr_egress" in texts
+    assert "1. phy_in_classify" in texts and "4. lr_out_redirect" in texts
     crossings = [t for t in texts if "tunnel VNI" in t or "provider to" in t]
     assert crossings == [f"5. tunnel VNI {topo.networks['blue'].vni}",
                          f"14. provider to {r.crossings[1].carried}"]
