@@ -16,17 +16,18 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent import arp, config
-from agent.ofswitch import InstalledFlow, OpenFlowError, Switch, installed
+from agent.flowtables import Desired, Installed, diff
+from agent.ofswitch import OpenFlowError, Switch
 from agent.ovsdb import Ovsdb, OvsdbError
 from agent.source import FileSource, NbSource, Source
 from flows.model import Topology, TopologyError
-from flows.ofp import Flow
-from flows.planner import NodePorts, announcements, plan, snat_routers
+from flows.planner import announcements, plan, snat_routers
+from flows.ports import node_ports
 
 LOG = logging.getLogger(__name__)
 VERSION = "0.2.0"
@@ -69,24 +70,6 @@ class _Clock:
         return f"{sum(self.laps.values()):.1f} ms ({parts})"
 
 
-def diff(
-    desired: Iterable[Flow], installed: Iterable[InstalledFlow]
-) -> tuple[list[InstalledFlow], list[Flow]]:
-    """What to delete and what to add so that the flows we own become `desired`.
-
-    Cookies identify content, so a flow whose actions changed is deleted and re-added (in
-    the same bundle). A cookie installed twice keeps one copy."""
-    want = {f.cookie: f for f in desired}
-    stale: list[InstalledFlow] = []
-    seen: set[int] = set()
-    for inst in installed:
-        if inst.cookie not in want or inst.cookie in seen:
-            stale.append(inst)
-        seen.add(inst.cookie)
-    missing = [f for c, f in want.items() if c not in seen]
-    return stale, missing
-
-
 class DvrAgent:
     def __init__(self, conf: Any, source: Source | None = None):
         self.conf = conf
@@ -113,9 +96,8 @@ class DvrAgent:
         self._garps: list[tuple[float, str, str, int]] = []  # (due, ip, mac, port)
         self._gateway: tuple[str, str] | None = None  # (gateway IP, resolved MAC)
         self._gateway_next = 0.0
-        # the flows we own on the switch as the last sync left them (None: read them back)
-        self._installed: dict[int, InstalledFlow] | None = None
-        self._installed_on = 0  # ... over this connection to the switch
+        # the flows we own on the switch, as last known (see agent/flowtables.py)
+        self.installed = Installed()
 
     # --- status ---------------------------------------------------------------------------
     def report(self, **changes: Any) -> None:
@@ -156,40 +138,31 @@ class DvrAgent:
             changed |= self.ovsdb.ensure_provider_patch(self.bridge, provider_bridge)
         if changed:  # read again what the changes made
             plugged = self.ovsdb.plugged(self.bridge)
-        vms = {}
-        for iface_id, ofport in plugged.ports.items():
-            vm = topo.vm_by_port(iface_id)
-            if vm is not None:
-                vms[vm.name] = ofport
-        ext = topo.external
-        ports = NodePorts(
-            vms=vms, tunnels={p: n for p, n in plugged.tunnels.items() if p in peers},
-            provider=plugged.provider if ext else None,
-            gateway_mac=self.gateway_mac(),
-            snat=snat_routers(topo, self.node))
+        ports = node_ports(topo, self.node, plugged, self.gateway_mac(),
+                           snat_routers(topo, self.node))
         clock.lap("ovsdb")
-        desired = plan(topo, self.node, ports)
+        desired = Desired(plan(topo, self.node, ports))
         clock.lap("plan")
-        if full or self._installed is None or self._installed_on != self.switch.connections:
+        # the connection what is installed is true of: a reconnection during the bundle (a
+        # switch restarted meanwhile) makes the next sync read the flows back
+        connection = self.switch.connections
+        current = None if full else self.installed.known(connection)
+        if current is None:
             current = self.switch.dump_owned()
+            connection = self.switch.connections
+            self.installed.read(current, connection)
             clock.lap("dump")
-        else:
-            current = list(self._installed.values())
-        # the connection `current` is true of: a reconnection during the apply (a switch
-        # restarted meanwhile) makes the next sync read the flows back
-        epoch = self.switch.connections
         stale, missing = diff(desired, current)
-        self._installed = None  # unknown until the bundle is committed
-        self.switch.apply(stale, missing)
+        self.installed.forget()  # unknown until the bundle is committed
+        with self.switch.bundle() as bundle:
+            bundle.delete(stale)
+            bundle.add(missing)
         clock.lap("apply")
-        gone = {id(f) for f in stale}
-        self._installed = {f.cookie: f for f in current if id(f) not in gone}
-        self._installed_on = epoch
-        self._installed.update((f.cookie, installed(f)) for f in missing)
+        self.installed.applied(current, stale, missing, connection)
         if stale or missing:
             LOG.info("node %s: +%d -%d flows (%d desired) in %s", self.node, len(missing),
                      len(stale), len(desired), clock)
-        return SyncResult(len(missing), len(stale), len(desired), sorted(vms),
+        return SyncResult(len(missing), len(stale), len(desired), sorted(ports.vms),
                           sorted(ports.snat), announcements(topo, self.node, ports),
                           ports.provider, clock.laps)
 

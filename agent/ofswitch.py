@@ -1,19 +1,22 @@
 """The one module that speaks OpenFlow: os-ken as the codec, on a socket of our own.
 
 A `Switch` talks OpenFlow 1.3 to one bridge's management socket (`<rundir>/<bridge>.mgmt`,
-or `tcp:HOST:PORT`). It offers three things: the flows that carry this project's cookie
-(`dump_owned`), an atomic change (`apply`: deletes then adds inside one ONF bundle that is
-committed only if OVS accepted every message, otherwise discarded), and port statistics. It
-never reads or writes a flow of another cookie.
+or `tcp:HOST:PORT`). It offers the flows that carry this project's cookie (`dump_owned`),
+an atomic change (`with switch.bundle() as b: b.delete(...); b.add(...)`: one ONF bundle,
+every reply checked, committed only if OVS accepted every message and discarded otherwise,
+or when the body raises) and packets out. It never reads or writes a flow of another
+cookie. `flow_mod()` is the one encoding of a planned flow (the unit tests encode every
+planned flow through it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +125,21 @@ def _ct_action(a: CT) -> Any:
                              alg=0, actions=nat)
 
 
+def flow_mod(dp: Any, flow: Flow) -> Any:
+    """The OpenFlow 1.3 message that adds `flow` (with its cookie) to the switch."""
+    return parser.OFPFlowMod(
+        dp, cookie=flow.cookie, table_id=TABLES[flow.table].number, command=ofp.OFPFC_ADD,
+        priority=flow.priority, match=to_ofp_match(flow), instructions=to_ofp_instructions(flow))
+
+
+def delete_mod(dp: Any, inst: InstalledFlow) -> Any:
+    """The message that deletes exactly this flow: its table, priority, match and cookie."""
+    return parser.OFPFlowMod(
+        dp, cookie=inst.cookie, cookie_mask=ALL_ONES64, table_id=inst.table_id,
+        command=ofp.OFPFC_DELETE_STRICT, priority=inst.priority, out_port=ofp.OFPP_ANY,
+        out_group=ofp.OFPG_ANY, match=inst.match)
+
+
 def _describe(item: InstalledFlow | Flow | str) -> str:
     if isinstance(item, InstalledFlow):
         return f"delete cookie={item.cookie:#x}"
@@ -217,17 +235,29 @@ class Switch:
                 raise OpenFlowError(f"{self.target}: connection closed by the switch")
             self._buf += chunk
 
-    def _until_barrier(self, sent: dict[int, InstalledFlow | Flow | str]) -> list[str]:
-        """Send a barrier, read up to its reply, return errors naming what was refused."""
+    def _until_barrier(self, sent: dict[int, InstalledFlow | Flow | str]
+                       ) -> tuple[list[str], dict[int, Any]]:
+        """Send a barrier and read up to its reply: the errors naming what was refused, and
+        the other replies to the messages in `sent`, by xid."""
         barrier = self._send(parser.OFPBarrierRequest(self.dp))
-        errors = []
+        errors: list[str] = []
+        replies: dict[int, Any] = {}
         while True:
             msg = self._recv()
             if msg.msg_type == ofp.OFPT_BARRIER_REPLY and msg.xid == barrier:
-                return errors
+                return errors, replies
             if msg.msg_type == ofp.OFPT_ERROR:
                 what = _describe(sent.get(msg.xid, f"xid {msg.xid}"))
-                errors.append(f"{what}: OpenFlow error type={msg.type} code={msg.code}")
+                errors.append(f"{what}: {_error(msg)}")
+            elif msg.xid in sent:
+                replies[msg.xid] = msg
+
+    def _reply_to(self, xid: int) -> Any:
+        """The switch's answer to request `xid` (a reply or an error)."""
+        while True:
+            msg = self._recv()
+            if msg.xid == xid:
+                return msg
 
     # --- queries ------------------------------------------------------------------------
     def dump_owned(self) -> list[InstalledFlow]:
@@ -252,21 +282,6 @@ class Switch:
                 if not msg.flags & ofp.OFPMPF_REPLY_MORE:
                     return out
 
-    def port_stats(self) -> dict[int, dict[str, int]]:
-        with self._lock:
-            self._connect()
-            xid = self._send(parser.OFPPortStatsRequest(self.dp, 0, ofp.OFPP_ANY))
-            out: dict[int, dict[str, int]] = {}
-            while True:
-                msg = self._recv()
-                if msg.xid != xid:
-                    continue
-                for st in msg.body:
-                    out[st.port_no] = {"rx_packets": st.rx_packets, "tx_packets": st.tx_packets,
-                                       "rx_bytes": st.rx_bytes, "tx_bytes": st.tx_bytes}
-                if not msg.flags & ofp.OFPMPF_REPLY_MORE:
-                    return out
-
     def packet_out(self, port: int, frame: bytes) -> None:
         """Send one frame out of `port` (as if from the controller)."""
         with self._lock:
@@ -275,7 +290,7 @@ class Switch:
                 self._send(parser.OFPPacketOut(
                     self.dp, buffer_id=ofp.OFP_NO_BUFFER, in_port=ofp.OFPP_CONTROLLER,
                     actions=[parser.OFPActionOutput(port, 0)], data=frame))
-                errors = self._until_barrier({})
+                errors, _ = self._until_barrier({})
             except OSError as exc:
                 self.close()
                 raise OpenFlowError(f"{self.target}: {exc}") from None
@@ -283,56 +298,115 @@ class Switch:
             raise OpenFlowError(f"packet out to port {port}: {errors[0]}")
 
     # --- changes ------------------------------------------------------------------------
-    def apply(self, delete: Iterable[InstalledFlow], add: Iterable[Flow]) -> None:
-        """Delete then add, atomically: all of it is committed or none of it."""
-        delete, add = list(delete), list(add)
-        if not delete and not add:
-            return
+    @contextlib.contextmanager
+    def bundle(self) -> Iterator[Bundle]:
+        """One atomic change: what the body deletes and adds is committed together when it
+        returns, or not at all (OVS refused a message, or the body raised: discarded).
+        An OpenFlowError names the first refused flow and the error."""
         with self._lock:
+            b = Bundle(self)
             try:
-                self._apply(delete, add)
+                yield b
+                b.commit()
             except OSError as exc:
                 self.close()
                 raise OpenFlowError(f"{self.target}: {exc}") from None
+            except BaseException:
+                b.discard()
+                raise
 
-    def _apply(self, delete: list[InstalledFlow], add: list[Flow]) -> None:
-        self._connect()
+    def _next_bundle(self) -> int:
         self._bundle = (self._bundle + 1) & 0xFFFFFFFF or 1
-        bid = self._bundle
-        flags = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED
-        # what each message was, to name it if OVS refuses it (formatted only then)
-        sent: dict[int, InstalledFlow | Flow | str] = {}
-        sent[self._send(parser.ONFBundleCtrlMsg(
-            self.dp, bundle_id=bid, type_=ofp.ONF_BCT_OPEN_REQUEST, flags=flags,
-            properties=[]))] = "bundle open"
-        for inst in delete:
-            mod = parser.OFPFlowMod(
-                self.dp, cookie=inst.cookie, cookie_mask=ALL_ONES64, table_id=inst.table_id,
-                command=ofp.OFPFC_DELETE_STRICT, priority=inst.priority,
-                out_port=ofp.OFPP_ANY, out_group=ofp.OFPG_ANY, match=inst.match)
-            sent[self._send(parser.ONFBundleAddMsg(self.dp, bid, flags, mod, []))] = inst
-        for flow in add:
-            mod = parser.OFPFlowMod(
-                self.dp, cookie=flow.cookie, table_id=TABLES[flow.table].number,
-                command=ofp.OFPFC_ADD, priority=flow.priority, match=to_ofp_match(flow),
-                instructions=to_ofp_instructions(flow))
-            sent[self._send(parser.ONFBundleAddMsg(self.dp, bid, flags, mod, []))] = flow
-        errors = self._until_barrier(sent)
+        return self._bundle
+
+
+class Bundle:
+    """The messages of one ONF bundle (`Switch.bundle()`). The bundle is opened on the
+    first message; each message is remembered by its xid, so a refusal names its flow."""
+
+    FLAGS = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED
+
+    def __init__(self, switch: Switch):
+        self.switch = switch
+        self.id = 0  # 0: not opened yet
+        self.sent: dict[int, InstalledFlow | Flow | str] = {}
+        self.deleted = 0
+        self.added = 0
+
+    def _ctrl(self, type_: int) -> int:
+        sw = self.switch
+        return sw._send(parser.ONFBundleCtrlMsg(sw.dp, bundle_id=self.id, type_=type_,
+                                                flags=self.FLAGS, properties=[]))
+
+    def _open(self) -> None:
+        if not self.id:
+            self.switch._connect()
+            self.id = self.switch._next_bundle()
+            self.sent[self._ctrl(ofp.ONF_BCT_OPEN_REQUEST)] = "bundle open"
+
+    def _add_msg(self, mod: Any, what: InstalledFlow | Flow) -> None:
+        sw = self.switch
+        self.sent[sw._send(parser.ONFBundleAddMsg(sw.dp, self.id, self.FLAGS, mod, []))] = what
+
+    def delete(self, flows: Iterable[InstalledFlow]) -> None:
+        for inst in flows:
+            self._open()
+            self._add_msg(delete_mod(self.switch.dp, inst), inst)
+            self.deleted += 1
+
+    def add(self, flows: Iterable[Flow]) -> None:
+        for flow in flows:
+            self._open()
+            self._add_msg(flow_mod(self.switch.dp, flow), flow)
+            self.added += 1
+
+    def commit(self) -> None:
+        """Check every reply up to a barrier (the open acknowledged, no message refused),
+        then commit; on any refusal discard the bundle and raise."""
+        if not self.id:
+            return  # nothing to change
+        sw = self.switch
+        errors, replies = sw._until_barrier(self.sent)
+        opened = any(getattr(m, "type", None) == ofp.ONF_BCT_OPEN_REPLY
+                     for m in replies.values())
+        if not errors and not opened:
+            errors = ["bundle open: no reply from the switch"]
         if errors:
-            self._send(parser.ONFBundleCtrlMsg(
-                self.dp, bundle_id=bid, type_=ofp.ONF_BCT_DISCARD_REQUEST, flags=flags,
-                properties=[]))
-            self._until_barrier({})
-            raise OpenFlowError(f"{self.target}: bundle discarded: {errors[0]}"
+            self.discard()
+            raise OpenFlowError(f"{sw.target}: bundle discarded: {errors[0]}"
                                 + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
-        commit = self._send(parser.ONFBundleCtrlMsg(
-            self.dp, bundle_id=bid, type_=ofp.ONF_BCT_COMMIT_REQUEST, flags=flags,
-            properties=[]))
-        while True:
-            msg = self._recv()
-            if msg.xid != commit:
-                continue
-            if msg.msg_type == ofp.OFPT_ERROR:
-                raise OpenFlowError(f"{self.target}: bundle commit failed: type={msg.type} "
-                                    f"code={msg.code}")
+        commit = self._ctrl(ofp.ONF_BCT_COMMIT_REQUEST)
+        msg = sw._reply_to(commit)
+        if msg.msg_type == ofp.OFPT_ERROR:
+            raise OpenFlowError(f"{sw.target}: bundle commit failed: {_error(msg)}")
+        if getattr(msg, "type", None) != ofp.ONF_BCT_COMMIT_REPLY:
+            raise OpenFlowError(f"{sw.target}: bundle commit: unexpected reply {msg}")
+        self.id = 0
+
+    def discard(self) -> None:
+        """Drop the bundle on the switch (best effort: a closed connection drops it too)."""
+        if not self.id or self.switch._sock is None:
             return
+        try:
+            self.switch._reply_to(self._ctrl(ofp.ONF_BCT_DISCARD_REQUEST))
+        except (OpenFlowError, OSError):
+            LOG.debug("bundle discard failed", exc_info=True)
+        self.id = 0
+
+
+# OpenFlow error types and, per type, the prefix of its codes' names (OpenFlow 1.3, 7.4.4)
+_ERROR_CODES = {"OFPET_BAD_REQUEST": "OFPBRC_", "OFPET_BAD_ACTION": "OFPBAC_",
+                "OFPET_BAD_INSTRUCTION": "OFPBIC_", "OFPET_BAD_MATCH": "OFPBMC_",
+                "OFPET_FLOW_MOD_FAILED": "OFPFMFC_", "OFPET_GROUP_MOD_FAILED": "OFPGMFC_",
+                "OFPET_TABLE_FEATURES_FAILED": "OFPTFFC_"}
+
+
+def _error(msg: Any) -> str:
+    """An OpenFlow error message in words: `OFPET_BAD_ACTION/OFPBAC_BAD_SET_ARGUMENT`."""
+    kind = next((n for n in dir(ofp) if n.startswith("OFPET_") and getattr(ofp, n) == msg.type),
+                None)
+    prefix = _ERROR_CODES.get(kind or "")
+    code = next((n for n in dir(ofp) if prefix and n.startswith(prefix)
+                 and getattr(ofp, n) == msg.code), None)
+    return (f"OpenFlow error {kind or f'type={msg.type}'}/{code or f'code={msg.code}'} "
+            f"(type={msg.type} code={msg.code})")

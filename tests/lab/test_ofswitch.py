@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.main import diff
-from agent.ofswitch import OpenFlowError, Switch
+from agent.flowtables import diff
+from agent.ofswitch import InstalledFlow, OpenFlowError, Switch
 from flows.model import load_topology
 from flows.ofp import ETH_IP, Flow, Hint, Match, Output, Purpose, SetField
 from flows.planner import assumed_ports, plan
@@ -41,11 +41,17 @@ def cookies(sw: Switch) -> set[int]:
     return {f.cookie for f in sw.dump_owned()}
 
 
+def apply(sw: Switch, stale: list[InstalledFlow], missing: list[Flow]) -> None:
+    with sw.bundle() as bundle:
+        bundle.delete(stale)
+        bundle.add(missing)
+
+
 def test_apply_then_replay_is_idempotent(switch: tuple[LabHandle, Switch]) -> None:
     _, sw = switch
     want = planned()
     stale, missing = diff(want, sw.dump_owned())
-    sw.apply(stale, missing)
+    apply(sw, stale, missing)
     assert cookies(sw) == {f.cookie for f in want}
     assert diff(want, sw.dump_owned()) == ([], [])
 
@@ -53,7 +59,7 @@ def test_apply_then_replay_is_idempotent(switch: tuple[LabHandle, Switch]) -> No
 def test_invalid_flow_discards_the_whole_bundle(switch: tuple[LabHandle, Switch]) -> None:
     lab, sw = switch
     want = planned()
-    sw.apply(*diff(want, sw.dump_owned()))
+    apply(sw, *diff(want, sw.dump_owned()))
     before = cookies(sw)
     good = Flow("ls_out_local", 100, Match.of(metadata=7, reg0=1), (Output(5),),
                 Hint(Purpose.DELIVERY_LOCAL))
@@ -61,11 +67,30 @@ def test_invalid_flow_discards_the_whole_bundle(switch: tuple[LabHandle, Switch]
     bad = Flow("ls_in_dst_key", 100, Match.of(eth_type=ETH_IP),
                (SetField("arp_op", 2), Output(1)), Hint(Purpose.DST_KEY))
     stale = sw.dump_owned()[:3]
-    with pytest.raises(OpenFlowError, match="discarded"):
-        sw.apply(stale, [good, bad])
+    with pytest.raises(OpenFlowError, match="discarded") as refused:
+        apply(sw, stale, [good, bad])
+    assert f"add cookie={bad.cookie:#x}" in str(refused.value)  # the refused flow is named
     assert cookies(sw) == before  # neither the deletes nor the good add happened
     dump = lab.node("solo", "ovs-ofctl", "-O", "OpenFlow13", "dump-flows", "br-test")
     assert f"{good.cookie:#x}" not in dump
+
+
+def test_a_bundle_whose_body_fails_changes_nothing(switch: tuple[LabHandle, Switch]) -> None:
+    """Messages already sent into the bundle are discarded when the code filling it raises,
+    and the connection stays usable."""
+    _, sw = switch
+    want = planned()
+    apply(sw, *diff(want, sw.dump_owned()))
+    before = cookies(sw)
+    good = Flow("ls_out_local", 100, Match.of(metadata=7, reg0=2), (Output(6),),
+                Hint(Purpose.DELIVERY_LOCAL))
+    with pytest.raises(RuntimeError, match="planning failed"), sw.bundle() as bundle:
+        bundle.delete(sw.dump_owned()[:2])
+        bundle.add([good])
+        raise RuntimeError("planning failed")
+    assert cookies(sw) == before
+    apply(sw, [], [good])  # the switch takes the next bundle
+    assert cookies(sw) == before | {good.cookie}
 
 
 def test_foreign_flows_are_invisible_and_untouched(switch: tuple[LabHandle, Switch]) -> None:
@@ -74,7 +99,7 @@ def test_foreign_flows_are_invisible_and_untouched(switch: tuple[LabHandle, Swit
              "cookie=0x42,table=3,priority=5,actions=drop")
     owned = sw.dump_owned()
     assert 0x42 not in {f.cookie for f in owned}
-    sw.apply(owned, [])  # delete everything we own
+    apply(sw, owned, [])  # delete everything we own
     assert cookies(sw) == set()
     dump = lab.node("solo", "ovs-ofctl", "-O", "OpenFlow13", "dump-flows", "br-test")
     assert "cookie=0x42," in dump

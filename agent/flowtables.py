@@ -1,0 +1,86 @@
+"""The agent's two flow tables, as `ovn-controller`'s `ofctrl` keeps them: the flows it wants on
+the switch (`Desired`, the plan's, by cookie) and the flows of ours the switch holds
+(`Installed`, as read back from it or as the last committed bundle left them). One
+reconciliation diffs the two and changes the switch by the difference, in one bundle.
+
+`Installed` is trusted only over the OpenFlow connection it was learned on: a new connection
+may be to a restarted switch that lost every flow, so it must be read back first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from agent.ofswitch import InstalledFlow, installed
+from flows.ofp import Flow
+
+
+class Desired:
+    """The flows the plan wants on the switch, by cookie (a cookie names a flow's content)."""
+
+    def __init__(self, flows: Iterable[Flow]):
+        self.by_cookie: dict[int, Flow] = {f.cookie: f for f in flows}
+
+    def __len__(self) -> int:
+        return len(self.by_cookie)
+
+    def __iter__(self) -> Iterator[Flow]:
+        return iter(self.by_cookie.values())
+
+
+class Installed:
+    """The flows of ours on the switch, as last known, and the connection they are true of."""
+
+    def __init__(self) -> None:
+        self._flows: dict[int, InstalledFlow] | None = None
+        self._connection = 0
+
+    def known(self, connection: int) -> list[InstalledFlow] | None:
+        """The flows installed, if known over this connection to the switch (None: read
+        them back)."""
+        if self._flows is None or self._connection != connection:
+            return None
+        return list(self._flows.values())
+
+    def read(self, flows: Iterable[InstalledFlow], connection: int) -> None:
+        """What a dump of the switch over `connection` returned."""
+        self._flows = {}
+        for f in flows:
+            self._flows.setdefault(f.cookie, f)
+        self._connection = connection
+
+    def forget(self) -> None:
+        """Unknown (a bundle whose outcome is not known yet, or failed)."""
+        self._flows = None
+
+    def applied(self, before: Iterable[InstalledFlow], deleted: Iterable[InstalledFlow],
+                added: Iterable[Flow], connection: int) -> None:
+        """A committed bundle over `connection` turned `before` into `before - deleted +
+        added`."""
+        gone = {id(f) for f in deleted}
+        self._flows = {}
+        for f in before:
+            if id(f) not in gone:
+                self._flows.setdefault(f.cookie, f)
+        self._flows.update((f.cookie, installed(f)) for f in added)
+        self._connection = connection
+
+    def __len__(self) -> int:
+        return len(self._flows or {})
+
+
+def diff(desired: Desired | Iterable[Flow], current: Iterable[InstalledFlow]
+         ) -> tuple[list[InstalledFlow], list[Flow]]:
+    """What to delete and what to add so that the flows we own become `desired`.
+
+    Cookies identify content, so a flow whose actions changed is deleted and re-added (in
+    the same bundle). A cookie installed twice keeps one copy."""
+    want = desired.by_cookie if isinstance(desired, Desired) else {f.cookie: f for f in desired}
+    stale: list[InstalledFlow] = []
+    seen: set[int] = set()
+    for inst in current:
+        if inst.cookie not in want or inst.cookie in seen:
+            stale.append(inst)
+        seen.add(inst.cookie)
+    missing = [f for c, f in want.items() if c not in seen]
+    return stale, missing
