@@ -14,7 +14,6 @@ import os
 import threading
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 # the ovs bindings import eventlet when it is installed, which warns about itself
@@ -23,12 +22,11 @@ warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 from ovsdbapp.backend.ovs_idl import connection, idlutils  # noqa: E402
 from ovsdbapp.schema.open_vswitch import impl_idl  # noqa: E402
 
+from flows.ports import PEER_KEY, PROVIDER_PATCH, PROVIDER_PEER, Interface, Plugged  # noqa: E402
+from flows.ports import plugged as read_plugged  # noqa: E402
+
 LOG = logging.getLogger(__name__)
 TABLES = ("Open_vSwitch", "Bridge", "Port", "Interface")
-PEER_KEY = "dvr-peer"
-# the patch pair between the integration bridge and the provider (external) bridge
-PROVIDER_PATCH = "patch-dvr-ext"  # on the integration bridge
-PROVIDER_PEER = "patch-dvr-int"  # on the provider bridge
 
 
 class OvsdbError(Exception):
@@ -69,16 +67,6 @@ class _WatchingIdl(connection.OvsdbIdl):
 
     def notify(self, event: str, row: Any, updates: Any = None) -> None:
         self.changed.set()
-
-
-@dataclass(frozen=True)
-class Plugged:
-    """What is plugged into the integration bridge, by OpenFlow port number."""
-
-    ports: Mapping[str, int]  # iface-id -> ofport
-    tunnels: Mapping[str, int]  # peer node -> ofport
-    tunnel_config: Mapping[str, tuple[str, str]]  # peer node -> (type, remote_ip)
-    provider: int | None = None  # the patch port to the provider bridge
 
 
 class Ovsdb:
@@ -163,27 +151,18 @@ class Ovsdb:
                     return [i for p in br.ports for i in p.interfaces]
         return []
 
-    def plugged(self, bridge: str) -> Plugged:
-        ports: dict[str, int] = {}
-        tunnels: dict[str, int] = {}
-        config: dict[str, tuple[str, str]] = {}
-        provider = None
+    def interfaces(self, bridge: str) -> list[Interface]:
+        """The Interface rows of `bridge`, as plain data."""
+        out = []
         with self._conn.lock:
             for iface in self._interfaces(bridge):
-                ofport = iface.ofport[0] if iface.ofport else -1
-                if iface.name == PROVIDER_PATCH:
-                    provider = ofport if ofport > 0 else None
-                    continue
-                peer = iface.external_ids.get(PEER_KEY)
-                if peer:
-                    config[peer] = (iface.type, iface.options.get("remote_ip", ""))
-                    if ofport > 0:
-                        tunnels[peer] = ofport
-                    continue
-                iface_id = iface.external_ids.get("iface-id")
-                if iface_id and ofport > 0:
-                    ports[iface_id] = ofport
-        return Plugged(ports, tunnels, config, provider)
+                out.append(Interface(iface.name, iface.ofport[0] if iface.ofport else -1,
+                                     dict(iface.external_ids), iface.type,
+                                     dict(iface.options)))
+        return out
+
+    def plugged(self, bridge: str) -> Plugged:
+        return read_plugged(self.interfaces(bridge))
 
     def has_bridge(self, bridge: str) -> bool:
         with self._conn.lock:

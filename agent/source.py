@@ -136,6 +136,7 @@ class NbSource(Source):
         self._state: Topology | TopologyError | None = None
         self._seen = -1  # ... when `load()` last handed it out
         self._pending_since: float | None = None
+        self._report: Any = None  # the report transaction in flight (ovs.db.idl.Transaction)
 
     def wait(self, poller: Any) -> bool:
         idl = self.idl
@@ -155,6 +156,7 @@ class NbSource(Source):
         """True when the copy's desired state changed since `load()` (agents' reports, in
         the same database, do not count) and the copy is complete for its condition."""
         self.idl.run()
+        self._report_outcome()
         if not self.idl.has_ever_connected():
             return False
         self._current()
@@ -227,11 +229,14 @@ class NbSource(Source):
 
     # --- this agent's report ----------------------------------------------------------------
     def report(self, node: str, status: dict[str, Any]) -> None:
-        """Write this agent's row of the Agent table (skipped while the previous report
-        is still on its way)."""
+        """Write this agent's row of the Agent table, in a transaction that completes as
+        the IDL runs (`poll()` checks its outcome). Skipped while the previous report is
+        still on its way; a failed one is logged, and the next report writes it all anew."""
         import ovs.db.idl
 
-        if self.idl.txn is not None or not self.idl.has_ever_connected():
+        self._report_outcome()
+        if self._report is not None or self.idl.txn is not None \
+                or not self.idl.has_ever_connected():
             return
         txn = ovs.db.idl.Transaction(self.idl)
         table = self.idl.tables["Agent"]
@@ -248,7 +253,24 @@ class NbSource(Source):
         row.vms = list(status.get("vms", []))
         row.error = [str(status["error"])] if status.get("error") else []
         row.gateway_mac = [status["gateway_mac"]] if status.get("gateway_mac") else []
-        txn.commit()
+        self._report = txn
+        self._report_outcome()
+
+    def _report_outcome(self) -> None:
+        """Advance the report transaction in flight and check how it ended."""
+        import ovs.db.idl
+
+        txn = self._report
+        if txn is None:
+            return
+        status = txn.commit()
+        if status == ovs.db.idl.Transaction.INCOMPLETE:
+            return
+        self._report = None
+        if status not in (ovs.db.idl.Transaction.SUCCESS, ovs.db.idl.Transaction.UNCHANGED):
+            log = LOG.info if status == ovs.db.idl.Transaction.TRY_AGAIN else LOG.warning
+            log("report to the northbound database: %s (%s)", status,
+                         txn.get_error() or "no detail")
 
     def close(self) -> None:
         self.idl.close()

@@ -7,12 +7,11 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
-from dvr.lab import LabError
+from dvr.lab import LabError, run
 from dvr.lab.lab import Lab
 from dvr.lab.netlink import NetlinkError
 from flows.model import TopologyError
@@ -229,8 +228,8 @@ def _run_inside(lab: Lab, kind: str, target: str, cmd: list[str]) -> int:
         cmd = cmd[1:]
     if not cmd:
         raise LabError("no command given (usage: ... -- CMD [ARGS...])")
-    argv, env = lab.exec_argv(kind, target, cmd)
-    return subprocess.call(argv, env=env)
+    ns, env = lab.target(kind, target)
+    return run.call(ns, cmd, env=env)
 
 
 def lab_main(args: argparse.Namespace) -> int:

@@ -37,6 +37,24 @@ class NbLost(NbError):
     """The connection, or the leader, was lost: a transaction's outcome is unknown."""
 
 
+class NbConflict(NbError):
+    """A transaction's guard failed: the desired state changed since it was read."""
+
+
+# OVSDB error tags (RFC 7047 names an error by its "error" member) that mean the server let
+# the transaction go without an outcome: "canceled" (the JSON-RPC error of a transaction the
+# server dropped), "cluster error" (RAFT: not leader, lost leadership, ...)
+LOST_TAGS = frozenset({"canceled", "cluster error"})
+GUARD_FAILED = "timed out"  # a `wait` operation whose condition does not hold (RFC 7047)
+
+
+def _tag(error: Any) -> str:
+    """The tag of an OVSDB or JSON-RPC error: a string, or an object's "error" member."""
+    if isinstance(error, dict):
+        return str(error.get("error", ""))
+    return str(error)
+
+
 def _open(remote: str, timeout: float) -> jsonrpc.Connection:
     try:
         return jsonrpc.Connection(remote, timeout)
@@ -74,11 +92,6 @@ def member_role(remote: str, timeout: float = 1.0) -> str:
         return _cluster_role(conn)
     finally:
         conn.close()
-
-
-def _lost_leader(error: str) -> bool:
-    return any(w in error.lower() for w in ("not leader", "leadership", "cluster",
-                                            "connection", "closed"))
 
 
 class Northbound:
@@ -137,16 +150,21 @@ class Northbound:
         except jsonrpc.RpcError as exc:
             raise NbLost(f"{self.remote}: {exc}") from None
         if error:
-            if _lost_leader(str(error)):
+            if _tag(error) in LOST_TAGS:
                 raise NbLost(f"{self.remote}: {error}")
             raise NbError(f"{self.remote}: {error}")
         for op, res in zip(ops, results, strict=False):
             if isinstance(res, dict) and res.get("error"):
-                raise NbError(f"{op['op']} {op.get('table', '')}: {res['error']}: "
-                              f"{res.get('details', '')}".rstrip(": "))
+                what = (f"{op['op']} {op.get('table', '')}: {res['error']}: "
+                        f"{res.get('details', '')}".rstrip(": "))
+                if op["op"] == "wait" and res["error"] == GUARD_FAILED:
+                    raise NbConflict(what)
+                if _tag(res) in LOST_TAGS:
+                    raise NbLost(f"{self.remote}: {what}")
+                raise NbError(what)
         if len(results) > len(ops) and results[-1] and results[-1].get("error"):
             err = f"{results[-1]['error']}: {results[-1].get('details', '')}"
-            if _lost_leader(err):
+            if _tag(results[-1]) in LOST_TAGS:
                 raise NbLost(f"{self.remote}: {err}")
             raise NbError(f"transaction refused: {err}")
         return results
@@ -193,9 +211,7 @@ class Northbound:
                 if failovers > MAX_FAILOVERS:
                     raise
                 self._reconnect()  # the leader, or an NbError when none comes
-            except NbError as exc:
-                if "timed out" not in str(exc) and "wait" not in str(exc):
-                    raise
+            except NbConflict:
                 conflicts += 1  # somebody else changed it meanwhile: read again
                 if conflicts >= retries:
                     raise NbError("the desired state kept changing under this change; "

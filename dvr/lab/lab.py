@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from dvr.lab import LabError
+from dvr.lab import LabError, run
 from dvr.lab.netlink import NetlinkError, Netns, delete_namespace, ensure_namespace, list_namespaces
 from flows import northbound
 from flows.model import VM, Topology, TopologyError, load_topology, parse_topology, to_dict
@@ -211,9 +211,7 @@ class Lab:
                 first = f"tcp:{self.nb_member_ip(members[0])}:{NB_RAFT_PORT}"
                 cmd = ["ovsdb-tool", "join-cluster", str(d / "nb.db"), "DVR_Northbound",
                        local, first]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise LabError(f"{m}: {res.stderr.strip() or 'ovsdb-tool failed'}")
+            run.run(None, cmd)
         for m in members:
             self._start_nb_member(m)
         self._wait_nb_cluster(members)
@@ -245,8 +243,7 @@ class Lab:
         schema, on a unix socket every node's agent reaches (namespaces share the files)."""
         db = self.dir / "nb.db"
         if not db.exists():
-            subprocess.run(["ovsdb-tool", "create", str(db), str(northbound.SCHEMA)], check=True,
-                           capture_output=True)
+            run.run(None, ["ovsdb-tool", "create", str(db), str(northbound.SCHEMA)])
         self._sh(self.ul_ns, [
             "ovsdb-server", str(db), f"--remote=punix:{self.nb_socket}",
             f"--pidfile={self.dir}/nb.pid", f"--unixctl={self.dir}/nb.ctl",
@@ -419,16 +416,10 @@ class Lab:
                 ext.add_address("lo", f"{topo.external.remote_ip}/32")
         self._sh(self.ext_ns, ["ethtool", "-K", "ext0", "tx", "off"], check=False)
 
-    def _sh(
-        self, ns: str, cmd: list[str], node: str | None = None, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        env = self.ovs_env(node) if node else None
-        res = subprocess.run(["ip", "netns", "exec", ns, *cmd], env=env, text=True,
-                             capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
-        if check and res.returncode != 0:
-            err = (res.stderr.strip().splitlines() or ["failed"])[-1]
-            raise LabError(f"{ns}: {' '.join(cmd[:3])}: {err}")
-        return res
+    def _sh(self, ns: str, cmd: list[str], node: str | None = None, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        """`cmd` inside namespace `ns`; with `node`, its OVS tools talk to that node's OVS."""
+        return run.run(ns, cmd, env=self.ovs_env(node) if node else None, check=check)
 
     def _vsctl(self, node: str, *args: str) -> str:
         return self._sh(self.node_ns(node), ["ovs-vsctl", "--timeout=20", *args],
@@ -451,8 +442,7 @@ class Lab:
             n.set_link("ex0", up=True)
         db = d / "conf.db"
         if not db.exists():
-            subprocess.run(["ovsdb-tool", "create", str(db), VSWITCH_SCHEMA], check=True,
-                           capture_output=True)
+            run.run(None, ["ovsdb-tool", "create", str(db), VSWITCH_SCHEMA])
         self._start_ovsdb(node)
         self._start_vswitchd(node)
         self._vsctl(node, "--no-wait", "init")
@@ -542,15 +532,11 @@ class Lab:
         d = self.node_dir(node)
         # the agent of the same installation as this command (a venv's, say)
         exe = Path(sys.executable).parent / "dvr-agent"
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "agent.main"]
+        cmd = [str(exe)] if exe.exists() else run.python("-m", "agent.main")
         with open(d / "agent.log", "ab") as log:
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.node_ns(node), *cmd,
-                 "--config-file", str(d / "agent.ini")],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd="/",
-                env={**os.environ, "PYTHONPATH": _pythonpath()},
-            )
+            proc = run.start(self.node_ns(node), [*cmd, "--config-file", str(d / "agent.ini")],
+                             env=run.python_env(), stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True, cwd="/")
         (d / "agent.pid").write_text(f"{proc.pid}\n")
 
     def kill_node(self, node: str) -> None:
@@ -823,17 +809,36 @@ class Lab:
                 if topo.external else None}
 
     # --- running commands inside --------------------------------------------------------
-    def exec_argv(self, kind: str, name: str, cmd: list[str]) -> tuple[list[str], dict[str, str]]:
-        topo = self.topology()
+    def target(self, kind: str, name: str, topo: Topology | None = None
+               ) -> tuple[str, dict[str, str] | None]:
+        """The namespace and environment of a VM (`vm`), a node (`node`: its OVS tools talk
+        to its own OVS) or the external host (`ext`), checked against `topo` (default: the
+        lab's desired state)."""
+        if kind == "ext":
+            return self.ext_ns, None
+        topo = topo or self.topology()
         if kind == "vm":
             if name not in topo.vms:
                 raise LabError(f"unknown VM {name!r} in lab {self.prefix}")
-            return ["ip", "netns", "exec", self.vm_ns(name), *cmd], dict(os.environ)
+            return self.vm_ns(name), None
         if kind == "node":
             if name not in topo.nodes:
                 raise LabError(f"unknown node {name!r} in lab {self.prefix}")
-            return ["ip", "netns", "exec", self.node_ns(name), *cmd], self.ovs_env(name)
-        return ["ip", "netns", "exec", self.ext_ns, *cmd], dict(os.environ)
+            return self.node_ns(name), self.ovs_env(name)
+        raise ValueError(f"no such kind of lab host: {kind!r}")
+
+    def run_in(self, kind: str, name: str, cmd: list[str], topo: Topology | None = None,
+            check: bool = True, timeout: float = run.TIMEOUT
+            ) -> subprocess.CompletedProcess[str]:
+        """Run `cmd` inside a VM, a node or the external host (see `target()`)."""
+        ns, env = self.target(kind, name, topo)
+        return run.run(ns, cmd, env=env, check=check, timeout=timeout)
+
+    def exec_argv(self, kind: str, name: str, cmd: list[str]) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment that run `cmd` inside a VM, node or the
+        external host (for programs that start it themselves)."""
+        ns, env = self.target(kind, name)
+        return run.argv(ns, cmd), dict(os.environ) if env is None else env
 
     # --- tearing down ---------------------------------------------------------------------
     def _down(self) -> None:
@@ -873,13 +878,6 @@ def underlay_mac(ip: str) -> str:
     """The MAC of a node's br-phy, derived from its underlay address."""
     octets = ipaddress.IPv4Address(ip).packed
     return "02:d7:" + ":".join(f"{b:02x}" for b in octets)
-
-
-def _pythonpath() -> str:
-    """Let agents import this project even when it runs from a source checkout."""
-    here = str(Path(__file__).resolve().parents[2])
-    old = os.environ.get("PYTHONPATH")
-    return f"{here}:{old}" if old else here
 
 
 def _read_pid(path: Path) -> int | None:

@@ -14,17 +14,15 @@ as such.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from dvr.lab import LabError
+from dvr.lab import LabError, run
 from dvr.lab.lab import Lab
 from dvr.trace import expr
 from dvr.trace import report as tracing
@@ -33,6 +31,7 @@ from flows.model import Topology
 from flows.ofp import ETH_ARP, ETH_IP, OWNER_COOKIE, Flow
 from flows.pipeline import BY_NUMBER
 from flows.planner import NodePorts, plan, snat_routers
+from flows.ports import Interface, node_ports, plugged
 from flows.simulator import BROADCAST, Cloud, Conn, NodePlan
 
 MAX_NODES = 8  # a packet that crosses more nodes than this is looping
@@ -71,40 +70,21 @@ class LiveTracer:
 
     # --- talking to a node --------------------------------------------------------------
     def _run(self, node: str, *cmd: str) -> str:
-        argv, env = self.lab.exec_argv("node", node, list(cmd))
-        res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
-        if res.returncode != 0:
-            err = (res.stderr.strip().splitlines() or ["failed"])[-1]
-            raise LabError(f"{node}: {' '.join(cmd[:2])}: {err}")
-        return res.stdout
+        return self.lab.run_in("node", node, list(cmd), topo=self.topo, timeout=30).stdout
 
     def view(self, node: str) -> NodeView:
         if node in self.views:
             return self.views[node]
-        rows = json.loads(self._run(node, "ovs-vsctl", "--format=json", "--columns=name,ofport,"
-                                    "external_ids", "list", "Interface"))
-        ifaces: dict[str, str] = {}
-        vms: dict[str, int] = {}
-        tunnels: dict[str, int] = {}
-        provider = None
-        for name, ofport, ext_ids in rows["data"]:
-            ids = dict(ext_ids[1])
-            if not isinstance(ofport, int) or ofport <= 0:
-                continue
-            vm = self.topo.vm_by_port(ids.get("iface-id", ""))
-            if vm is not None:
-                vms[vm.name] = ofport
-                ifaces[vm.name] = name
-            elif ids.get("dvr-peer"):
-                tunnels[ids["dvr-peer"]] = ofport
-            elif name == "patch-dvr-ext":
-                provider = ofport
+        rows = json.loads(self._run(node, "ovs-vsctl", "--format=json", "--columns=name,"
+                                    "ofport,external_ids,type,options", "list", "Interface"))
+        have = plugged(_interface(row) for row in rows["data"])
         status = self.lab.agent_status(node) or {}
         ext = self.topo.external
-        ports = NodePorts(vms, tunnels, provider=provider if ext else None,
-                          gateway_mac=(ext.gateway_mac or status.get("gateway_mac"))
-                          if ext else None,
-                          snat=frozenset(status.get("snat", snat_routers(self.topo, node))))
+        ports = node_ports(self.topo, node, have,
+                           gateway_mac=(ext.gateway_mac or status.get("gateway_mac"))
+                           if ext else None,
+                           snat=frozenset(status.get("snat", snat_routers(self.topo, node))))
+        ifaces = {vm: have.names[self.topo.vms[vm].port_id] for vm in ports.vms}
         dp_names = {int(m.group(1)): m.group(2) for m in re.finditer(
             r"port (\d+): (\S+)", self._run(node, "ovs-appctl", "dpctl/show"))}
         flows = {f.cookie: f for f in plan(self.topo, node, ports)}
@@ -237,26 +217,21 @@ class LiveTracer:
 
     def _capture(self, points: dict[str, tuple[str, str]], pkt: dict[str, Any], mark: str,
                  seconds: float) -> dict[str, list[dict[str, Any]]]:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        env = run.python_env()
         procs = {}
         for label, (ns, iface) in points.items():
-            procs[label] = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "dvr.lab.capture", "sniff",
-                 iface, str(seconds), mark], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True, env=env)
+            procs[label] = run.start(ns, run.python("-m", "dvr.lab.capture", "sniff", iface,
+                                                    str(seconds), mark),
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             for label, proc in procs.items():
                 assert proc.stdout is not None
                 if proc.stdout.readline().strip() != "READY":
                     raise LabError(f"cannot capture at {label}: {proc.stderr.read().strip()}")
-            sender_ns, iface = ((f"{self.lab.prefix}-ext", "ext0") if self.packet_sender ==
+            sender_ns, iface = ((self.lab.ext_ns, "ext0") if self.packet_sender ==
                                 "ext" else (self.lab.vm_ns(self.packet_sender), "eth0"))
-            send = subprocess.run(
-                ["ip", "netns", "exec", sender_ns, sys.executable, "-m", "dvr.lab.capture", "send",
-                 iface], input=json.dumps(pkt), capture_output=True, text=True, env=env,
-                timeout=30)
-            if send.returncode != 0:
-                raise LabError(f"cannot send the packet: {send.stderr.strip()[-200:]}")
+            run.run(sender_ns, run.python("-m", "dvr.lab.capture", "send", iface),
+                    env=env, input=json.dumps(pkt), timeout=30)
             sent_at = time.time()
             seen = {}
             for label, proc in procs.items():
@@ -273,8 +248,7 @@ class LiveTracer:
     @cached_property
     def ext_mac(self) -> str:
         """The external host's MAC (read once per tracer)."""
-        argv, env = self.lab.exec_argv("ext", "", ["ip", "-j", "link", "show", "ext0"])
-        out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+        out = self.lab.run_in("ext", "", ["ip", "-j", "link", "show", "ext0"], timeout=30)
         return json.loads(out.stdout)[0]["address"]
 
     def _node(self, report: tracing.Report, node: str, bridge: str, in_port: str,
@@ -425,6 +399,14 @@ class LiveTracer:
         note = planned.hint.note if planned else ""
         end = _End(note or f"table {last.table}: drop", view.name)
         return explain_drop(self.topo, report.sender, pkt, end)  # type: ignore[arg-type]
+
+
+def _interface(row: list[Any]) -> Interface:
+    """An Interface row of `ovs-vsctl --format=json list Interface` (columns name, ofport,
+    external_ids, type, options)."""
+    name, ofport, ext_ids, kind, options = row
+    return Interface(name, ofport if isinstance(ofport, int) else -1, dict(ext_ids[1]), kind,
+                     dict(options[1]))
 
 
 COMPARED = ("eth.src", "eth.dst", "ip.src", "ip.dst", "ip.ttl", "arp.op", "arp.spa",
