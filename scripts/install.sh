@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything dvr needs on Debian 12, from nothing: system packages, then the
-# project and its Python dependencies in a virtual environment at .venv.
+# project (editable: the checkout is what runs) and its Python dependencies in a virtual
+# environment at .venv. One line per step; a failed step prints the end of its output and
+# exits non-zero. Running it again changes only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +11,31 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+LOG=$(mktemp -t dvr-install.XXXXXX)
+NOTE=$(mktemp -t dvr-install-note.XXXXXX)
+trap 'rm -f "$LOG" "$NOTE"' EXIT
+
+# step DESCRIPTION FUNCTION: runs FUNCTION (errexit on, in a subshell) with its output in
+# $LOG, then says ok, with what FUNCTION wrote to fd 3, or shows the end of the output
+step() {
+  local what=$1 rc
+  shift
+  printf 'install: %s ... ' "$what"
+  set +e
+  (set -e; "$@") >"$LOG" 2>&1 3>"$NOTE"
+  rc=$?
+  set -e
+  if [ "$rc" -ne 0 ]; then
+    echo "failed (exit $rc), the end of its output:"
+    tail -n 40 "$LOG" | sed 's/^/  /' >&2
+    echo "install: all of it is in $LOG" >&2
+    rm -f "$NOTE"
+    trap - EXIT
+    exit "$rc"
+  fi
+  if [ -s "$NOTE" ]; then echo "ok ($(cat "$NOTE"))"; else echo ok; fi
+}
+
 APT_PACKAGES=(
   openvswitch-switch openvswitch-common   # ovsdb-server, ovs-vswitchd, ovs-vsctl/ofctl/appctl
   iproute2 ethtool iputils-ping procps     # namespaces, veths, offloads, ping
@@ -16,22 +43,50 @@ APT_PACKAGES=(
   iperf3                                   # throughput figures
   python3 python3-venv python3-dev gcc     # the agent and its dependencies
 )
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
+apt_packages() {
+  local missing=() p
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -eq 0 ]; then
+    echo "all ${#APT_PACKAGES[@]} present" >&3
+    return 0
+  fi
+  echo "added ${missing[*]}" >&3
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   # the package's service cannot start without systemd; the lab runs its own daemons
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || \
-    dpkg-query -W openvswitch-switch >/dev/null
-fi
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" || \
+    dpkg-query -W openvswitch-switch
+}
 
 PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
-echo "installed: $(.venv/bin/python --version), $(ovs-vswitchd --version | head -1)"
+# the build backend the project declares, installed in the venv: the editable install and
+# tests/unit/test_packaging.py build with it (no isolated build environment to fetch)
+python_venv() {
+  if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+  fi
+  .venv/bin/python -m pip install --progress-bar off --upgrade pip
+  local listed requires
+  listed=$(.venv/bin/python -c 'import tomllib
+print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
+  mapfile -t requires <<<"$listed"
+  .venv/bin/python -m pip install --progress-bar off "${requires[@]}"
+  .venv/bin/python -c 'import platform, setuptools
+print(f"Python {platform.python_version()}, setuptools {setuptools.__version__}")' >&3
+}
+
+project() {
+  .venv/bin/python -m pip install --progress-bar off --no-build-isolation -e '.[test]'
+  .venv/bin/python -c 'import agent.version, flows.northbound
+assert flows.northbound.SCHEMA.is_file(), flows.northbound.SCHEMA'
+}
+
+step "apt packages" apt_packages
+step "python venv (.venv)" python_venv
+VERSION=$(.venv/bin/python -c 'import tomllib
+print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+step "dvr $VERSION and its dependencies, editable" project
+echo "install: ready: dvr $(.venv/bin/python -c 'from agent.version import VERSION; print(VERSION)')," \
+  "$(ovs-vswitchd --version | head -1)"
