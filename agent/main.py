@@ -25,6 +25,7 @@ from agent.flowtables import Desired, Installed, diff
 from agent.ofswitch import OpenFlowError, Switch
 from agent.ovsdb import Ovsdb, OvsdbError
 from agent.source import FileSource, NbSource, Source
+from flows import northbound
 from flows.model import Topology, TopologyError
 from flows.planner import announcements, plan, snat_routers
 from flows.ports import node_ports
@@ -353,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("[topology] file is required with source=file")
         if conf.topology.source == "nb" and not conf.topology.nb_connection:
             raise ValueError("[topology] nb_connection is required with source=nb")
+        if conf.topology.source == "nb" and not northbound.SCHEMA.is_file():
+            raise ValueError(f"the northbound schema {northbound.SCHEMA} is missing from "
+                             "this installation: reinstall dvr")
     except Exception as exc:
         print(f"dvr-agent: {exc}", file=sys.stderr)
         return 2

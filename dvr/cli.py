@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from dvr.lab import LabError, run
-from dvr.lab.lab import Lab
+from dvr.lab.lab import HostKind, Lab
 from dvr.lab.netlink import NetlinkError
 from flows.model import TopologyError
 
@@ -223,7 +223,7 @@ def _print_status(st: dict) -> None:
               f"active: {active}")
 
 
-def _run_inside(lab: Lab, kind: str, target: str, cmd: list[str]) -> int:
+def _run_inside(lab: Lab, kind: HostKind, target: str, cmd: list[str]) -> int:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:

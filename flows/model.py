@@ -22,13 +22,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,11}\Z")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
-ROLES = ("compute", "network")
+Role = Literal["compute", "network"]
+ROLES: tuple[Role, ...] = get_args(Role)
 DEFAULT_MTU = 1450
 DEFAULT_REMOTE_IP = "198.51.100.10"
 # Neutron's base MAC: operators recognise these as cloud ports.
@@ -56,7 +57,7 @@ class TopologyError(ValueError):
 @dataclass(frozen=True)
 class Node:
     name: str
-    role: str
+    role: Role
     index: int  # position in the file: stable identity for the lab's underlay address
     tunnel_ip: ipaddress.IPv4Address | None = None  # overlay endpoint (VXLAN/Geneve)
     # the node's own MAC on the provider network: floating IPs hosted here answer with it

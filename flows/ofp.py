@@ -18,6 +18,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import cached_property, lru_cache
+from typing import Literal
 
 from flows.pipeline import TABLES
 
@@ -260,12 +261,16 @@ class Goto:
         return f"goto_table:{TABLES[self.table].number}"
 
 
+NatKind = Literal["", "src", "dst"]  # "": apply an existing connection's translation
+ObjectKind = Literal["", "router", "network", "vm", "node"]  # "": the pipeline itself
+
+
 @dataclass(frozen=True)
 class NAT:
     """The NAT of a ct action: `src` or `dst` to one address, or bare (`kind=""`): apply the
     translation of an existing connection (un-NAT replies)."""
 
-    kind: str = ""  # "" | src | dst
+    kind: NatKind = ""
     ip: str = ""
 
     def to_ofctl(self) -> str:
@@ -314,7 +319,7 @@ class Hint:
     """Where a flow comes from: the builder and the model object behind it."""
 
     purpose: Purpose
-    kind: str = ""  # router | network | vm | node | pipeline
+    kind: ObjectKind = ""  # the kind of model object behind the flow
     name: str = ""
     note: str = ""  # what the flow does, in words (drops say why)
 

@@ -23,7 +23,7 @@ import copy
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from flows.model import Topology
 from flows.ofp import (
@@ -94,7 +94,7 @@ class NodePlan:
                 return flow
         return None
 
-    def port_owner(self, ofport: int) -> tuple[str, str] | None:
+    def port_owner(self, ofport: int) -> tuple[PortKind, str] | None:
         for vm, p in self.ports.vms.items():
             if p == ofport:
                 return ("vm", vm)
@@ -142,11 +142,16 @@ class Step:
     changes: list[str]
 
 
+EndKind = Literal["delivered", "dropped"]
+CrossingKind = Literal["tunnel", "provider"]  # through a tunnel, or on the provider network
+PortKind = Literal["vm", "tunnel", "provider"]
+
+
 @dataclass
 class End:
     """Where one copy of the packet ended."""
 
-    kind: str  # delivered | dropped
+    kind: EndKind
     node: str
     packet: Packet
     vm: str | None = None  # delivered to this VM, or (None) to the external host
@@ -166,7 +171,7 @@ class Trace:
     # provider network; "ext" is the external host
     # every crossing in order, placed among the steps: (number of steps before it, kind
     # "tunnel" or "provider", from, to, what it carried: the VNI or the destination MAC)
-    crossings: list[tuple[int, str, str, str, str]] = field(default_factory=list)
+    crossings: list[tuple[int, CrossingKind, str, str, str]] = field(default_factory=list)
 
     @property
     def delivered(self) -> list[End]:

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -59,6 +59,9 @@ NB_CLUSTER_TIMEOUT = 20.0
 
 def rundir() -> Path:
     return Path(os.environ.get("DVR_LAB_RUNDIR", "/run"))
+
+
+HostKind = Literal["vm", "node", "ext"]  # a VM, a node, the external host
 
 
 class Lab:
@@ -373,6 +376,11 @@ class Lab:
         for cmd in ("ovsdb-server", "ovs-vswitchd", "ovs-vsctl", "ovsdb-tool", "ethtool"):
             if shutil.which(cmd) is None:
                 raise LabError(f"{cmd} not found: install openvswitch-switch and ethtool")
+        if not Path(VSWITCH_SCHEMA).is_file():
+            raise LabError(f"{VSWITCH_SCHEMA} not found: install openvswitch-common")
+        if not northbound.SCHEMA.is_file():
+            raise LabError(f"the northbound schema {northbound.SCHEMA} is missing from this "
+                           "installation of dvr: reinstall it")
         self.dir.mkdir(parents=True, exist_ok=True)
         underlay = self._allocate_underlay(topo, {})
         text, eff = self._effective(raw, underlay)
@@ -809,7 +817,7 @@ class Lab:
                 if topo.external else None}
 
     # --- running commands inside --------------------------------------------------------
-    def target(self, kind: str, name: str, topo: Topology | None = None
+    def target(self, kind: HostKind, name: str, topo: Topology | None = None
                ) -> tuple[str, dict[str, str] | None]:
         """The namespace and environment of a VM (`vm`), a node (`node`: its OVS tools talk
         to its own OVS) or the external host (`ext`), checked against `topo` (default: the
@@ -827,14 +835,15 @@ class Lab:
             return self.node_ns(name), self.ovs_env(name)
         raise ValueError(f"no such kind of lab host: {kind!r}")
 
-    def run_in(self, kind: str, name: str, cmd: list[str], topo: Topology | None = None,
+    def run_in(self, kind: HostKind, name: str, cmd: list[str], topo: Topology | None = None,
             check: bool = True, timeout: float = run.TIMEOUT
             ) -> subprocess.CompletedProcess[str]:
         """Run `cmd` inside a VM, a node or the external host (see `target()`)."""
         ns, env = self.target(kind, name, topo)
         return run.run(ns, cmd, env=env, check=check, timeout=timeout)
 
-    def exec_argv(self, kind: str, name: str, cmd: list[str]) -> tuple[list[str], dict[str, str]]:
+    def exec_argv(self, kind: HostKind, name: str, cmd: list[str]
+                  ) -> tuple[list[str], dict[str, str]]:
         """The command line and environment that run `cmd` inside a VM, node or the
         external host (for programs that start it themselves)."""
         ns, env = self.target(kind, name)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dvr.trace import expr
+from flows.simulator import CrossingKind, EndKind
 
 # headers shown for a packet at its end, in this order (OXM name -> expression name)
 SHOWN = {v[0]: k for k, v in expr.FIELDS.items()}
@@ -37,7 +38,7 @@ class Hop:
 @dataclass
 class Crossing:
     after_hop: int  # index of the hop after which the packet left the node
-    kind: str  # tunnel | provider
+    kind: CrossingKind
     src: str
     dst: str  # a node, or "ext" for the external host
     carried: str  # the VNI, or the destination MAC on the provider network
@@ -46,7 +47,7 @@ class Crossing:
 
 @dataclass
 class Outcome:
-    kind: str  # delivered | dropped
+    kind: EndKind
     node: str
     to: str | None  # a VM, "external host", or None when dropped
     reason: str
