@@ -47,6 +47,17 @@ def apply(sw: Switch, stale: list[InstalledFlow], missing: list[Flow]) -> None:
         bundle.add(missing)
 
 
+def converged(sw: Switch) -> set[int]:
+    """Install the plan; the cookies the switch then holds."""
+    apply(sw, *diff(planned(), sw.dump_owned()))
+    return cookies(sw)
+
+
+def delivery(reg0: int, port: int) -> Flow:
+    return Flow("ls_out_local", 100, Match.of(metadata=7, reg0=reg0), (Output(port),),
+                Hint(Purpose.DELIVERY_LOCAL))
+
+
 def test_apply_then_replay_is_idempotent(switch: tuple[LabHandle, Switch]) -> None:
     _, sw = switch
     want = planned()
@@ -58,11 +69,8 @@ def test_apply_then_replay_is_idempotent(switch: tuple[LabHandle, Switch]) -> No
 
 def test_invalid_flow_discards_the_whole_bundle(switch: tuple[LabHandle, Switch]) -> None:
     lab, sw = switch
-    want = planned()
-    apply(sw, *diff(want, sw.dump_owned()))
-    before = cookies(sw)
-    good = Flow("ls_out_local", 100, Match.of(metadata=7, reg0=1), (Output(5),),
-                Hint(Purpose.DELIVERY_LOCAL))
+    before = converged(sw)
+    good = delivery(1, 5)
     # setting an ARP field on an IPv4 match: OVS refuses it
     bad = Flow("ls_in_dst_key", 100, Match.of(eth_type=ETH_IP),
                (SetField("arp_op", 2), Output(1)), Hint(Purpose.DST_KEY))
@@ -79,11 +87,8 @@ def test_a_bundle_whose_body_fails_changes_nothing(switch: tuple[LabHandle, Swit
     """Messages already sent into the bundle are discarded when the code filling it raises,
     and the connection stays usable."""
     _, sw = switch
-    want = planned()
-    apply(sw, *diff(want, sw.dump_owned()))
-    before = cookies(sw)
-    good = Flow("ls_out_local", 100, Match.of(metadata=7, reg0=2), (Output(6),),
-                Hint(Purpose.DELIVERY_LOCAL))
+    before = converged(sw)
+    good = delivery(2, 6)
     with pytest.raises(RuntimeError, match="planning failed"), sw.bundle() as bundle:
         bundle.delete(sw.dump_owned()[:2])
         bundle.add([good])
