@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 from oslo_config import cfg
 
+from agent.version import VERSION
+
 DEFAULT_OPTS = [
     cfg.StrOpt("node", required=True,
                help="This node's name, as it appears under `nodes:` in the topology."),
@@ -73,5 +75,6 @@ def make_conf(argv: Sequence[str] | None = None) -> cfg.ConfigOpts:
     conf = cfg.ConfigOpts()
     for group, opts in list_opts():
         conf.register_opts(opts, group=group)
-    conf(list(argv or []), project="dvr", prog="dvr-agent", default_config_files=[])
+    conf(list(argv or []), project="dvr", prog="dvr-agent", version=VERSION,
+         default_config_files=[])
     return conf

@@ -25,13 +25,13 @@ from agent.flowtables import Desired, Installed, diff
 from agent.ofswitch import OpenFlowError, Switch
 from agent.ovsdb import Ovsdb, OvsdbError
 from agent.source import FileSource, NbSource, Source
+from agent.version import VERSION
 from flows import northbound
 from flows.model import Topology, TopologyError
 from flows.planner import announcements, plan, snat_routers
 from flows.ports import node_ports
 
 LOG = logging.getLogger(__name__)
-VERSION = "0.2.0"
 # a newly hosted address is announced by gratuitous ARP at these delays (seconds): several,
 # because one can be lost, or ignored by a neighbour that updated its entry a moment ago
 GARP_DELAYS = (0.0, 0.5, 1.5)

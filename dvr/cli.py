@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from agent.version import VERSION
 from dvr.lab import LabError, run
 from dvr.lab.lab import HostKind, Lab
 from dvr.lab.netlink import NetlinkError
@@ -280,6 +281,7 @@ def lab_main(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dvr", description="Distributed Virtual Router")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     _lab_parser(sub)
     _trace_parser(sub)
