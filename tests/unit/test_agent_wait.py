@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -11,11 +12,11 @@ from agent import config
 from agent.main import MAX_SLEEP, DvrAgent
 from agent.source import FileSource
 from flows.model import load_topology
-from tests.unit.paths import EXAMPLE
 
 
-def agent(tmp_path: Path, gateway_mac: str | None, external_bridge: str = "br-ex") -> DvrAgent:
-    data = yaml.safe_load(EXAMPLE.read_text())
+def agent(tmp_path: Path, data: dict[str, Any], gateway_mac: str | None,
+          external_bridge: str = "br-ex") -> DvrAgent:
+    """compute1's agent over `data` (the built-in topology's document), read from a file."""
     if gateway_mac:
         data["external"]["gateway_mac"] = gateway_mac
     topo = tmp_path / "topo.yaml"
@@ -29,17 +30,19 @@ def agent(tmp_path: Path, gateway_mac: str | None, external_bridge: str = "br-ex
     return a
 
 
-def test_a_gateway_mac_given_by_the_topology_is_no_timer(tmp_path: Path) -> None:
+def test_a_gateway_mac_given_by_the_topology_is_no_timer(tmp_path: Path, topology_doc) -> None:
     """Nothing to resolve (the MAC is given, or no provider bridge): the loop sleeps until
     its heartbeat, not 0 s again and again."""
     now = time.monotonic()
-    for a in (agent(tmp_path, "02:00:00:00:00:01"), agent(tmp_path, None, external_bridge="")):
+    for a in (agent(tmp_path, topology_doc("example"), "02:00:00:00:00:01"),
+              agent(tmp_path, topology_doc("example"), None, external_bridge="")):
         a._last_report = now
         assert a._sleep(now, now + 5, None, polled=False) == MAX_SLEEP
 
 
-def test_a_gateway_to_resolve_and_the_other_timers_wake_it(tmp_path: Path) -> None:
-    a = agent(tmp_path, None)
+def test_a_gateway_to_resolve_and_the_other_timers_wake_it(tmp_path: Path,
+                                                          topology_doc) -> None:
+    a = agent(tmp_path, topology_doc("example"), None)
     now = time.monotonic()
     a._last_report = now
     assert a._sleep(now, now + 5, None, polled=False) == 0.0  # never resolved: due now

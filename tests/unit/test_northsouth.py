@@ -4,91 +4,81 @@ provider network, conntrack; and the pure helpers around them."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
-import yaml
 
-from flows.model import build_topology, load_topology
+from flows.model import Topology, build_topology
 from flows.ofp import CT, Purpose
 from flows.planner import ASSUMED_GATEWAY_MAC, announcements, assumed_ports, plan
-from flows.simulator import Cloud, NodePlan, Trace, packet
-
-TOPO = Path(__file__).parents[1] / "lab" / "topologies" / "northsouth.yaml"
-REMOTE = "198.51.100.10"
+from flows.simulator import Cloud, NodePlan, packet
 
 
 @pytest.fixture()
-def topo():
-    return load_topology(TOPO)
+def topo(northsouth: Topology) -> Topology:
+    return northsouth
 
 
 @pytest.fixture()
-def cloud(topo):
+def cloud(topo: Topology) -> Cloud:
+    """A fresh cloud each test: its conntrack tables start empty."""
     return Cloud.offline(topo)
 
 
-def from_vm(topo, cloud: Cloud, vm: str, dst: str, **kw) -> Trace:
-    v = topo.vms[vm]
-    gw = topo.router_of(v.network).interface_on(v.network).mac
-    return cloud.send_from_vm(vm, packet(tcp=True, eth_src=v.mac, eth_dst=gw,
-                                         ipv4_src=str(v.ip), ipv4_dst=dst, **kw))
-
-
-def from_ext(cloud: Cloud, mac: str, dst: str, **kw) -> Trace:
-    return cloud.send_from_external(packet(tcp=True, eth_dst=mac, ipv4_src=REMOTE,
-                                           ipv4_dst=dst, **kw))
-
-
-def only(trace: Trace):
-    assert len(trace.ends) == 1, trace.ends
-    return trace.ends[0]
-
-
-def test_floating_ip_outbound_and_its_reply(topo, cloud) -> None:
-    end = only(from_vm(topo, cloud, "vm1", REMOTE, tcp_src=4000, tcp_dst=80))
+def test_floating_ip_outbound_and_its_reply(topo, cloud, sim) -> None:
+    end = sim.only(sim.tcp_from_vm(topo, cloud, "vm1", sim.REMOTE, tcp_src=4000, tcp_dst=80))
     assert end.external and end.node == "compute1"
     assert (end.packet["ipv4_src"], end.packet["ip_ttl"]) == ("203.0.113.50", 63)
     assert end.packet["eth_src"] == topo.nodes["compute1"].external_mac
-    assert end.packet["eth_dst"] == topo.external.gateway_mac or ASSUMED_GATEWAY_MAC
-    back = from_ext(cloud, topo.nodes["compute1"].external_mac, "203.0.113.50",
-                    tcp_src=80, tcp_dst=4000)
-    end = only(back)
+    assert topo.external.gateway_mac is None  # not in the file: the offline stand-in
+    assert end.packet["eth_dst"] == ASSUMED_GATEWAY_MAC
+    back = sim.tcp_from_ext(cloud, topo.nodes["compute1"].external_mac, "203.0.113.50",
+                            tcp_src=80, tcp_dst=4000)
+    end = sim.only(back)
     assert (end.vm, end.packet["ipv4_dst"], end.packet["ipv4_src"]) == (
-        "vm1", "10.1.0.11", REMOTE)
+        "vm1", "10.1.0.11", sim.REMOTE)
     assert back.tunnels == []
 
 
-def test_floating_ip_inbound_new_connection_is_dnatted(topo, cloud) -> None:
-    trace = from_ext(cloud, topo.nodes["compute1"].external_mac, "203.0.113.50",
-                     tcp_src=5555, tcp_dst=22)
-    end = only(trace)
+def test_outside_traffic_goes_to_the_gateway_mac_the_topology_gives(topology_doc, sim) -> None:
+    data = topology_doc("northsouth")
+    data["external"]["gateway_mac"] = "02:aa:bb:cc:dd:ee"
+    topo = build_topology(data)
+    trace = sim.tcp_from_vm(topo, Cloud.offline(topo), "vm1", sim.REMOTE, tcp_src=4000,
+                            tcp_dst=80)
+    end = sim.only(trace)
+    assert end.external and end.packet["eth_dst"] == "02:aa:bb:cc:dd:ee"
+
+
+def test_floating_ip_inbound_new_connection_is_dnatted(topo, cloud, sim) -> None:
+    trace = sim.tcp_from_ext(cloud, topo.nodes["compute1"].external_mac, "203.0.113.50",
+                             tcp_src=5555, tcp_dst=22)
+    end = sim.only(trace)
     assert (end.vm, end.packet["ipv4_src"], end.packet["ipv4_dst"]) == (
-        "vm1", REMOTE, "10.1.0.11")
+        "vm1", sim.REMOTE, "10.1.0.11")
     assert "lr_in_dnat" in [s.table for s in trace.steps]
-    reply = only(from_vm(topo, cloud, "vm1", REMOTE, tcp_src=22, tcp_dst=5555))
+    reply = sim.only(sim.tcp_from_vm(topo, cloud, "vm1", sim.REMOTE, tcp_src=22, tcp_dst=5555))
     assert reply.external and reply.packet["ipv4_src"] == "203.0.113.50"
 
 
-def test_centralized_snat_crosses_to_the_active_network_node(topo, cloud) -> None:
-    trace = from_vm(topo, cloud, "vm4", REMOTE, tcp_src=4001, tcp_dst=80)
-    end = only(trace)
+def test_centralized_snat_crosses_to_the_active_network_node(topo, cloud, sim) -> None:
+    trace = sim.tcp_from_vm(topo, cloud, "vm4", sim.REMOTE, tcp_src=4001, tcp_dst=80)
+    end = sim.only(trace)
     r1 = topo.routers["r1"]
     assert trace.tunnels == [("compute2", "net1")]
     assert end.external and end.node == "net1"
     assert (end.packet["ipv4_src"], end.packet["eth_src"]) == (str(r1.external_ip),
                                                                r1.external_mac)
-    back = from_ext(cloud, r1.external_mac, str(r1.external_ip), tcp_src=80, tcp_dst=4001)
-    end = only(back)
+    back = sim.tcp_from_ext(cloud, r1.external_mac, str(r1.external_ip), tcp_src=80, tcp_dst=4001)
+    end = sim.only(back)
     assert (end.vm, end.packet["ipv4_dst"]) == ("vm4", "10.1.0.14")
     assert back.tunnels == [("net1", "compute2")]
 
 
-def test_unsolicited_inbound_is_dropped(topo, cloud) -> None:
+def test_unsolicited_inbound_is_dropped(topo, cloud, sim) -> None:
     c1 = topo.nodes["compute1"].external_mac
     for mac, dst in ((c1, "10.1.0.11"), (c1, "203.0.113.77"),
                      (topo.routers["r1"].external_mac, "203.0.113.10")):
-        trace = from_ext(cloud, mac, dst, tcp_src=1, tcp_dst=2)
+        trace = sim.tcp_from_ext(cloud, mac, dst, tcp_src=1, tcp_dst=2)
         assert not trace.delivered, (dst, trace.ends)
 
 
@@ -108,37 +98,37 @@ def test_only_the_vm_node_answers_arp_for_a_floating_ip(topo, cloud) -> None:
     assert ask("203.0.113.77") == []
 
 
-def test_floating_ip_to_floating_ip_takes_the_shortest_path(topo, cloud) -> None:
-    same = from_vm(topo, cloud, "vm1", "203.0.113.51", tcp_src=7000, tcp_dst=22)
-    end = only(same)
+def test_floating_ip_to_floating_ip_takes_the_shortest_path(topo, cloud, sim) -> None:
+    same = sim.tcp_from_vm(topo, cloud, "vm1", "203.0.113.51", tcp_src=7000, tcp_dst=22)
+    end = sim.only(same)
     assert (end.vm, end.packet["ipv4_src"], same.provider, same.tunnels) == (
         "vm3", "203.0.113.50", [], [])
-    reply = only(from_vm(topo, cloud, "vm3", "203.0.113.50", tcp_src=22, tcp_dst=7000))
+    reply = sim.only(sim.tcp_from_vm(topo, cloud, "vm3", "203.0.113.50", tcp_src=22, tcp_dst=7000))
     assert (reply.vm, reply.packet["ipv4_src"], reply.packet["ipv4_dst"]) == (
         "vm1", "203.0.113.51", "10.1.0.11")
-    other = from_vm(topo, cloud, "vm1", "203.0.113.52", tcp_src=7001, tcp_dst=22)
-    end = only(other)
+    other = sim.tcp_from_vm(topo, cloud, "vm1", "203.0.113.52", tcp_src=7001, tcp_dst=22)
+    end = sim.only(other)
     assert (end.vm, other.provider, other.tunnels) == ("vm5", [("compute1", "compute2")], [])
-    via_snat = from_vm(topo, cloud, "vm4", "203.0.113.52", tcp_src=7002, tcp_dst=22)
-    end = only(via_snat)
+    via_snat = sim.tcp_from_vm(topo, cloud, "vm4", "203.0.113.52", tcp_src=7002, tcp_dst=22)
+    end = sim.only(via_snat)
     assert (end.vm, end.packet["ipv4_src"]) == ("vm5", "203.0.113.10")
     assert via_snat.provider == [("net1", "compute2")]
 
 
-def test_a_vm_reaches_its_own_floating_ip(topo, cloud) -> None:
-    end = only(from_vm(topo, cloud, "vm1", "203.0.113.50", tcp_src=7100, tcp_dst=22))
+def test_a_vm_reaches_its_own_floating_ip(topo, cloud, sim) -> None:
+    end = sim.only(sim.tcp_from_vm(topo, cloud, "vm1", "203.0.113.50", tcp_src=7100, tcp_dst=22))
     assert (end.vm, end.packet["ipv4_src"], end.packet["ipv4_dst"]) == (
         "vm1", "203.0.113.50", "10.1.0.11")
-    reply = only(from_vm(topo, cloud, "vm1", "203.0.113.50", tcp_src=22, tcp_dst=7100))
+    reply = sim.only(sim.tcp_from_vm(topo, cloud, "vm1", "203.0.113.50", tcp_src=22, tcp_dst=7100))
     assert (reply.vm, reply.packet["ipv4_src"], reply.packet["ipv4_dst"]) == (
         "vm1", "203.0.113.50", "10.1.0.11")
 
 
-def test_announcements_follow_the_floating_ip(topo) -> None:
+def test_announcements_follow_the_floating_ip(topo, topology_doc) -> None:
     c1, c2 = topo.nodes["compute1"].external_mac, topo.nodes["compute2"].external_mac
     assert announcements(topo, "compute1", assumed_ports(topo, "compute1")) == {
         "203.0.113.50": c1, "203.0.113.51": c1}
-    data = yaml.safe_load(TOPO.read_text())
+    data = topology_doc("northsouth")
     del data["vms"]["vm1"]["floating_ip"]
     data["vms"]["vm4"]["floating_ip"] = "203.0.113.50"
     moved = build_topology(data)
@@ -151,7 +141,7 @@ def test_announcements_follow_the_floating_ip(topo) -> None:
 
 
 def test_without_provider_or_gateway_mac_outside_traffic_is_dropped_with_a_reason(
-        topo) -> None:
+        topo, sim) -> None:
     for change, reason in (({"provider": None}, "no provider network"),
                            ({"gateway_mac": None}, "MAC is not known")):
         plans = {}
@@ -161,12 +151,12 @@ def test_without_provider_or_gateway_mac_outside_traffic_is_dropped_with_a_reaso
                 ports = dataclasses.replace(ports, **change)
             plans[name] = NodePlan(name, ports, plan(topo, name, ports))
         cloud = Cloud(topo, plans)
-        end = only(from_vm(topo, cloud, "vm1", REMOTE, tcp_src=1, tcp_dst=2))
+        end = sim.only(sim.tcp_from_vm(topo, cloud, "vm1", sim.REMOTE, tcp_src=1, tcp_dst=2))
         assert end.kind == "dropped" and reason in end.reason
 
 
-def test_a_node_without_nat_has_no_provider_destination_flows(topo) -> None:
-    data = yaml.safe_load(TOPO.read_text())
+def test_a_node_without_nat_has_no_provider_destination_flows(topo, topology_doc) -> None:
+    data = topology_doc("northsouth")
     for vm in data["vms"].values():
         vm.pop("floating_ip", None)
     bare = build_topology(data)
@@ -193,8 +183,8 @@ def test_zones_and_provider_macs_are_distinct(topo) -> None:
     assert len(set(macs)) == len(macs)
 
 
-def test_gateway_mac_must_be_a_unicast_mac() -> None:
-    data = yaml.safe_load(TOPO.read_text())
+def test_gateway_mac_must_be_a_unicast_mac(topology_doc) -> None:
+    data = topology_doc("northsouth")
     data["external"]["gateway_mac"] = "01:00:5e:00:00:01"
     with pytest.raises(ValueError, match=r"external\.gateway_mac"):
         build_topology(data)
@@ -220,13 +210,14 @@ def test_gratuitous_arp_frame() -> None:
     assert parse_reply(bytes(reply)[:30]) is None
 
 
-def test_conntrack_actions_encode_for_openflow() -> None:
+def test_conntrack_actions_encode_for_openflow(topo) -> None:
     from agent.ofswitch import to_ofp_instructions
 
-    topo = load_topology(TOPO)
-    for flow in plan(topo, "compute1", assumed_ports(topo, "compute1")):
-        if any(isinstance(a, CT) for a in flow.actions):
-            (inst,) = to_ofp_instructions(flow)
-            ct = inst.actions[-1]
-            want = next(a for a in flow.actions if isinstance(a, CT))
-            assert (ct.zone_ofs_nbits, ct.flags & 1) == (want.zone, int(want.commit))
+    flows = plan(topo, "compute1", assumed_ports(topo, "compute1"))
+    with_ct = [f for f in flows if any(isinstance(a, CT) for a in f.actions)]
+    assert with_ct, "compute1 NATs floating IPs: some of its flows go through conntrack"
+    for flow in with_ct:
+        (inst,) = to_ofp_instructions(flow)
+        ct = inst.actions[-1]
+        want = next(a for a in flow.actions if isinstance(a, CT))
+        assert (ct.zone_ofs_nbits, ct.flags & 1) == (want.zone, int(want.commit))

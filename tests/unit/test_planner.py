@@ -20,11 +20,13 @@ import ipaddress
 import random
 from collections import Counter
 from itertools import combinations
+from typing import Any
 
 import pytest
 
+from dvr.lab.generate import generate
 from flows.check import PipelineError, check_flow
-from flows.model import Topology, parse_topology
+from flows.model import Topology, build_topology, parse_topology
 from flows.ofp import (
     ETH_ARP,
     ETH_IP,
@@ -40,9 +42,7 @@ from flows.ofp import (
 )
 from flows.pipeline import TABLES
 from flows.planner import NodePorts, assumed_ports, plan
-from flows.simulator import Cloud, End, Trace, packet
-
-BROADCAST = "ff:ff:ff:ff:ff:ff"
+from flows.simulator import Cloud, Trace, packet
 
 EASTWEST = """
 nodes:
@@ -85,58 +85,6 @@ def cloud(topo: Topology) -> Cloud:
     return Cloud.offline(topo)
 
 
-def router_mac(topo: Topology, network: str) -> str:
-    """The MAC a VM on `network` sends off-subnet traffic to."""
-    router = topo.router_of(network)
-    assert router is not None, f"{network} is on no router"
-    itf = router.interface_on(network)
-    assert itf is not None
-    return itf.mac
-
-
-def gateway(topo: Topology, network: str) -> str:
-    return str(topo.networks[network].gateway_ip)
-
-
-def icmp_from(topo: Topology, src: str, dst_ip: str, eth_dst: str, **kw) -> dict:
-    vm = topo.vms[src]
-    return packet(icmp=True, eth_src=vm.mac, eth_dst=eth_dst, ipv4_src=str(vm.ip),
-                  ipv4_dst=dst_ip, icmpv4_type=8, **kw)
-
-
-def ping_vm(topo: Topology, cloud: Cloud, src: str, dst: str, **kw) -> Trace:
-    """vm `src` pings vm `dst` the way a real VM would: straight to the VM's MAC on its own
-    network, to its router's MAC otherwise."""
-    s, d = topo.vms[src], topo.vms[dst]
-    eth_dst = d.mac if s.network == d.network else router_mac(topo, s.network)
-    return cloud.send_from_vm(src, icmp_from(topo, src, str(d.ip), eth_dst, **kw))
-
-
-def arp_request(topo: Topology, src: str, target_ip: str, **kw) -> dict:
-    vm = topo.vms[src]
-    fields = dict(eth_src=vm.mac, eth_dst=BROADCAST, arp_sha=vm.mac, arp_spa=str(vm.ip),
-                  arp_tha="00:00:00:00:00:00", arp_tpa=target_ip)
-    fields.update(kw)
-    return packet(arp=True, **fields)
-
-
-def delivered_once(trace: Trace) -> End:
-    """The trace has exactly one end, a delivery; return it."""
-    assert len(trace.ends) == 1, trace.ends
-    (end,) = trace.ends
-    assert end.kind == "delivered", (end.reason, trace.steps)
-    return end
-
-
-def dropped_at_source(trace: Trace, node: str) -> End:
-    """Nothing was delivered, no tunnel was crossed, the packet never left `node`."""
-    assert trace.delivered == [], trace.delivered
-    assert trace.tunnels == []
-    assert trace.nodes == [node]
-    assert len(trace.ends) == 1 and trace.ends[0].kind == "dropped"
-    return trace.ends[0]
-
-
 def tables_on(trace: Trace, node: str) -> list[str]:
     return [s.table for s in trace.steps if s.node == node]
 
@@ -144,9 +92,9 @@ def tables_on(trace: Trace, node: str) -> list[str]:
 # --- switching --------------------------------------------------------------------------
 
 
-def test_same_network_same_node_is_switched_locally(topo: Topology, cloud: Cloud) -> None:
-    trace = ping_vm(topo, cloud, "vm1", "vm8")
-    end = delivered_once(trace)
+def test_same_network_same_node_is_switched_locally(topo: Topology, cloud: Cloud, sim) -> None:
+    trace = sim.ping_vm(topo, cloud, "vm1", "vm8")
+    end = sim.delivered_once(trace)
     assert (end.vm, end.node) == ("vm8", "compute1")
     assert trace.tunnels == []
     assert trace.nodes == ["compute1"]
@@ -160,11 +108,11 @@ def test_same_network_same_node_is_switched_locally(topo: Topology, cloud: Cloud
 
 @pytest.mark.parametrize(("src", "dst"), [("vm1", "vm4"), ("vm4", "vm1"), ("vm9", "vm7")])
 def test_same_network_across_nodes_crosses_one_tunnel(
-    topo: Topology, cloud: Cloud, src: str, dst: str
+    topo: Topology, cloud: Cloud, src: str, dst: str, sim
 ) -> None:
     s, d = topo.vms[src], topo.vms[dst]
-    trace = ping_vm(topo, cloud, src, dst)
-    end = delivered_once(trace)
+    trace = sim.ping_vm(topo, cloud, src, dst)
+    end = sim.delivered_once(trace)
     assert (end.vm, end.node) == (dst, d.node)
     assert trace.tunnels == [(s.node, d.node)]  # straight to the destination node
     assert trace.nodes == [s.node, d.node]
@@ -176,8 +124,8 @@ def test_same_network_across_nodes_crosses_one_tunnel(
     assert "lr_in_routing" not in tables_on(trace, s.node) + tables_on(trace, d.node)
 
 
-def test_the_tunnel_carries_the_destination_networks_vni(topo: Topology, cloud: Cloud) -> None:
-    trace = ping_vm(topo, cloud, "vm1", "vm4")
+def test_the_tunnel_carries_the_destination_networks_vni(topo: Topology, cloud: Cloud, sim) -> None:
+    trace = sim.ping_vm(topo, cloud, "vm1", "vm4")
     arrival = next(s for s in trace.steps if s.node == "compute2")
     assert arrival.table == "phy_in_classify"
     tunnel_in = next(s for s in trace.steps if s.node == "compute2" and s.table == "phy_in_tunnel")
@@ -188,15 +136,15 @@ def test_the_tunnel_carries_the_destination_networks_vni(topo: Topology, cloud: 
 # --- routing ----------------------------------------------------------------------------
 
 
-def test_routed_same_node_never_leaves_the_node(topo: Topology, cloud: Cloud) -> None:
-    trace = ping_vm(topo, cloud, "vm1", "vm3", ip_ttl=50)
-    end = delivered_once(trace)
+def test_routed_same_node_never_leaves_the_node(topo: Topology, cloud: Cloud, sim) -> None:
+    trace = sim.ping_vm(topo, cloud, "vm1", "vm3", ip_ttl=50)
+    end = sim.delivered_once(trace)
     assert (end.vm, end.node) == ("vm3", "compute1")
     assert trace.tunnels == []
     assert trace.nodes == ["compute1"]
     p = end.packet
     assert p["ip_ttl"] == 49  # exactly one router hop
-    assert p["eth_src"] == router_mac(topo, "red")  # the router's interface on red
+    assert p["eth_src"] == sim.router_mac(topo, "red")  # the router's interface on red
     assert p["eth_dst"] == topo.vms["vm3"].mac
     assert (p["ipv4_src"], p["ipv4_dst"]) == ("10.1.0.11", "10.2.0.13")
 
@@ -208,11 +156,11 @@ def test_routed_same_node_never_leaves_the_node(topo: Topology, cloud: Cloud) ->
     ("vm5", "vm6"),
 ])
 def test_routed_across_nodes_is_routed_at_the_source(
-    topo: Topology, cloud: Cloud, src: str, dst: str
+    topo: Topology, cloud: Cloud, src: str, dst: str, sim
 ) -> None:
     s, d = topo.vms[src], topo.vms[dst]
-    trace = ping_vm(topo, cloud, src, dst, ip_ttl=50)
-    end = delivered_once(trace)
+    trace = sim.ping_vm(topo, cloud, src, dst, ip_ttl=50)
+    end = sim.delivered_once(trace)
     assert (end.vm, end.node) == (dst, d.node)
     assert trace.tunnels == [(s.node, d.node)]
     assert trace.nodes == [s.node, d.node]
@@ -221,44 +169,44 @@ def test_routed_across_nodes_is_routed_at_the_source(
     assert "lr_in_routing" not in tables_on(trace, d.node)
     p = end.packet
     assert p["ip_ttl"] == 49
-    assert p["eth_src"] == router_mac(topo, d.network)
+    assert p["eth_src"] == sim.router_mac(topo, d.network)
     assert p["eth_dst"] == d.mac
     assert (p["ipv4_src"], p["ipv4_dst"]) == (str(s.ip), str(d.ip))
 
 
 def test_overlapping_cidrs_each_router_routes_to_its_own_vm(
-    topo: Topology, cloud: Cloud
+    topo: Topology, cloud: Cloud, sim
 ) -> None:
     """blue (r1) and green (r2) are both 10.1.0.0/24 and vm1, vm5 both hold 10.1.0.11."""
     assert topo.vms["vm1"].ip == topo.vms["vm5"].ip
     via_r1 = cloud.send_from_vm(
-        "vm3", icmp_from(topo, "vm3", "10.1.0.11", router_mac(topo, "red")))
-    end = delivered_once(via_r1)
+        "vm3", sim.icmp_from(topo, "vm3", "10.1.0.11", sim.router_mac(topo, "red")))
+    end = sim.delivered_once(via_r1)
     assert (end.vm, end.node) == ("vm1", "compute1")
-    assert end.packet["eth_src"] == router_mac(topo, "blue")
+    assert end.packet["eth_src"] == sim.router_mac(topo, "blue")
     assert end.packet["eth_dst"] == topo.vms["vm1"].mac
 
     via_r2 = cloud.send_from_vm(
-        "vm6", icmp_from(topo, "vm6", "10.1.0.11", router_mac(topo, "yellow")))
-    end = delivered_once(via_r2)
+        "vm6", sim.icmp_from(topo, "vm6", "10.1.0.11", sim.router_mac(topo, "yellow")))
+    end = sim.delivered_once(via_r2)
     assert (end.vm, end.node) == ("vm5", "compute3")
     assert via_r2.tunnels == [("compute1", "compute3")]
-    assert end.packet["eth_src"] == router_mac(topo, "green")
+    assert end.packet["eth_src"] == sim.router_mac(topo, "green")
     assert end.packet["eth_dst"] == topo.vms["vm5"].mac
 
 
-def test_ttl_one_is_not_routed(topo: Topology, cloud: Cloud) -> None:
-    dropped_at_source(ping_vm(topo, cloud, "vm1", "vm2", ip_ttl=1), "compute1")
-    dropped_at_source(ping_vm(topo, cloud, "vm1", "vm3", ip_ttl=1), "compute1")
+def test_ttl_one_is_not_routed(topo: Topology, cloud: Cloud, sim) -> None:
+    sim.dropped_at_source(sim.ping_vm(topo, cloud, "vm1", "vm2", ip_ttl=1), "compute1")
+    sim.dropped_at_source(sim.ping_vm(topo, cloud, "vm1", "vm3", ip_ttl=1), "compute1")
 
 
-def test_ttl_two_is_routed_and_arrives_with_one(topo: Topology, cloud: Cloud) -> None:
-    end = delivered_once(ping_vm(topo, cloud, "vm1", "vm2", ip_ttl=2))
+def test_ttl_two_is_routed_and_arrives_with_one(topo: Topology, cloud: Cloud, sim) -> None:
+    end = sim.delivered_once(sim.ping_vm(topo, cloud, "vm1", "vm2", ip_ttl=2))
     assert end.packet["ip_ttl"] == 1
 
 
-def test_ttl_one_is_switched_unchanged(topo: Topology, cloud: Cloud) -> None:
-    end = delivered_once(ping_vm(topo, cloud, "vm1", "vm4", ip_ttl=1))
+def test_ttl_one_is_switched_unchanged(topo: Topology, cloud: Cloud, sim) -> None:
+    end = sim.delivered_once(sim.ping_vm(topo, cloud, "vm1", "vm4", ip_ttl=1))
     assert (end.vm, end.packet["ip_ttl"]) == ("vm4", 1)
 
 
@@ -267,17 +215,17 @@ def test_ttl_one_is_switched_unchanged(topo: Topology, cloud: Cloud) -> None:
 
 @pytest.mark.parametrize("src", ["vm1", "vm3", "vm4", "vm5", "vm6"])
 def test_arp_for_the_gateway_is_answered_on_the_source_node(
-    topo: Topology, cloud: Cloud, src: str
+    topo: Topology, cloud: Cloud, src: str, sim
 ) -> None:
     vm = topo.vms[src]
-    gw = gateway(topo, vm.network)
-    trace = cloud.send_from_vm(src, arp_request(topo, src, gw))
-    end = delivered_once(trace)
+    gw = sim.gateway(topo, vm.network)
+    trace = cloud.send_from_vm(src, sim.arp_request(topo, src, gw))
+    end = sim.delivered_once(trace)
     assert (end.vm, end.node) == (src, vm.node)  # back to the requester
     assert trace.tunnels == []
     assert trace.nodes == [vm.node]
     p = end.packet
-    mac = router_mac(topo, vm.network)  # green and blue share 10.1.0.1: each its own router
+    mac = sim.router_mac(topo, vm.network)  # green and blue share 10.1.0.1: each its own router
     assert p["eth_type"] == ETH_ARP
     assert p["arp_op"] == 2
     assert (p["arp_spa"], p["arp_sha"]) == (gw, mac)
@@ -286,24 +234,24 @@ def test_arp_for_the_gateway_is_answered_on_the_source_node(
 
 
 def test_arp_for_another_networks_gateway_is_not_answered(
-    topo: Topology, cloud: Cloud
+    topo: Topology, cloud: Cloud, sim
 ) -> None:
-    dropped_at_source(
-        cloud.send_from_vm("vm1", arp_request(topo, "vm1", gateway(topo, "red"))), "compute1")
+    arp = sim.arp_request(topo, "vm1", sim.gateway(topo, "red"))
+    sim.dropped_at_source(cloud.send_from_vm("vm1", arp), "compute1")
 
 
-def test_arp_on_a_network_without_router_gets_no_gateway(topo: Topology, cloud: Cloud) -> None:
-    dropped_at_source(cloud.send_from_vm("vm9", arp_request(topo, "vm9", "10.9.0.1")),
+def test_arp_on_a_network_without_router_gets_no_gateway(topo: Topology, cloud: Cloud, sim) -> None:
+    sim.dropped_at_source(cloud.send_from_vm("vm9", sim.arp_request(topo, "vm9", "10.9.0.1")),
                       "compute1")
 
 
 @pytest.mark.parametrize(("src", "dst"), [("vm1", "vm4"), ("vm4", "vm1"), ("vm1", "vm8")])
 def test_arp_for_a_vm_goes_to_exactly_that_vm(
-    topo: Topology, cloud: Cloud, src: str, dst: str
+    topo: Topology, cloud: Cloud, src: str, dst: str, sim
 ) -> None:
     s, d = topo.vms[src], topo.vms[dst]
-    trace = cloud.send_from_vm(src, arp_request(topo, src, str(d.ip)))
-    end = delivered_once(trace)
+    trace = cloud.send_from_vm(src, sim.arp_request(topo, src, str(d.ip)))
+    end = sim.delivered_once(trace)
     assert (end.vm, end.node) == (dst, d.node)
     assert trace.tunnels == ([] if s.node == d.node else [(s.node, d.node)])
     p = end.packet
@@ -313,12 +261,12 @@ def test_arp_for_a_vm_goes_to_exactly_that_vm(
     assert p["eth_dst"] == d.mac  # no broadcast: unicast to the target
 
 
-def test_arp_reply_between_vms_is_delivered(topo: Topology, cloud: Cloud) -> None:
+def test_arp_reply_between_vms_is_delivered(topo: Topology, cloud: Cloud, sim) -> None:
     vm4, vm1 = topo.vms["vm4"], topo.vms["vm1"]
     reply = packet(arp=True, arp_op=2, eth_src=vm4.mac, eth_dst=vm1.mac, arp_sha=vm4.mac,
                    arp_spa=str(vm4.ip), arp_tha=vm1.mac, arp_tpa=str(vm1.ip))
     trace = cloud.send_from_vm("vm4", reply)
-    end = delivered_once(trace)
+    end = sim.delivered_once(trace)
     assert end.vm == "vm1"
     assert trace.tunnels == [("compute2", "compute1")]
 
@@ -330,13 +278,13 @@ def test_arp_reply_between_vms_is_delivered(topo: Topology, cloud: Cloud) -> Non
     ("vm6", "green"),  # r2: 10.1.0.1 again, but r2's
 ])
 def test_ping_to_a_router_address_is_answered_on_the_source_node(
-    topo: Topology, cloud: Cloud, src: str, target_net: str
+    topo: Topology, cloud: Cloud, src: str, target_net: str, sim
 ) -> None:
     vm = topo.vms[src]
-    target = gateway(topo, target_net)
-    mac = router_mac(topo, vm.network)
-    trace = cloud.send_from_vm(src, icmp_from(topo, src, target, mac, ip_ttl=7))
-    end = delivered_once(trace)
+    target = sim.gateway(topo, target_net)
+    mac = sim.router_mac(topo, vm.network)
+    trace = cloud.send_from_vm(src, sim.icmp_from(topo, src, target, mac, ip_ttl=7))
+    end = sim.delivered_once(trace)
     assert (end.vm, end.node) == (src, vm.node)
     assert trace.tunnels == []
     assert trace.nodes == [vm.node]
@@ -348,11 +296,11 @@ def test_ping_to_a_router_address_is_answered_on_the_source_node(
     assert p["ip_ttl"] == 64  # a fresh packet
 
 
-def test_other_traffic_to_the_router_address_is_dropped(topo: Topology, cloud: Cloud) -> None:
+def test_other_traffic_to_the_router_address_is_dropped(topo: Topology, cloud: Cloud, sim) -> None:
     vm = topo.vms["vm1"]
-    tcp = packet(tcp=True, eth_src=vm.mac, eth_dst=router_mac(topo, "blue"),
+    tcp = packet(tcp=True, eth_src=vm.mac, eth_dst=sim.router_mac(topo, "blue"),
                  ipv4_src=str(vm.ip), ipv4_dst="10.1.0.1", tcp_src=40000, tcp_dst=22)
-    dropped_at_source(cloud.send_from_vm("vm1", tcp), "compute1")
+    sim.dropped_at_source(cloud.send_from_vm("vm1", tcp), "compute1")
 
 
 # --- isolation --------------------------------------------------------------------------
@@ -369,38 +317,38 @@ def test_other_traffic_to_the_router_address_is_dropped(topo: Topology, cloud: C
     ("vm4", "vm5"),  # blue -> green: different routers (and the IP is vm1's on blue)
 ])
 def test_networks_that_share_no_router_cannot_reach_each_other(
-    topo: Topology, cloud: Cloud, src: str, dst: str
+    topo: Topology, cloud: Cloud, src: str, dst: str, sim
 ) -> None:
     s, d = topo.vms[src], topo.vms[dst]
-    tries = [d.mac, BROADCAST]  # straight to the VM's MAC, as if on the same segment
+    tries = [d.mac, sim.BROADCAST]  # straight to the VM's MAC, as if on the same segment
     if topo.router_of(s.network):
-        tries.append(router_mac(topo, s.network))  # through the sender's own router
-    tries.append(router_mac(topo, "green" if d.network == "blue" else "blue"))  # any router
+        tries.append(sim.router_mac(topo, s.network))  # through the sender's own router
+    tries.append(sim.router_mac(topo, "green" if d.network == "blue" else "blue"))  # any router
     for eth_dst in tries:
-        trace = cloud.send_from_vm(src, icmp_from(topo, src, str(d.ip), eth_dst))
+        trace = cloud.send_from_vm(src, sim.icmp_from(topo, src, str(d.ip), eth_dst))
         assert all(e.vm != dst for e in trace.delivered), eth_dst
         if d.ip == topo.vms["vm1"].ip and s.network == "blue":
             continue  # 10.1.0.11 on blue is vm1: see the delivery-by-IP test
-        dropped_at_source(trace, s.node)
-        arp = cloud.send_from_vm(src, arp_request(topo, src, str(d.ip), eth_dst=eth_dst))
-        dropped_at_source(arp, s.node)
+        sim.dropped_at_source(trace, s.node)
+        arp = cloud.send_from_vm(src, sim.arp_request(topo, src, str(d.ip), eth_dst=eth_dst))
+        sim.dropped_at_source(arp, s.node)
 
 
 def test_a_frame_is_delivered_by_its_destination_ip_not_its_mac(
-    topo: Topology, cloud: Cloud
+    topo: Topology, cloud: Cloud, sim
 ) -> None:
     """A documented limit: vm4 (blue) sends to 10.1.0.11 with vm5's MAC (green); the frame is
     delivered on blue to vm1, which holds that address there, rewritten to vm1's MAC."""
     trace = cloud.send_from_vm(
-        "vm4", icmp_from(topo, "vm4", "10.1.0.11", topo.vms["vm5"].mac))
-    end = delivered_once(trace)
+        "vm4", sim.icmp_from(topo, "vm4", "10.1.0.11", topo.vms["vm5"].mac))
+    end = sim.delivered_once(trace)
     assert end.vm == "vm1"
     assert end.packet["eth_dst"] == topo.vms["vm1"].mac
 
 
 @pytest.mark.parametrize("peer", ["compute1", "compute3", "net1"])
 def test_a_tunnel_packet_is_never_sent_into_another_tunnel(
-    topo: Topology, cloud: Cloud, peer: str
+    topo: Topology, cloud: Cloud, peer: str, sim
 ) -> None:
     """Split horizon: compute2 receives from a peer (e.g. one with stale flows) a blue
     packet for vm8, which lives on compute1; compute2 must not forward it to compute1 (nor
@@ -409,22 +357,22 @@ def test_a_tunnel_packet_is_never_sent_into_another_tunnel(
     in_port = cloud.nodes["compute2"].ports.tunnels[peer]
     pkt = packet(icmp=True, eth_src=vm4.mac, eth_dst=vm8.mac, ipv4_src=str(vm4.ip),
                  ipv4_dst=str(vm8.ip), icmpv4_type=8, tunnel_id=topo.networks["blue"].vni)
-    dropped_at_source(cloud.run("compute2", in_port, pkt), "compute2")
+    sim.dropped_at_source(cloud.run("compute2", in_port, pkt), "compute2")
 
 
-def test_a_tunnel_packet_for_a_local_vm_is_delivered(topo: Topology, cloud: Cloud) -> None:
+def test_a_tunnel_packet_for_a_local_vm_is_delivered(topo: Topology, cloud: Cloud, sim) -> None:
     vm1, vm4 = topo.vms["vm1"], topo.vms["vm4"]
     in_port = cloud.nodes["compute2"].ports.tunnels["compute1"]
     pkt = packet(icmp=True, eth_src=vm1.mac, eth_dst="00:00:00:00:00:01",
                  ipv4_src=str(vm1.ip), ipv4_dst=str(vm4.ip), icmpv4_type=8,
                  tunnel_id=topo.networks["blue"].vni)
-    end = delivered_once(cloud.run("compute2", in_port, pkt))
+    end = sim.delivered_once(cloud.run("compute2", in_port, pkt))
     assert (end.vm, end.packet["eth_dst"]) == ("vm4", vm4.mac)
 
 
 @pytest.mark.parametrize("network", ["green", "yellow"])
 def test_a_tunnel_packet_of_a_network_not_on_the_node_is_dropped(
-    topo: Topology, cloud: Cloud, network: str
+    topo: Topology, cloud: Cloud, network: str, sim
 ) -> None:
     """compute2 has no VM on green or yellow: it does not accept their VNIs, even for an
     address (10.1.0.14) that one of its VMs holds on another network."""
@@ -433,22 +381,22 @@ def test_a_tunnel_packet_of_a_network_not_on_the_node_is_dropped(
                  ipv4_src="10.1.0.50", ipv4_dst="10.1.0.14", icmpv4_type=8,
                  tunnel_id=topo.networks[network].vni)
     trace = cloud.run("compute2", in_port, pkt)
-    dropped_at_source(trace, "compute2")
+    sim.dropped_at_source(trace, "compute2")
     assert trace.steps[-1].table == "phy_in_tunnel"
 
 
-def test_the_network_node_drops_whatever_a_tunnel_brings(topo: Topology, cloud: Cloud) -> None:
+def test_the_network_node_drops_whatever_a_tunnel_brings(topo: Topology, cloud: Cloud, sim) -> None:
     in_port = cloud.nodes["net1"].ports.tunnels["compute1"]
     for vni in (n.vni for n in topo.networks.values()):
         pkt = packet(icmp=True, eth_src="fa:16:3e:00:00:01", eth_dst=topo.vms["vm4"].mac,
                      ipv4_src="10.1.0.50", ipv4_dst="10.1.0.14", icmpv4_type=8, tunnel_id=vni)
-        dropped_at_source(cloud.run("net1", in_port, pkt), "net1")
+        sim.dropped_at_source(cloud.run("net1", in_port, pkt), "net1")
 
 
 # --- port security and unknown destinations ---------------------------------------------
 
 
-def spoofed(topo: Topology, case: str) -> dict:
+def spoofed(topo: Topology, case: str, sim) -> dict:
     """A packet from vm1's port that is not vm1's own, for each way of lying."""
     vm1, vm4 = topo.vms["vm1"], topo.vms["vm4"]
     to_vm8 = dict(eth_dst=topo.vms["vm8"].mac, ipv4_dst="10.1.0.18", icmpv4_type=8)
@@ -460,11 +408,11 @@ def spoofed(topo: Topology, case: str) -> dict:
                               **to_vm8),
         "mac-of-another-vm": lambda: packet(icmp=True, eth_src=vm4.mac, ipv4_src=str(vm1.ip),
                                             **to_vm8),
-        "arp-spa": lambda: arp_request(topo, "vm1", "10.1.0.18", arp_spa="10.1.0.99"),
-        "arp-sha": lambda: arp_request(topo, "vm1", "10.1.0.18", arp_sha="fa:16:3e:00:00:99"),
-        "arp-eth-src": lambda: arp_request(topo, "vm1", "10.1.0.18",
+        "arp-spa": lambda: sim.arp_request(topo, "vm1", "10.1.0.18", arp_spa="10.1.0.99"),
+        "arp-sha": lambda: sim.arp_request(topo, "vm1", "10.1.0.18", arp_sha="fa:16:3e:00:00:99"),
+        "arp-eth-src": lambda: sim.arp_request(topo, "vm1", "10.1.0.18",
                                            eth_src="fa:16:3e:00:00:99"),
-        "arp-for-gateway": lambda: arp_request(topo, "vm1", "10.1.0.1", arp_spa="10.1.0.99"),
+        "arp-for-gateway": lambda: sim.arp_request(topo, "vm1", "10.1.0.1", arp_spa="10.1.0.99"),
         "ipv6": lambda: {"eth_type": 0x86DD, "eth_src": vm1.mac,
                          "eth_dst": topo.vms["vm8"].mac},
     }
@@ -476,18 +424,18 @@ def spoofed(topo: Topology, case: str) -> dict:
     "arp-for-gateway", "ipv6",
 ])
 def test_port_security_drops_spoofed_packets_at_the_port(
-    topo: Topology, cloud: Cloud, case: str
+    topo: Topology, cloud: Cloud, case: str, sim
 ) -> None:
-    trace = cloud.send_from_vm("vm1", spoofed(topo, case))
-    dropped_at_source(trace, "compute1")
+    trace = cloud.send_from_vm("vm1", spoofed(topo, case, sim))
+    sim.dropped_at_source(trace, "compute1")
     assert [s.table for s in trace.steps] == ["phy_in_classify"]
 
 
-def test_the_unspoofed_packets_pass(topo: Topology, cloud: Cloud) -> None:
+def test_the_unspoofed_packets_pass(topo: Topology, cloud: Cloud, sim) -> None:
     """The control for the spoofing test: the same packets with vm1's own addresses."""
-    assert delivered_once(ping_vm(topo, cloud, "vm1", "vm8")).vm == "vm8"
-    arp = cloud.send_from_vm("vm1", arp_request(topo, "vm1", "10.1.0.18"))
-    assert delivered_once(arp).vm == "vm8"
+    assert sim.delivered_once(sim.ping_vm(topo, cloud, "vm1", "vm8")).vm == "vm8"
+    arp = cloud.send_from_vm("vm1", sim.arp_request(topo, "vm1", "10.1.0.18"))
+    assert sim.delivered_once(arp).vm == "vm8"
 
 
 @pytest.mark.parametrize(("dst_ip", "via_router"), [
@@ -501,57 +449,45 @@ def test_the_unspoofed_packets_pass(topo: Topology, cloud: Cloud) -> None:
     ("224.0.0.1", False),  # no multicast
 ])
 def test_unknown_destination_is_dropped_at_the_source(
-    topo: Topology, cloud: Cloud, dst_ip: str, via_router: bool
+    topo: Topology, cloud: Cloud, dst_ip: str, via_router: bool, sim
 ) -> None:
-    eth_dst = router_mac(topo, "blue") if via_router else "fa:16:3e:00:00:99"
-    dropped_at_source(cloud.send_from_vm("vm1", icmp_from(topo, "vm1", dst_ip, eth_dst)),
+    eth_dst = sim.router_mac(topo, "blue") if via_router else "fa:16:3e:00:00:99"
+    sim.dropped_at_source(cloud.send_from_vm("vm1", sim.icmp_from(topo, "vm1", dst_ip, eth_dst)),
                       "compute1")
-    arp = cloud.send_from_vm("vm1", arp_request(topo, "vm1", dst_ip))
-    dropped_at_source(arp, "compute1")
+    arp = cloud.send_from_vm("vm1", sim.arp_request(topo, "vm1", dst_ip))
+    sim.dropped_at_source(arp, "compute1")
 
 
-def test_a_vm_sending_to_itself_gets_nothing_back(topo: Topology, cloud: Cloud) -> None:
-    trace = ping_vm(topo, cloud, "vm1", "vm1")
+def test_a_vm_sending_to_itself_gets_nothing_back(topo: Topology, cloud: Cloud, sim) -> None:
+    trace = sim.ping_vm(topo, cloud, "vm1", "vm1")
     assert trace.delivered == [] and trace.tunnels == []
 
 
 # --- a generated cloud: scaling and flow-set properties ----------------------------------
 
-GEN_NETS = {f"n{i}": f"10.{i}.0.0/24" for i in range(7)} | {"n7": "10.0.0.0/24"}
-GEN_ROUTERS = {"ra": ["n0", "n1", "n2"], "rb": ["n3", "n4", "n7"]}  # n5, n6: no router
-GEN_COMPUTES = [f"c{i}" for i in range(10)]
+def generated() -> dict[str, Any]:
+    """10 compute nodes, each hosting VMs of two of 8 networks, and one network node: r0
+    joins n0, n1, n2; r1 joins n3, n4 and n5, which has n0's CIDR; n6 and n7 are on no
+    router."""
+    return generate(100, computes=10, networks=8, per_router=3, isolated=2, overlapping=1,
+                    per_compute=2, external=None, seed=7)
 
 
-def generated_yaml(seed: int = 7, n_vms: int = 100) -> str:
-    """10 compute nodes, each hosting VMs of two of 8 networks, and one network node."""
-    rng = random.Random(seed)
-    lines = ["nodes:"]
-    lines += [f"  {c}: {{role: compute}}" for c in GEN_COMPUTES]
-    lines += ["  net1: {role: network}", "networks:"]
-    lines += [f"  {n}: {{cidr: {cidr}}}" for n, cidr in GEN_NETS.items()]
-    lines += ["routers:"]
-    lines += [f"  {r}: {{interfaces: [{', '.join(nets)}]}}" for r, nets in GEN_ROUTERS.items()]
-    lines += ["vms:"]
-    node_nets = {c: rng.sample(sorted(GEN_NETS), 2) for c in GEN_COMPUTES}
-    for i in range(n_vms):
-        node = GEN_COMPUTES[i % len(GEN_COMPUTES)]
-        net = rng.choice(node_nets[node])
-        octet = GEN_NETS[net].split(".")[1]
-        lines.append(f"  vm{i}: {{node: {node}, network: {net}, ip: 10.{octet}.0.{10 + i}}}")
-    return "\n".join(lines) + "\n"
+GEN = generated()
+GEN_COMPUTES = [n for n, node in GEN["nodes"].items() if node["role"] == "compute"]
 
 
 def expected_reachable(network: str) -> set[str]:
-    """Computed from the generator's own router map, not from the model."""
-    for nets in GEN_ROUTERS.values():
-        if network in nets:
-            return set(nets)
+    """Computed from the generated document's routers, not from the model."""
+    for router in GEN["routers"].values():
+        if network in router["interfaces"]:
+            return set(router["interfaces"])
     return {network}
 
 
 @pytest.fixture(scope="module")
 def gen() -> Topology:
-    return parse_topology(generated_yaml(), "generated")
+    return build_topology(GEN, "generated")
 
 
 @pytest.fixture(scope="module")
@@ -563,7 +499,11 @@ def test_generated_topology_has_the_intended_shape(gen: Topology) -> None:
     assert len(gen.vms) == 100
     assert sum(1 for n in gen.nodes.values() if not n.is_network) == 10
     assert all(gen.vms_on(c) for c in GEN_COMPUTES)
+    assert all(len({v.network for v in gen.vms_on(c)}) <= 2 for c in GEN_COMPUTES)
     assert gen.vms_on("net1") == []
+    assert gen.networks["n5"].cidr == gen.networks["n0"].cidr  # behind r1 and r0
+    assert {n: r.name for r in gen.routers.values() for n in (i.network for i in r.interfaces)} == {
+        **dict.fromkeys(["n0", "n1", "n2"], "r0"), **dict.fromkeys(["n3", "n4", "n5"], "r1")}
 
 
 def test_a_remote_vm_costs_one_flow_exactly_when_reachable(
@@ -631,7 +571,7 @@ def test_the_defaults_do_not_depend_on_the_topology(topo: Topology, gen: Topolog
 
 
 def test_planning_is_deterministic(gen: Topology) -> None:
-    again = parse_topology(generated_yaml(), "generated")
+    again = build_topology(generated(), "generated")
     for node in ("c0", "c5", "net1"):
         ports = assumed_ports(gen, node)
         first = plan(gen, node, ports)
@@ -708,7 +648,7 @@ def test_no_two_flows_of_one_priority_can_match_the_same_packet(topo, gen, gen_p
                                                         b.to_ofctl())
 
 
-def test_generated_cloud_connectivity_matrix(gen: Topology) -> None:
+def test_generated_cloud_connectivity_matrix(gen: Topology, sim) -> None:
     """Every VM pings every other: delivered to exactly that VM iff its network is reachable,
     through at most one tunnel, straight between the two nodes."""
     cloud = Cloud.offline(gen)
@@ -719,15 +659,15 @@ def test_generated_cloud_connectivity_matrix(gen: Topology) -> None:
         same = s.network == d.network
         routed = not same and d.network in expected_reachable(s.network)
         has_router = len(expected_reachable(s.network)) > 1
-        eth_dst = d.mac if same or not has_router else router_mac(gen, s.network)
-        trace = cloud.send_from_vm(s.name, icmp_from(gen, s.name, str(d.ip), eth_dst))
+        eth_dst = d.mac if same or not has_router else sim.router_mac(gen, s.network)
+        trace = cloud.send_from_vm(s.name, sim.icmp_from(gen, s.name, str(d.ip), eth_dst))
         if same or routed:
-            end = delivered_once(trace)
+            end = sim.delivered_once(trace)
             assert end.vm == d.name
             assert end.packet["ip_ttl"] == (63 if routed else 64)
             assert trace.tunnels == ([] if s.node == d.node else [(s.node, d.node)])
         else:
-            dropped_at_source(trace, s.node)
+            sim.dropped_at_source(trace, s.node)
 
 
 # --- the pipeline declaration -----------------------------------------------------------

@@ -11,59 +11,28 @@ its own partial copy; starting from no VM at all, a few rounds reach the same sc
 from __future__ import annotations
 
 import dataclasses
-import random
-from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
+from dvr.lab.generate import generate
 from flows.model import Topology, TopologyError, _mac_for, build_topology, load_topology, to_dict
 from flows.ofp import Flow
 from flows.planner import Scope, announcements, assumed_ports, plan, scope, snat_routers
-from tests.unit.paths import EXAMPLE
 
-NORTHSOUTH = Path(__file__).parents[1] / "lab" / "topologies" / "northsouth.yaml"
 SEEDS = (1, 2, 3, 4)
 
 
-def generated(seed: int, n_vms: int = 400) -> Topology:
+def generated(seed: int) -> Topology:
     """12 computes and 3 network nodes; 24 networks: 16 in pairs on 8 routers (6 with an
     external gateway, SNAT on different network nodes), 4 on one router without, 4 on
     no router. Each compute hosts VMs of 2 or 3 networks; only 4 computes host floating
     IPs, so the other computes NAT nothing."""
-    rng = random.Random(seed)
-    computes = [f"c{i}" for i in range(12)]
-    netnodes = ["net1", "net2", "net3"]
-    nets = [f"n{i}" for i in range(24)]
-    data: dict[str, Any] = {
-        "nodes": {**{c: {"role": "compute"} for c in computes},
-                  **{n: {"role": "network"} for n in netnodes}},
-        "external": {"cidr": "100.64.0.0/16", "gateway_ip": "100.64.0.1"},
-        "networks": {n: {"cidr": f"10.{i}.0.0/22"} for i, n in enumerate(nets)},
-        "routers": {},
-        "vms": {},
-    }
-    for r in range(8):
-        spec: dict[str, Any] = {"interfaces": [nets[2 * r], nets[2 * r + 1]]}
-        if r < 6:
-            spec["external_gateway"] = True
-            spec["snat_nodes"] = rng.sample(netnodes, rng.choice((1, 2)))
-        data["routers"][f"r{r}"] = spec
-    data["routers"]["r8"] = {"interfaces": nets[16:20]}
-    external = {n for r in range(6) for n in (nets[2 * r], nets[2 * r + 1])}
-    hosted = {c: rng.sample(nets, rng.choice((2, 3))) for c in computes}
-    fips = 0
-    for k in range(n_vms):
-        node = rng.choice(computes)
-        net = rng.choice(hosted[node])
-        vm: dict[str, Any] = {"node": node, "network": net}
-        if net in external and node in computes[:4] and rng.random() < 0.3:
-            fips += 1
-            vm["floating_ip"] = f"100.64.{1 + fips // 250}.{fips % 250 + 2}"
-        data["vms"][f"v{k}"] = vm
+    doc = generate(400, computes=12, network_nodes=3, networks=24, per_router=[2] * 8 + [4],
+                   isolated=4, external_routers=6, snat_nodes=(1, 2), per_compute=(2, 3),
+                   fip_every=3, fip_computes=4, seed=seed)
     # what the northbound database holds: every allocated value written out
-    return build_topology(to_dict(build_topology(data, f"gen{seed}")), f"gen{seed}")
+    return build_topology(to_dict(build_topology(doc, f"gen{seed}")), f"gen{seed}")
 
 
 def restricted(topo: Topology, sc: Scope) -> Topology:
@@ -73,14 +42,12 @@ def restricted(topo: Topology, sc: Scope) -> Topology:
     return build_topology(doc, f"{topo.source}, scoped to {sc.node}")
 
 
-def topologies() -> list[Topology]:
-    return [build_topology(to_dict(load_topology(p)), p.stem) for p in (EXAMPLE, NORTHSOUTH)] + [
-        generated(seed) for seed in SEEDS]
-
-
-@pytest.fixture(scope="module", params=topologies(), ids=lambda t: t.source)
-def topo(request: pytest.FixtureRequest) -> Topology:
-    return request.param
+@pytest.fixture(scope="module", params=["example", "northsouth", *(f"gen{s}" for s in SEEDS)])
+def topo(request: pytest.FixtureRequest, topology_path) -> Topology:
+    name = request.param
+    if name.startswith("gen"):
+        return generated(int(name[3:]))
+    return build_topology(to_dict(load_topology(topology_path(name))), name)
 
 
 def node_plan(topo: Topology, node: str) -> frozenset[Flow]:
@@ -102,16 +69,16 @@ def test_a_node_plans_the_same_flows_from_its_scope_alone(topo: Topology) -> Non
         assert scope(part, node) == sc, node
 
 
-def test_the_scope_follows_the_plan_s_rules() -> None:
+def test_the_scope_follows_the_plan_s_rules(example: Topology, northsouth: Topology) -> None:
     """On the built-in topology, by hand: computes see the routed pair; the network node
     (SNAT of r1, no VM) sees r1's networks and would see every floating IP; a compute
     without a floating IP NATs nothing."""
-    topo = load_topology(EXAMPLE)
+    topo = example
     assert scope(topo, "compute1").networks == {"blue", "red"}
     assert scope(topo, "net1").networks == {"blue", "red"}
     assert scope(topo, "net1").floating_ips  # SNAT here: lr_out_delivery to every floating IP
     assert not scope(topo, "compute1").floating_ips  # no floating IP in this cloud
-    ns = load_topology(NORTHSOUTH)
+    ns = northsouth
     assert scope(ns, "compute1").networks == {"blue", "red"}  # not green (r2)
     assert scope(ns, "compute1").floating_ips  # vm1 and vm3 have floating IPs
     assert {v.name for v in ns.vms.values() if scope(ns, "compute1").holds(v)} == {

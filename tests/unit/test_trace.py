@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import yaml
 
 from dvr import cli
+from dvr.lab.generate import generate, sample_paths
 from dvr.trace.expr import BROADCAST, ExprError, from_external, from_vm, parse
 from dvr.trace.offline import offline
 from dvr.trace.report import render
-from flows.model import build_topology, load_topology
-
-NS = Path(__file__).parents[1] / "lab" / "topologies" / "northsouth.yaml"
+from flows.model import build_topology
 
 
 @pytest.fixture(scope="module")
-def topo():
-    data = yaml.safe_load(NS.read_text())
+def topo(topology_doc):
+    data = topology_doc("northsouth")
     # an isolated network: its own router, no external gateway
     data["networks"]["grey"] = {"cidr": "10.9.0.0/24"}
     data["routers"]["r9"] = {"interfaces": ["grey"]}
@@ -170,12 +167,12 @@ def test_planning_only_what_the_packet_meets_changes_nothing(topo, sender, packe
 
 
 def test_focused_planning_on_a_generated_cloud() -> None:
-    from bench.trace import generate, offline_paths
     from flows.simulator import Cloud
 
-    cloud = build_topology(generate(600, computes=12))
+    doc = generate(600, computes=12, networks=6, fip_every=10)
+    cloud = build_topology(doc)
     full = Cloud.offline(cloud)
-    for _, sender, packet in offline_paths(cloud):
+    for _, sender, packet in sample_paths(doc):
         full.reset_conntrack()
         assert offline(cloud, sender, packet).to_dict() == offline(
             cloud, sender, packet, full).to_dict(), (sender, packet)
@@ -199,19 +196,20 @@ def test_svg_draws_the_numbered_path(topo) -> None:
 
 
 # --- the command --------------------------------------------------------------------------
-def test_cli_offline(capsys) -> None:
-    assert cli.main(["trace", "--offline", str(NS), "--minimal", "vm1",
+def test_cli_offline(capsys, topology_path) -> None:
+    ns = topology_path("northsouth")
+    assert cli.main(["trace", "--offline", str(ns), "--minimal", "vm1",
                      "icmp, ip.dst=10.2.0.12"]) == 0
     assert "delivered to vm2 on compute2" in capsys.readouterr().out
-    assert cli.main(["trace", "--offline", str(NS), "vm1", "icmp, ip.dst=10.2.0.300"]) == 2
+    assert cli.main(["trace", "--offline", str(ns), "vm1", "icmp, ip.dst=10.2.0.300"]) == 2
     err = capsys.readouterr().err
     assert "ip.dst=10.2.0.300" in err and "^^^" in err
-    assert cli.main(["trace", "--offline", str(NS), "vm42", "icmp, ip.dst=10.2.0.12"]) == 2
+    assert cli.main(["trace", "--offline", str(ns), "vm42", "icmp, ip.dst=10.2.0.12"]) == 2
     assert "unknown VM 'vm42'" in capsys.readouterr().err
 
 
-def test_offline_trace_on_a_large_cloud() -> None:
-    data = yaml.safe_load(NS.read_text())
+def test_offline_trace_on_a_large_cloud(topology_doc, northsouth) -> None:
+    data = topology_doc("northsouth")
     data["networks"]["blue"]["cidr"] = "10.1.0.0/20"
     data["networks"]["red"]["cidr"] = "10.2.0.0/20"
     for i in range(2000):
@@ -220,4 +218,4 @@ def test_offline_trace_on_a_large_cloud() -> None:
     big = build_topology(data)
     r = offline(big, "vm1", "icmp, ip.dst=10.2.0.12")
     assert ends(r) == [("delivered", "compute2", "vm2")]
-    assert load_topology(NS).vms["vm2"].ip == big.vms["vm2"].ip
+    assert northsouth.vms["vm2"].ip == big.vms["vm2"].ip
