@@ -8,9 +8,10 @@ a. wall-clock time of `dvr lab up` (built-in topology) until every agent reports
 b. TCP throughput (iperf3) between VMs on two compute nodes, routed east-west
    (vm1 blue on compute1 -> vm2 red on compute2) and bridged on the same network
    (vm1 -> vm4 blue on compute2), alternated over --rounds rounds, medians and their ratio;
-c. planner cost on generated topologies (10, 100, 1,000 VMs over 10 compute nodes and one
-   network node), pure Python: plan() time per node, flows per node, and the number of
-   flows one remote VM costs a node (reachable network: expect +1; unreachable: +0).
+c. planner cost on generated topologies (dvr/lab/generate.py: 10, 100, 1,000 VMs over 10
+   compute nodes and one network node, 9 networks on 2 routers or none), pure Python:
+   plan() time per node, flows per node, and the number of flows one remote VM costs a
+   node (reachable network: expect +1; unreachable: +0).
 
 Needs root for a and b (the lab); the lab always goes down at the end, also on failure.
 Exits non-zero with one line on stderr when the lab cannot be built.
@@ -19,7 +20,6 @@ Exits non-zero with one line on stderr when the lab cannot be built.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
 import shutil
@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from dvr.lab.generate import generate  # noqa: E402
 from flows.model import Topology, build_topology  # noqa: E402
 from flows.planner import assumed_ports, plan  # noqa: E402
 
@@ -188,40 +189,13 @@ def bench_throughput(st: dict[str, Any], seconds: int, rounds: int) -> dict[str,
 
 
 # --- planner ----------------------------------------------------------------------------------
-COMPUTES = [f"compute{i}" for i in range(1, 11)]
-ROUTED = {"r1": ["blue", "red", "green"], "r2": ["amber", "teal"]}
-ISOLATED = ["iso1", "iso2"]
-# networks that hold no generated VM: the remote-VM cost probes use them
-SPARE_ROUTED = "spare"     # on r1: reachable from every node with a VM on r1's networks
-SPARE_ISOLATED = "lonely"  # on no router: reachable only from nodes with a VM on it
-
-
-def generate(n_vms: int) -> dict[str, Any]:
-    """n_vms VMs round-robin over 10 compute nodes and 7 networks (2 routers, 2 isolated)."""
-    nets = [*ROUTED["r1"], *ROUTED["r2"], *ISOLATED]
-    all_nets = [*nets, SPARE_ROUTED, SPARE_ISOLATED]
-    data: dict[str, Any] = {
-        "nodes": {**{c: {"role": "compute"} for c in COMPUTES}, "net1": {"role": "network"}},
-        "external": {"cidr": "203.0.113.0/24", "gateway_ip": "203.0.113.1"},
-        "networks": {name: {"cidr": f"10.{i + 1}.0.0/20"} for i, name in enumerate(all_nets)},
-        "routers": {
-            "r1": {"interfaces": [*ROUTED["r1"], SPARE_ROUTED], "external_gateway": True},
-            "r2": {"interfaces": ROUTED["r2"]},
-        },
-        "vms": {},
-    }
-    per_net: dict[str, int] = {}
-    for i in range(n_vms):
-        net = nets[i % len(nets)]
-        k = per_net.get(net, 0)
-        per_net[net] = k + 1
-        data["vms"][f"vm{i}"] = {"node": COMPUTES[i % len(COMPUTES)], "network": net,
-                                 "ip": vm_ip(data, net, k)}
-    return data
-
-
-def vm_ip(data: dict[str, Any], net: str, k: int) -> str:
-    return str(ipaddress.IPv4Network(data["networks"][net]["cidr"]).network_address + 10 + k)
+# r0 joins n0-n3 (external gateway), r1 n4 and n5; n6, n7 and n8 are on no router. Two
+# networks hold no generated VM: the remote-VM cost probes use them
+SHAPE: dict[str, Any] = dict(computes=10, networks=9, per_router=(4, 2), isolated=3,
+                             external_routers=1, empty=("n3", "n8"))
+SPARE_ROUTED = "n3"    # on r0: reachable from every node with a VM on r0's networks
+SPARE_ISOLATED = "n8"  # on no router: reachable only from nodes with a VM on it
+PROBED = "c0"          # the node whose flows the probes count
 
 
 def time_plan(topo: Topology, node: str, reps: int) -> tuple[float, int]:
@@ -240,18 +214,17 @@ def remote_cost(data: dict[str, Any], node: str) -> dict[str, tuple[int, int, in
     network: (delta, flows added, flows removed)."""
     base = build_topology(data, "<bench>")
     before = plan(base, node, assumed_ports(base, node))
-    other = next(c for c in COMPUTES if c != node)
+    other = next(c for c, n in data["nodes"].items() if n["role"] == "compute" and c != node)
     local_net = next(vm["network"] for vm in data["vms"].values() if vm["node"] == node)
     probes = {
         f"same network as a local VM ({local_net})": local_net,
-        f"routed network, no local VM ({SPARE_ROUTED} on r1)": SPARE_ROUTED,
+        f"routed network, no local VM ({SPARE_ROUTED} on r0)": SPARE_ROUTED,
         f"unreachable network ({SPARE_ISOLATED}, on no router)": SPARE_ISOLATED,
     }
     out = {}
     for what, net in probes.items():
         d = json.loads(json.dumps(data))
-        used = sum(1 for vm in d["vms"].values() if vm["network"] == net)
-        d["vms"]["probe"] = {"node": other, "network": net, "ip": vm_ip(d, net, used)}
+        d["vms"]["probe"] = {"node": other, "network": net}  # its IP allocated by the model
         topo = build_topology(d, "<bench+probe>")
         after = plan(topo, node, assumed_ports(topo, node))
         out[what] = (len(after) - len(before), len(after - before), len(before - after))
@@ -262,7 +235,7 @@ def bench_planner(sizes: list[int]) -> dict[int, dict[str, Any]]:
     figures: dict[int, dict[str, Any]] = {}
     per_node: dict[int, dict[str, tuple[float, int]]] = {}
     for n in sizes:
-        data = generate(n)
+        data = generate(n, **SHAPE)
         t0 = time.perf_counter()
         topo = build_topology(data, f"<generated {n} VMs>")
         build_s = time.perf_counter() - t0
@@ -270,7 +243,7 @@ def bench_planner(sizes: list[int]) -> dict[int, dict[str, Any]]:
         per_node[n] = {node: time_plan(topo, node, reps) for node in sorted(topo.nodes)}
         times = [t for t, _ in per_node[n].values()]
         flows = [f for _, f in per_node[n].values()]
-        cost = remote_cost(data, "compute1")
+        cost = remote_cost(data, PROBED)
         figures[n] = {"build_s": build_s, "times": times, "flows": flows, "cost": cost,
                       "nets": len(topo.networks), "routers": len(topo.routers),
                       "nodes": len(topo.nodes)}
@@ -288,7 +261,7 @@ def bench_planner(sizes: list[int]) -> dict[int, dict[str, Any]]:
               f" ms); flows per node min/median/max {min(f['flows'])}/"
               f"{statistics.median(f['flows']):g}/{max(f['flows'])}")
         for what, (delta, added, removed) in f["cost"].items():
-            print(f"    cost of one remote VM on compute1, {what}: {delta:+d} flows "
+            print(f"    cost of one remote VM on {PROBED}, {what}: {delta:+d} flows "
                   f"(+{added} -{removed})")
     return figures
 
@@ -337,7 +310,7 @@ def summary(up_times: list[float] | None, tput: dict[str, list[float]] | None,
             f"<= {TARGET_REMOTE_COST}", max(reach) <= TARGET_REMOTE_COST)
         row("remote VM, unreachable net", f"{', '.join(f'{d:+d}' for d in unreach)} flows",
             "0", all(d == 0 for d in unreach))
-        print(f"  (plan() flows/node as min/median/max; remote VM deltas on compute1 for "
+        print(f"  (plan() flows/node as min/median/max; remote VM deltas on {PROBED} for "
               f"{', '.join(str(n) for n in planner)} VMs, reachable = same network, then a "
               "routed network without a local VM)")
     for e in errors:

@@ -16,11 +16,11 @@ built once, with the lab's own northbound ovsdb-server:
    node's agent reported the new generation converged. Target: under 30 ms (OVN 23.03: 19 ms
    from ovn-nbctl to flows). The same is then measured --big-moves times at each size of 3;
 2. load: `Northbound.load()` into the lab's database of generated clouds of --sizes ports
-   (100 ports a network, two networks a router, one floating IP per ten ports: 100 at 1k,
-   1,000 at 10k; the lab's own nodes with their real tunnel_ip plus 100 more compute nodes
-   that are not in the lab), each loaded over the lab's own small topology; against
-   `build_topology()` (validation) of the same document alone; and the time until every
-   lab agent reports the new generation converged;
+   (dvr/lab/generate.py: 100 ports a network, two networks a router, every tenth port of a
+   network with a floating IP: about 100 at 1k, 1,000 at 10k; the lab's own nodes with their
+   real tunnel_ip plus 100 more compute nodes that are not in the lab), each loaded over
+   the lab's own small topology; against `build_topology()` (validation) of the same
+   document alone; and the time until every lab agent reports the new generation converged;
 3. agent full sync: compute1's agent is stopped and started the way the lab starts it; the
    time from its start to its status showing converged on the database's generation, at
    each size, against the same on the small topology (median of --reps);
@@ -62,6 +62,7 @@ if str(ROOT) not in sys.path:
 
 from bench.east_west import BenchError, lab, lab_down, last_line, row  # noqa: E402
 from dvr import nb  # noqa: E402
+from dvr.lab.generate import generate  # noqa: E402
 from dvr.lab.lab import PREFIX_RE, Lab, _kill_pidfile, _read_pid  # noqa: E402
 from flows import northbound  # noqa: E402
 from flows.model import build_topology, port_id_for  # noqa: E402
@@ -338,51 +339,32 @@ def print_moves(moves: list[Move], label: str) -> None:
 
 
 # --- 2. generated clouds ----------------------------------------------------------------------
-def generate(base: dict[str, Any], ports: int, bound_node: str, bound: int = BOUND,
-             computes: int = GEN_COMPUTES, per_net: int = PER_NET) -> dict[str, Any]:
+def cloud(base: dict[str, Any], ports: int, bound_node: str, bound: int = BOUND,
+          computes: int = GEN_COMPUTES, per_net: int = PER_NET) -> dict[str, Any]:
     """The lab's own cloud (`base`, as the database holds it: its nodes with their real
-    tunnel_ip, its networks, routers and VMs) plus generated ones, `ports` ports in all:
-    `computes` compute nodes that are not in the lab, networks of `per_net` ports two to a
-    router with an external gateway, one floating IP per ten ports, and `bound` ports on
-    the lab's `bound_node` (b0, b1, ...) on the first BOUND_NETS generated networks (a
-    hypervisor hosts a few tenants' networks, not every one)."""
+    tunnel_ip, its networks, routers and VMs) extended by dvr/lab/generate.py, `ports` ports
+    in all: `computes` compute nodes that are not in the lab, networks of `per_net` ports two
+    to a router with an external gateway, every tenth port of a network with a floating IP,
+    and `bound` ports on the lab's `bound_node` (b0, b1, ...) on the first BOUND_NETS
+    generated networks (a hypervisor hosts a few tenants' networks, not every one)."""
     doc: dict[str, Any] = json.loads(json.dumps(base))
-    ext = doc["external"]
-    small = ipaddress.IPv4Network(ext["cidr"])
+    small = ipaddress.IPv4Network(doc["external"]["cidr"])
     big = small.supernet(new_prefix=min(small.prefixlen, 20))  # room for 1,000+ addresses
-    ext["cidr"] = str(big)
-    used = {ipaddress.IPv4Address(ext["gateway_ip"])}
-    used |= {ipaddress.IPv4Address(v["floating_ip"]) for v in doc["vms"].values()
-             if v.get("floating_ip")}
-    used |= {ipaddress.IPv4Address(r["external_ip"]) for r in doc["routers"].values()
-             if r.get("external_ip")}
-    pool = (ip for ip in big.hosts() if ip not in small and ip not in used)
-
-    for i in range(computes):
-        doc["nodes"][f"hv{i}"] = {"role": "compute", "tunnel_ip": str(GEN_TUNNELS + i)}
+    doc["external"]["cidr"] = str(big)
     regular = ports - len(doc["vms"]) - bound
     nets = max(1, -(-regular // per_net))
-    for n in range(nets):
-        doc["networks"][f"g{n}"] = {"cidr": f"172.{16 + n // 256}.{n % 256}.0/24"}
-    for r in range(-(-nets // 2)):
-        doc["routers"][f"gr{r}"] = {
-            "interfaces": [f"g{n}" for n in (2 * r, 2 * r + 1) if n < nets],
-            "external_gateway": True, "external_ip": str(next(pool))}
-    fips = max(0, ports // 10 - sum(1 for v in doc["vms"].values() if v.get("floating_ip")))
-    with_fip = {k * regular // fips for k in range(fips)} if fips else set()
-    for k in range(regular):
-        n, j = divmod(k, per_net)
-        vm: dict[str, Any] = {"node": f"hv{(k * 7) % computes}", "network": f"g{n}",
-                              "ip": f"172.{16 + n // 256}.{n % 256}.{j + 10}"}
-        if k in with_fip:
-            vm["floating_ip"] = str(next(pool))
-        doc["vms"][f"v{k}"] = vm
+    doc = generate(regular, computes=computes, network_nodes=0, networks=nets, fip_every=10,
+                   tunnel_ips=str(GEN_TUNNELS), base=doc, prefix="g")
+    hosted = [f"gn{n}" for n in range(min(nets, BOUND_NETS))]
     for b in range(bound):
-        n, j = b % min(nets, BOUND_NETS), b // min(nets, BOUND_NETS)
-        doc["vms"][f"b{b}"] = {"node": bound_node, "network": f"g{n}",
-                               "ip": f"172.{16 + n // 256}.{n % 256}.{200 + j}",
-                               "mac": f"02:b0:00:00:{b // 256:02x}:{b % 256:02x}"}
+        doc["vms"][f"b{b}"] = {"node": bound_node, "network": hosted[b % len(hosted)],
+                               "mac": bound_mac(b)}
     return doc
+
+
+def bound_mac(b: int) -> str:
+    """The MAC of bound port b{b}, in the document and on the plugged interface."""
+    return f"02:b0:00:00:{b // 256:02x}:{b % 256:02x}"
 
 
 def plug_bound(lb: Lab, node: str, bound: int = BOUND) -> float:
@@ -394,7 +376,7 @@ def plug_bound(lb: Lab, node: str, bound: int = BOUND) -> float:
         cmd += ["--", "--may-exist", "add-port", "br-int", f"bnb-{name}", "--", "set",
                 "Interface", f"bnb-{name}", "type=internal",
                 f"external_ids:iface-id={port_id_for(name)}",
-                f"external_ids:attached-mac=02:b0:00:00:{b // 256:02x}:{b % 256:02x}",
+                f"external_ids:attached-mac={bound_mac(b)}",
                 "external_ids:iface-status=active"]
     argv, env = lb.exec_argv("node", node, cmd)
     t0 = time.perf_counter()
@@ -642,7 +624,7 @@ def run(args: argparse.Namespace, fig: Figures) -> None:
                 wait_agents(lb, nodes, gen, args.timeout)
                 print(f"\n  (back to the small topology: {time.perf_counter() - t0:.2f} s "
                       "to load and converge)")
-            doc = generate(base, size, AGENT_NODE)
+            doc = cloud(base, size, AGENT_NODE)
             print(f"\n== 2. load {size} ports ({len(doc['nodes'])} nodes, "
                   f"{len(doc['networks'])} networks, {len(doc['routers'])} routers) over the "
                   "small topology ==")

@@ -5,9 +5,9 @@
 
 a. offline: one trace per kind of path (same network across nodes, routed across nodes,
    floating IP out and in, centralized SNAT, floating IP to floating IP) on generated clouds
-   of 1,000 and 10,000 ports (100 VMs per network, two networks per router, every tenth VM
-   with a floating IP, 100 compute nodes): the median time of --reps traces, the topology
-   already loaded (target: under 100 ms at 10,000 ports);
+   of 1,000 and 10,000 ports (dvr/lab/generate.py: 100 VMs per network, two networks per
+   router, every tenth VM of a network with a floating IP, 100 compute nodes): the median
+   time of --reps traces, the topology already loaded (target: under 100 ms at 10,000 ports);
 b. live (needs root; skipped with --no-lab): the same kinds of path on the trace lab
    (tests/lab/topologies/trace.yaml), the time of a live trace as the command makes it
    (the check for a tracked connection, ofproto/trace on each node, the comparison with the
@@ -30,11 +30,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.east_west import lab, lab_down, last_line, row  # noqa: E402
+from dvr.lab.generate import generate, sample_paths  # noqa: E402
 from dvr.trace.offline import offline  # noqa: E402
-from flows.model import Topology, build_topology  # noqa: E402
+from flows.model import build_topology  # noqa: E402
 
 TARGET_OFFLINE_MS = 100.0
 TARGET_LIVE_S_PER_NODE = 1.0
+COMPUTES = 100
+PER_NETWORK = 100
 LAB_PATHS = (
     ("same network", "vm1", "icmp, ip.dst=10.1.0.14"),
     ("routed", "vm1", "tcp, ip.dst=10.2.0.12, tcp.dport=22"),
@@ -45,51 +48,22 @@ LAB_PATHS = (
 )
 
 
-def generate(ports: int, computes: int = 100, per_net: int = 100) -> dict[str, Any]:
-    nets = ports // per_net
-    data: dict[str, Any] = {
-        "nodes": {f"c{i}": {"role": "compute"} for i in range(computes)},
-        "external": {"cidr": "100.64.0.0/16", "gateway_ip": "100.64.0.1"},
-        "networks": {f"n{n}": {"cidr": f"10.{n // 256}.{n % 256}.0/24"} for n in range(nets)},
-        "routers": {f"r{r}": {"interfaces": [f"n{2 * r}", f"n{2 * r + 1}"],
-                              "external_gateway": True} for r in range(nets // 2)},
-        "vms": {},
-    }
-    data["nodes"]["net1"] = {"role": "network"}
-    for k in range(nets * per_net):
-        n, j = divmod(k, per_net)
-        vm: dict[str, Any] = {"node": f"c{(k * 7) % computes}", "network": f"n{n}",
-                              "ip": f"10.{n // 256}.{n % 256}.{j + 10}"}
-        if k % 10 == 0:
-            vm["floating_ip"] = f"100.64.{1 + k // 250}.{k % 250 + 2}"
-        data["vms"][f"v{k}"] = vm
-    return data
-
-
-def offline_paths(topo: Topology) -> list[tuple[str, str, str]]:
-    v0, v1 = topo.vms["v0"], topo.vms["v1"]  # v0 has a floating IP, v1 not
-    other = next(v for v in topo.vms.values() if v.network == "n1" and v.node != v0.node)
-    same = next(v for v in topo.vms.values() if v.network == "n0" and v.node != v0.node)
-    fip_vm = next(v for v in topo.vms.values() if v.floating_ip and v.node != v0.node
-                  and v.network not in ("n0", "n1"))
-    return [
-        ("same network", "v0", f"icmp, ip.dst={same.ip}"),
-        ("routed", "v0", f"tcp, ip.dst={other.ip}, tcp.dport=22"),
-        ("floating IP out", "v0", "tcp, ip.dst=198.51.100.10, tcp.dport=443"),
-        ("floating IP in", "ext", f"tcp, ip.dst={v0.floating_ip}, tcp.dport=22"),
-        ("SNAT", v1.name, "udp, ip.dst=198.51.100.10"),
-        ("FIP to FIP", "v0", f"icmp, ip.dst={fip_vm.floating_ip}"),
-    ]
+def cloud(ports: int) -> dict[str, Any]:
+    """`ports` VMs, 100 a network, two networks a router with an external gateway, every tenth
+    VM of a network with a floating IP, over 100 compute nodes and one network node."""
+    return generate(ports, computes=COMPUTES, networks=max(1, ports // PER_NETWORK),
+                    fip_every=10)
 
 
 def bench_offline(sizes: list[int], reps: int) -> dict[int, dict[str, float]]:
     out: dict[int, dict[str, float]] = {}
     for size in sizes:
         t0 = time.perf_counter()
-        topo = build_topology(generate(size))
+        doc = cloud(size)
+        topo = build_topology(doc)
         print(f"  {size} ports: topology built in {time.perf_counter() - t0:.2f} s")
         out[size] = {}
-        for label, sender, packet in offline_paths(topo):
+        for label, sender, packet in sample_paths(doc):
             times = []
             for _ in range(reps):
                 t0 = time.perf_counter()

@@ -18,10 +18,11 @@ I/O; the same arguments give the same document. The shapes it makes:
   random, as its SNAT candidates (a tuple: the count itself drawn from it);
 - **VMs** `v0, v1, ...`, each with an explicit IP (the network's 10th address, 11th, ...)
   and none on the networks named in `empty`. By default they go round-robin over the
-  networks and over the compute nodes, shifted by one node each round so that every network
-  spreads over every compute. With `per_compute`, each compute hosts a few networks drawn at
-  random (that many, or a count drawn from a tuple) and the VMs go round-robin over the
-  computes, each on one of its node's networks drawn at random;
+  networks and over the compute nodes, shifted by one node whenever a (node, network) pair
+  would repeat, so that every network spreads over every compute. With `per_compute`, each
+  compute hosts a few networks drawn at random (that many, or a count drawn from a tuple)
+  and the VMs go round-robin over the computes, each on one of its node's networks drawn
+  at random;
 - **floating IPs**: every `fip_every`-th VM of each network whose router has an external
   gateway (its first, then every k-th), counting only VMs on the first `fip_computes`
   computes when that is given, from the external network's free addresses.
@@ -130,8 +131,9 @@ def generate(
         raise ValueError("VMs need a compute node and a network to go on")
     placed: list[tuple[str, str]] = []  # (node, network) of each VM
     if per_compute is None:
+        cycle = math.lcm(len(holders), computes or 1)  # VMs before a (node, network) repeats
         for k in range(vms):
-            placed.append((compute_names[(k + k // len(holders)) % computes],
+            placed.append((compute_names[(k + k // cycle) % computes],
                            holders[k % len(holders)]))
     else:
         hosted = {c: rng.sample(holders, min(_draw(rng, per_compute), len(holders)))
