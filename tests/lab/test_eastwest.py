@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.lab.conftest import LabHandle
+from tests.lab.harness import LabHandle
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.conftest import LabHandle, dvr, leftovers, running_lab, unique_prefix
+from tests.lab.harness import LabHandle, dvr, leftovers, nb_cli, running_lab, unique_prefix
 
 BROKEN = """
 nodes:
@@ -136,15 +136,15 @@ def test_a_flow_of_ours_deleted_by_hand_comes_back_while_changes_flow(
     lab.node("compute1", "ovs-ofctl", "-O", "OpenFlow13", "del-flows", "br-int",
              f"cookie={victim}/-1")
     assert victim not in _cookies(_dump(lab, "compute1"))
-    db = ["nb", "--db", f"unix:{lab.rundir}/nb.sock"]
-    dvr(*db, "vm-add", "vm9", "--node", "compute2", "--network", "red", "--ip", "10.2.0.99")
+    db = f"unix:{lab.rundir}/nb.sock"
+    nb_cli(db, "vm-add", "vm9", "--node", "compute2", "--network", "red", "--ip", "10.2.0.99")
     try:
         # the new remote VM's delivery flow on compute1, at once
         assert _wait_for(lambda: "reg0=0xa020063" in _dump(lab, "compute1"), timeout=2)
         # and the deleted flow, at the next full resync
         assert _wait_for(lambda: victim in _cookies(_dump(lab, "compute1")), timeout=8)
     finally:
-        dvr(*db, "vm-del", "vm9")
+        nb_cli(db, "vm-del", "vm9")
     assert _wait_for(lambda: "reg0=0xa020063" not in _dump(lab, "compute1"), timeout=2)
 
 
@@ -161,6 +161,7 @@ def test_agent_restart_does_not_flush_or_rewrite_flows(default_lab: LabHandle) -
                                               before)}
     new = {c: float(d) for c, d in re.findall(r"cookie=(0x[0-9a-f]+), duration=([\d.]+)s",
                                               after)}
+    assert set(old) == set(new) == cookies  # every flow's age was read
     for cookie, age in old.items():
         assert new[cookie] >= age, cookie
     assert lab.ping("vm1", "10.2.0.12")

@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from dvr import nb
+from dvr.lab.generate import generate
 from flows import northbound
 from flows.model import build_topology, load_topology, to_dict
-from tests.lab.conftest import ROOT, dvr
+from tests.lab.harness import ROOT, dvr
 
 DEFAULT = ROOT / "dvr" / "examples" / "default.yaml"
 
@@ -38,6 +39,7 @@ def db(tmp_path: Path) -> Iterator[str]:
 
 
 def nb_cli(target: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`dvr nb ARGS` against `target` through DVR_NB_DB, as the README shows it."""
     os.environ["DVR_NB_DB"] = target
     try:
         return dvr("nb", *args, check=check)
@@ -55,9 +57,9 @@ def test_load_then_dump_round_trips_the_built_in_topology(db: str, tmp_path: Pat
 
 
 def test_a_generated_1000_port_cloud_round_trips(db: str) -> None:
-    from bench.trace import generate
-
-    topo = build_topology(generate(1000, computes=10))
+    doc = generate(1000, computes=10, networks=10, fip_every=10)
+    fips = sum(1 for vm in doc["vms"].values() if "floating_ip" in vm)
+    topo = build_topology(doc)
     conn = nb.Northbound(db)
     try:
         conn.load(topo)
@@ -65,7 +67,8 @@ def test_a_generated_1000_port_cloud_round_trips(db: str) -> None:
     finally:
         conn.close()
     assert to_dict(back) == to_dict(topo)
-    assert len(back.vms) == 1000 and len(back.floating_ips()) == 100
+    assert len(back.vms) == len(doc["vms"]) == 1000
+    assert fips and len(back.floating_ips()) == fips
 
 
 def test_a_refused_topology_writes_nothing(db: str, tmp_path: Path) -> None:
@@ -91,7 +94,7 @@ def test_the_database_holds_its_own_constraints(db: str) -> None:
             conn.transact([{"op": "insert", "table": "Network", "row": {
                 "name": "blue", "position": 9, "cidr": "10.9.0.0/24",
                 "gateway_ip": "10.9.0.1", "mtu": 1450, "vni": 99}}])
-        with pytest.raises(nb.NbError):  # a port on a node that does not exist
+        with pytest.raises(nb.NbError, match="referential integrity"):  # no such node
             conn.transact([{"op": "insert", "table": "Port", "row": {
                 "name": "ghost", "node": ["uuid", "6a0c6b6e-0000-4000-8000-000000000000"],
                 "network": ["uuid", "6a0c6b6e-0000-4000-8000-000000000001"],

@@ -10,7 +10,6 @@ no router); net1 runs r1's SNAT.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from dvr import nb
 from flows import northbound
 from flows.model import Topology, load_topology
 from flows.planner import scope
-from tests.lab.conftest import TOPOLOGIES, LabHandle, dvr, running_lab
+from tests.lab.harness import TOPOLOGIES, LabHandle, ext_ping, nb_cli, running_lab
 
 TOPO = TOPOLOGIES / "scope.yaml"
 REMOTE = "198.51.100.10"  # the external host's "internet" address
@@ -45,14 +44,6 @@ def lab() -> Iterator[LabHandle]:
 
 def nb_target(lab: LabHandle) -> str:
     return f"unix:{lab.rundir}/nb.sock"
-
-
-def nb_cli(lab: LabHandle, *args: str) -> None:
-    os.environ["DVR_NB_DB"] = nb_target(lab)
-    try:
-        dvr("nb", *args)
-    finally:
-        del os.environ["DVR_NB_DB"]
 
 
 def desired(lab: LabHandle) -> tuple[Topology, str]:
@@ -104,11 +95,6 @@ def flows(lab: LabHandle, node: str) -> dict[str, float]:
                                                out)}
 
 
-def ext_ping(lab: LabHandle, ip: str) -> bool:
-    cmd = ["ping", "-n", "-c", "2", "-i", "0.2", "-W", "2", "-I", REMOTE, ip]
-    return lab.dvr("ext", "--", *cmd, check=False).returncode == 0
-
-
 INITIAL = {
     "compute1": {"vm1"},  # iso alone
     "compute2": {"vm2", "vm3", "vm4"},  # blue and red (r1); the only floating IP is vm2's
@@ -125,7 +111,7 @@ def test_each_agent_knows_exactly_its_scope_and_traffic_flows(lab: LabHandle) ->
     assert lab.ping("vm2", "10.2.0.14")  # compute2 -> compute3, routed
     assert lab.ping("vm4", "10.1.0.12")
     assert lab.ping("vm3", "10.2.0.14")  # same network, across nodes
-    assert ext_ping(lab, "203.0.113.50")  # vm2's floating IP, on compute2
+    assert ext_ping(lab, "203.0.113.50", source=REMOTE)  # vm2's floating IP, on compute2
     assert lab.ping("vm4", REMOTE)  # SNAT on net1
     assert not lab.ping("vm1", "10.2.0.13", wait=1)  # iso is routed nowhere
 
@@ -134,7 +120,7 @@ def test_a_router_interface_brings_its_networks_into_scope(lab: LabHandle) -> No
     """`router-if-add r1 iso`: compute1 learns blue's and red's ports, and vm1 reaches
     them (its default route set, as DHCP would once the subnet has a router)."""
     every = {"vm1", "vm2", "vm3", "vm4"}
-    nb_cli(lab, "router-if-add", "r1", "iso")
+    nb_cli(nb_target(lab), "router-if-add", "r1", "iso")
     try:
         wait_known(lab, {"compute1": every, "compute2": every,
                          "compute3": every | {"vm5"}, "net1": every})
@@ -144,7 +130,7 @@ def test_a_router_interface_brings_its_networks_into_scope(lab: LabHandle) -> No
         assert lab.ping("vm4", "10.9.0.11")  # compute3 -> compute1
     finally:
         lab.exec("vm1", "ip", "route", "del", "default")
-        nb_cli(lab, "router-if-del", "r1", "iso")
+        nb_cli(nb_target(lab), "router-if-del", "r1", "iso")
     wait_known(lab, INITIAL)
     assert not lab.ping("vm1", "10.2.0.13", wait=1)
 
@@ -152,7 +138,7 @@ def test_a_router_interface_brings_its_networks_into_scope(lab: LabHandle) -> No
 def test_a_vm_on_a_new_network_brings_its_neighbours(lab: LabHandle, tmp_path: Path) -> None:
     """`vm-add vm6 --node compute1 --network green`: compute1 learns vm5 (green, on
     compute3) from the database; once Nova (the lab) plugs vm6, they talk."""
-    nb_cli(lab, "vm-add", "vm6", "--node", "compute1", "--network", "green",
+    nb_cli(nb_target(lab), "vm-add", "vm6", "--node", "compute1", "--network", "green",
            "--ip", "10.3.0.16")
     try:
         wait_known(lab, {**INITIAL, "compute1": {"vm1", "vm5", "vm6"},
@@ -183,7 +169,7 @@ def test_an_agent_restart_removes_no_flow(lab: LabHandle) -> None:
         assert set(after) == set(before), node
         assert all(after[c] >= age for c, age in before.items()), node
     wait_known(lab, INITIAL)
-    assert lab.ping("vm2", "10.2.0.14") and ext_ping(lab, "203.0.113.50")
+    assert lab.ping("vm2", "10.2.0.14") and ext_ping(lab, "203.0.113.50", source=REMOTE)
 
 
 # --- the source alone, against a database server of its own -----------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.lab.conftest import TOPOLOGIES, LabHandle, running_lab
+from tests.lab.harness import TOPOLOGIES, LabHandle, echo_requests, ext_ping, nb_cli, running_lab
 
 TOPO = TOPOLOGIES / "northsouth.yaml"
 REMOTE = "198.51.100.10"  # the "internet" address of the external host
@@ -45,18 +44,6 @@ def write(tmp_path: Path, data: dict[str, Any], name: str = "topo.yaml") -> Path
 
 def node_mac(lab: LabHandle, node: str) -> str:
     return lab.topology().nodes[node].external_mac
-
-
-def ext_ping(lab: LabHandle, ip: str, count: int = 2, source: str | None = None,
-             wait: float = 2) -> bool:
-    cmd = ["ping", "-n", "-c", str(count), "-i", "0.2", "-W", str(wait)]
-    if source:
-        cmd += ["-I", source]
-    return lab.dvr("ext", "--", *cmd, ip, check=False).returncode == 0
-
-
-def echo_requests(packets: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [p for p in packets if p.get("proto") == "icmp" and p.get("icmp_type") == 8]
 
 
 def installed_cookies(lab: LabHandle) -> dict[str, list[str]]:
@@ -241,13 +228,7 @@ def test_a_moved_floating_ip_is_announced_and_traffic_follows(
 def move_fip1_to_vm4_through_the_database(lab: LabHandle, timeout: float) -> None:
     """`dvr nb fip-set vm4 FIP1` (from vm1 on compute1 to vm4 on compute2), then: every
     agent converges on the new generation, and the external host's traffic reaches vm4."""
-    from tests.lab.conftest import dvr
-
-    os.environ["DVR_NB_DB"] = f"unix:{lab.rundir}/nb.sock"
-    try:
-        dvr("nb", "fip-set", "vm4", FIP1)
-    finally:
-        del os.environ["DVR_NB_DB"]
+    nb_cli(f"unix:{lab.rundir}/nb.sock", "fip-set", "vm4", FIP1)
     deadline = time.monotonic() + timeout
     while not all(n["agent"]["converged"] for n in lab.status()["nodes"].values()):
         assert time.monotonic() < deadline, "the agents did not follow the database"

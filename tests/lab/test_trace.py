@@ -16,7 +16,7 @@ from dvr.lab.lab import Lab
 from dvr.trace import report as tracing
 from dvr.trace.live import LiveTracer
 from dvr.trace.offline import offline
-from tests.lab.conftest import TOPOLOGIES, LabHandle, running_lab
+from tests.lab.harness import TOPOLOGIES, LabHandle, dvr, running_lab
 
 PATHS = [  # (sender, packet, outcome (kind, node, to))
     ("vm1", "icmp, ip.dst=10.1.0.14", ("delivered", "compute2", "vm4")),  # same network
@@ -150,14 +150,10 @@ def test_verify_reports_what_the_real_packet_did_differently(lab: LabHandle) -> 
 
 
 def _trace_cli(lab: LabHandle, *args: str) -> str:
-    from tests.lab.conftest import dvr
-
     return dvr("trace", "--prefix", lab.prefix, *args).stdout
 
 
 def test_bad_input_is_refused_with_one_clear_line(lab: LabHandle) -> None:
-    from tests.lab.conftest import dvr
-
     res = dvr("trace", "--prefix", lab.prefix, "vm42", "icmp, ip.dst=10.2.0.12", check=False)
     assert res.returncode != 0 and "unknown VM 'vm42'" in res.stderr
     res = dvr("trace", "--prefix", lab.prefix, "vm1", "icmp, ip.dst=10.2.0", check=False)
