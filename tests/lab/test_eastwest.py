@@ -162,5 +162,6 @@ def test_network_node_without_vms_has_only_tunnel_and_default_flows(lab: LabHand
     st = lab.status()["nodes"]
     # net1 hosts no VM: no per-VM, per-network or per-router flow at all
     out = lab.node("net1", "ovs-ofctl", "-O", "OpenFlow13", "dump-flows", "br-int")
+    assert "cookie=0xd7a5" in out  # its tunnel and default flows are there
     assert "metadata=" not in out and "reg0=" not in out
     assert st["net1"]["agent"]["flows"] < st["compute1"]["agent"]["flows"]
