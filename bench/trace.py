@@ -36,8 +36,6 @@ from flows.model import build_topology  # noqa: E402
 
 TARGET_OFFLINE_MS = 100.0
 TARGET_LIVE_S_PER_NODE = 1.0
-COMPUTES = 100
-PER_NETWORK = 100
 LAB_PATHS = (
     ("same network", "vm1", "icmp, ip.dst=10.1.0.14"),
     ("routed", "vm1", "tcp, ip.dst=10.2.0.12, tcp.dport=22"),
@@ -46,6 +44,10 @@ LAB_PATHS = (
     ("SNAT", "vm4", "udp, ip.dst=198.51.100.10"),
     ("FIP to FIP", "vm1", "icmp, ip.dst=203.0.113.52"),
 )
+
+
+COMPUTES = 100
+PER_NETWORK = 100
 
 
 def cloud(ports: int) -> dict[str, Any]:
