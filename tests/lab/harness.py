@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "dvr" / "examples" / "default.yaml"  # the built-in topology
 TOPOLOGIES = Path(__file__).parent / "topologies"
 
 

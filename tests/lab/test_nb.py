@@ -15,9 +15,7 @@ from dvr import nb
 from dvr.lab.generate import generate
 from flows import northbound
 from flows.model import build_topology, load_topology, to_dict
-from tests.lab.harness import ROOT, dvr
-
-DEFAULT = ROOT / "dvr" / "examples" / "default.yaml"
+from tests.lab.harness import EXAMPLE, dvr
 
 
 @pytest.fixture()
@@ -48,10 +46,10 @@ def nb_cli(target: str, *args: str, check: bool = True) -> subprocess.CompletedP
 
 
 def test_load_then_dump_round_trips_the_built_in_topology(db: str, tmp_path: Path) -> None:
-    nb_cli(db, "load", str(DEFAULT))
+    nb_cli(db, "load", str(EXAMPLE))
     dumped = tmp_path / "dump.yaml"
     dumped.write_text(nb_cli(db, "dump").stdout)
-    assert to_dict(load_topology(dumped)) == to_dict(load_topology(DEFAULT))
+    assert to_dict(load_topology(dumped)) == to_dict(load_topology(EXAMPLE))
     shown = nb_cli(db, "show").stdout
     assert "router r1: blue, red external 203.0.113.10 snat net1" in shown
 
@@ -72,9 +70,9 @@ def test_a_generated_1000_port_cloud_round_trips(db: str) -> None:
 
 
 def test_a_refused_topology_writes_nothing(db: str, tmp_path: Path) -> None:
-    nb_cli(db, "load", str(DEFAULT))
+    nb_cli(db, "load", str(EXAMPLE))
     before = nb_cli(db, "dump").stdout
-    data = yaml.safe_load(DEFAULT.read_text())
+    data = yaml.safe_load(EXAMPLE.read_text())
     data["vms"]["vm2"]["ip"] = "10.1.0.11"  # red network: outside its CIDR
     data["vms"]["vm4"]["floating_ip"] = "192.0.2.9"  # outside the external CIDR
     bad = tmp_path / "bad.yaml"
@@ -89,7 +87,7 @@ def test_a_refused_topology_writes_nothing(db: str, tmp_path: Path) -> None:
 def test_the_database_holds_its_own_constraints(db: str) -> None:
     conn = nb.Northbound(db)
     try:
-        conn.load(load_topology(DEFAULT))
+        conn.load(load_topology(EXAMPLE))
         with pytest.raises(nb.NbError, match="constraint violation"):
             conn.transact([{"op": "insert", "table": "Network", "row": {
                 "name": "blue", "position": 9, "cidr": "10.9.0.0/24",
@@ -119,7 +117,7 @@ def port_uuids(conn: nb.Northbound) -> dict[str, str]:
 
 
 def test_object_commands_change_only_their_rows(db: str) -> None:
-    nb_cli(db, "load", str(DEFAULT))
+    nb_cli(db, "load", str(EXAMPLE))
     conn = nb.Northbound(db)
     try:
         before = port_uuids(conn)
@@ -138,7 +136,7 @@ def test_object_commands_change_only_their_rows(db: str) -> None:
         nb_cli(db, "router-if-add", "r1", "red")
         nb_cli(db, "vm-del", "vm9")
         nb_cli(db, "fip-del", "vm4")
-        assert to_dict(conn.topology()) == to_dict(load_topology(DEFAULT))
+        assert to_dict(conn.topology()) == to_dict(load_topology(EXAMPLE))
         assert gen != northbound.generation_of(conn.dump())
     finally:
         conn.close()
@@ -153,7 +151,7 @@ def test_object_commands_change_only_their_rows(db: str) -> None:
     (("router-if-add", "r1", "blue"), "blue is already on it"),
 ])
 def test_a_refused_change_writes_nothing(db: str, args: tuple[str, ...], reason: str) -> None:
-    nb_cli(db, "load", str(DEFAULT))
+    nb_cli(db, "load", str(EXAMPLE))
     before = nb_cli(db, "dump").stdout
     res = nb_cli(db, *args, check=False)
     assert res.returncode != 0 and reason in res.stderr, res.stderr
@@ -164,7 +162,7 @@ def test_a_refused_change_writes_nothing(db: str, args: tuple[str, ...], reason:
 def test_a_change_on_a_stale_read_is_refused_by_the_database(db: str) -> None:
     conn = nb.Northbound(db)
     try:
-        conn.load(load_topology(DEFAULT))
+        conn.load(load_topology(EXAMPLE))
         results = conn.transact(northbound.dump_ops())
         uuids, generation = northbound.uuids_of(results)
         old = northbound.document(results)
