@@ -13,8 +13,7 @@ from agent.ofswitch import InstalledFlow, OpenFlowError, Switch
 from flows.model import load_topology
 from flows.ofp import ETH_IP, Flow, Hint, Match, Output, Purpose, SetField
 from flows.planner import assumed_ports, plan
-from tests.lab.conftest import LabHandle, running_lab
-from tests.unit.paths import EXAMPLE
+from tests.lab.harness import EXAMPLE, LabHandle, running_lab
 
 ONE_NODE = Path(__file__).parent / "topologies" / "one-node.yaml"
 
