@@ -19,11 +19,11 @@ class PipelineError(ValueError):
 
 def check_flow(flow: Flow) -> None:
     """Raise PipelineError if `flow` does not fit the declared pipeline. A shape of flow
-    (table, matched fields, the protocol values prerequisites look at, actions) found good
-    once is not checked again."""
+    (table, matched fields, the protocol values prerequisites look at, the actions with
+    the fields they write and read) found good once is not checked again."""
     shape = (flow.table,
              tuple((k, v if k in _PREREQ_VALUES else None) for k, v in flow.match.fields),
-             tuple((type(a), getattr(a, "table", None), *_written(a)) for a in flow.actions))
+             tuple((type(a), getattr(a, "table", None), *_read(a)) for a in flow.actions))
     if shape not in _GOOD_SHAPES:
         _check_flow(flow)  # raises
         _GOOD_SHAPES.add(shape)

@@ -74,3 +74,14 @@ def test_the_declared_writes_are_real() -> None:
 
     for table in TABLES.values():
         assert table.sets <= set(FIELDS) | {"ip_ttl"}, table.name
+
+
+def test_a_shape_found_good_does_not_let_another_read_pass() -> None:
+    """The check remembers the shapes of flows it passed: a move of another source into the
+    same register, on the same match, is still checked (the planner's ARP delivery key
+    passed first)."""
+    check_flow(Flow("ls_in_dst_key", 100, ARP, (ofp.Move("arp_tpa", "reg0"),
+                                                  ofp.Goto("ls_out_remote"))))
+    with pytest.raises(PipelineError, match="Move of ipv4_dst needs eth_type=0x800"):
+        check_flow(Flow("ls_in_dst_key", 100, ARP, (ofp.Move("ipv4_dst", "reg0"),
+                                                      ofp.Goto("ls_out_remote"))))
