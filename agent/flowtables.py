@@ -1,7 +1,8 @@
-"""The agent's two flow tables, as `ovn-controller`'s `ofctrl` keeps them: the flows it wants on
-the switch (`Desired`, the plan's, by cookie) and the flows of ours the switch holds
-(`Installed`, as read back from it or as the last committed bundle left them). One
-reconciliation diffs the two and changes the switch by the difference, in one bundle.
+"""The agent's two flow tables, as `ovn-controller`'s `ofctrl` keeps them: the flows (and
+groups) it wants on the switch (`Desired`, the plan's, flows by cookie, groups by id) and the
+flows and groups of ours the switch holds (`Installed`, as read back from it or as the last
+committed bundle left them). One reconciliation diffs the two and changes the switch by the
+difference, in one bundle.
 
 `Installed` is trusted only over the OpenFlow connection it was learned on: a new connection
 may be to a restarted switch that lost every flow, so it must be read back first.
@@ -12,14 +13,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from agent.ofswitch import InstalledFlow, installed
-from flows.ofp import Flow
+from flows.ofp import Flow, Group, groups_of
 
 
 class Desired:
-    """The flows the plan wants on the switch, by cookie (a cookie names a flow's content)."""
+    """The flows the plan wants on the switch, by cookie (a cookie names a flow's content),
+    and the groups they apply, by id."""
 
     def __init__(self, flows: Iterable[Flow]):
         self.by_cookie: dict[int, Flow] = {f.cookie: f for f in flows}
+        self.groups: dict[int, Group] = groups_of(self.by_cookie.values())
 
     def __len__(self) -> int:
         return len(self.by_cookie)
@@ -33,7 +36,15 @@ class Installed:
 
     def __init__(self) -> None:
         self._flows: dict[int, InstalledFlow] | None = None
+        self._groups: dict[int, Group | None] = {}
         self._connection = 0
+
+    def groups(self, connection: int) -> dict[int, Group | None] | None:
+        """The groups of ours installed, if known over this connection (None: read them
+        back; a value None: a group of ours that the model cannot read, to replace)."""
+        if self._flows is None or self._connection != connection:
+            return None
+        return dict(self._groups)
 
     def known(self, connection: int) -> list[InstalledFlow] | None:
         """The flows installed, if known over this connection to the switch (None: read
@@ -42,8 +53,10 @@ class Installed:
             return None
         return list(self._flows.values())
 
-    def read(self, flows: Iterable[InstalledFlow], connection: int) -> None:
+    def read(self, flows: Iterable[InstalledFlow], connection: int,
+             groups: dict[int, Group | None] | None = None) -> None:
         """What a dump of the switch over `connection` returned."""
+        self._groups = dict(groups or {})
         self._flows = {}
         for f in flows:
             self._flows.setdefault(f.cookie, f)
@@ -54,9 +67,12 @@ class Installed:
         self._flows = None
 
     def applied(self, before: Iterable[InstalledFlow], deleted: Iterable[InstalledFlow],
-                added: Iterable[Flow], connection: int) -> None:
+                added: Iterable[Flow], connection: int,
+                groups: dict[int, Group] | None = None) -> None:
         """A committed bundle over `connection` turned `before` into `before - deleted +
-        added`."""
+        added`, and left `groups`."""
+        if groups is not None:
+            self._groups = dict(groups)
         gone = {id(f) for f in deleted}
         self._flows = {}
         for f in before:
@@ -84,3 +100,13 @@ def diff(desired: Desired | Iterable[Flow], current: Iterable[InstalledFlow]
         seen.add(inst.cookie)
     missing = [f for c, f in want.items() if c not in seen]
     return stale, missing
+
+
+def diff_groups(desired: dict[int, Group], current: dict[int, Group | None]
+                ) -> tuple[list[Group], list[Group], list[int]]:
+    """The groups to add, to modify (installed with other buckets) and to delete (ours,
+    no longer applied by any desired flow)."""
+    add = [g for gid, g in sorted(desired.items()) if gid not in current]
+    modify = [g for gid, g in sorted(desired.items()) if gid in current and current[gid] != g]
+    delete = sorted(gid for gid in current if gid not in desired)
+    return add, modify, delete

@@ -29,15 +29,21 @@ from flows.ofp import (
     FIELDS,
     OWNER_COOKIE,
     OWNER_MASK,
+    Action,
+    Bucket,
     DecTTL,
     Flow,
     Goto,
+    Group,
+    GroupAction,
     Move,
     Output,
+    Resubmit,
     SetField,
     SetTTL,
+    owned_group,
 )
-from flows.pipeline import TABLES
+from flows.pipeline import BY_NUMBER, TABLES
 
 LOG = logging.getLogger(__name__)
 ALL_ONES64 = (1 << 64) - 1
@@ -76,34 +82,42 @@ def to_ofp_match(flow: Flow) -> Any:
     return parser.OFPMatch(**{k: _match_value(k, v) for k, v in flow.match.fields})
 
 
+def _ofp_action(a: Action) -> Any:
+    """One action of the flow model as os-ken's (not `goto`: an instruction)."""
+    if isinstance(a, Output):
+        return parser.OFPActionOutput(a.port, 0xFFFF)
+    if isinstance(a, SetField) and a.field == "in_port":
+        # OVS refuses an OpenFlow 1.3 set_field on in_port; a Nicira load is accepted
+        return parser.NXActionRegLoad(ofs_nbits=31, dst="in_port", value=a.value)
+    if isinstance(a, SetField):
+        return parser.OFPActionSetField(**{a.field: a.value})
+    if isinstance(a, Move):
+        return parser.NXActionRegMove(src_field=a.src, dst_field=a.dst, n_bits=a.n_bits)
+    if isinstance(a, DecTTL):
+        return parser.OFPActionDecNwTtl()
+    if isinstance(a, SetTTL):
+        return parser.OFPActionSetNwTtl(a.ttl)
+    if isinstance(a, CT):
+        return _ct_action(a)
+    if isinstance(a, Resubmit):
+        return parser.NXActionResubmitTable(in_port=NX_IN_PORT,
+                                            table_id=TABLES[a.table].number)
+    if isinstance(a, GroupAction):
+        return parser.OFPActionGroup(a.group.group_id)
+    raise TypeError(f"no OpenFlow encoding for {a!r}")  # the pipeline check prevents it
+
+
 def to_ofp_instructions(flow: Flow) -> list[Any]:
     actions: list[Any] = []
     instructions: list[Any] = []
     for a in flow.actions:
-        if isinstance(a, Output):
-            actions.append(parser.OFPActionOutput(a.port, 0xFFFF))
-        elif isinstance(a, SetField) and a.field == "in_port":
-            # OVS refuses an OpenFlow 1.3 set_field on in_port; a Nicira load is accepted
-            actions.append(parser.NXActionRegLoad(ofs_nbits=31, dst="in_port", value=a.value))
-        elif isinstance(a, SetField):
-            actions.append(parser.OFPActionSetField(**{a.field: a.value}))
-        elif isinstance(a, Move):
-            actions.append(parser.NXActionRegMove(src_field=a.src, dst_field=a.dst,
-                                                  n_bits=a.n_bits))
-        elif isinstance(a, DecTTL):
-            actions.append(parser.OFPActionDecNwTtl())
-        elif isinstance(a, SetTTL):
-            actions.append(parser.OFPActionSetNwTtl(a.ttl))
-        elif isinstance(a, CT):
-            actions.append(_ct_action(a))
-        elif isinstance(a, Goto):
-            if actions:
-                instructions.append(parser.OFPInstructionActions(ofp.OFPIT_APPLY_ACTIONS,
-                                                                 actions))
-                actions = []
-            instructions.append(parser.OFPInstructionGotoTable(TABLES[a.table].number))
-        else:  # pragma: no cover - the pipeline check makes this unreachable
-            raise TypeError(f"no OpenFlow encoding for {a!r}")
+        if not isinstance(a, Goto):
+            actions.append(_ofp_action(a))
+            continue
+        if actions:
+            instructions.append(parser.OFPInstructionActions(ofp.OFPIT_APPLY_ACTIONS, actions))
+            actions = []
+        instructions.append(parser.OFPInstructionGotoTable(TABLES[a.table].number))
     if actions:
         instructions.insert(0, parser.OFPInstructionActions(ofp.OFPIT_APPLY_ACTIONS, actions))
     return instructions
@@ -130,6 +144,47 @@ def flow_mod(dp: Any, flow: Flow) -> Any:
     return parser.OFPFlowMod(
         dp, cookie=flow.cookie, table_id=TABLES[flow.table].number, command=ofp.OFPFC_ADD,
         priority=flow.priority, match=to_ofp_match(flow), instructions=to_ofp_instructions(flow))
+
+
+GROUP_TYPES = {"ff": ofp.OFPGT_FF}
+NX_IN_PORT = 0xFFF8  # a Nicira resubmit's in_port (16 bits): keep the packet's own
+
+
+def group_mod(dp: Any, group: Group, command: int = ofp.OFPGC_ADD) -> Any:
+    """The message that adds (or modifies) `group`."""
+    buckets = [parser.OFPBucket(
+        watch_port=ofp.OFPP_ANY if b.watch_port is None else b.watch_port,
+        watch_group=ofp.OFPG_ANY, actions=[_ofp_action(a) for a in b.actions])
+        for b in group.buckets]
+    return parser.OFPGroupMod(dp, command, GROUP_TYPES[group.kind], group.group_id, buckets)
+
+
+def delete_group_mod(dp: Any, gid: int) -> Any:
+    return parser.OFPGroupMod(dp, ofp.OFPGC_DELETE, ofp.OFPGT_ALL, gid, [])
+
+
+def group_of(desc: Any) -> Group | None:
+    """A group as the switch describes it (OFPGroupDescStats), read back into the flow
+    model; None when it holds something the model has no word for (it then differs from
+    any planned group)."""
+    kinds = {v: k for k, v in GROUP_TYPES.items()}
+    if desc.type not in kinds:
+        return None
+    buckets = []
+    for b in desc.buckets:
+        actions: list[Output | SetField | Resubmit] = []
+        for a in b.actions:
+            if isinstance(a, parser.OFPActionOutput):
+                actions.append(Output(a.port))
+            elif isinstance(a, parser.OFPActionSetField):
+                actions.append(SetField(a.key, a.value))
+            elif isinstance(a, parser.NXActionResubmitTable) and a.table_id in BY_NUMBER:
+                actions.append(Resubmit(BY_NUMBER[a.table_id].name))
+            else:
+                return None
+        buckets.append(Bucket(tuple(actions),
+                              None if b.watch_port == ofp.OFPP_ANY else b.watch_port))
+    return Group(desc.group_id, tuple(buckets), kinds[desc.type])
 
 
 def delete_mod(dp: Any, inst: InstalledFlow) -> Any:
@@ -282,6 +337,25 @@ class Switch:
                 if not msg.flags & ofp.OFPMPF_REPLY_MORE:
                     return out
 
+    def dump_groups(self) -> dict[int, Group | None]:
+        """Every group whose id carries this project's owner bits (None: a group of ours
+        holding what the flow model cannot say)."""
+        with self._lock:
+            self._connect()
+            xid = self._send(parser.OFPGroupDescStatsRequest(self.dp, 0))
+            out: dict[int, Group | None] = {}
+            while True:
+                msg = self._recv()
+                if msg.xid != xid:
+                    continue
+                if msg.msg_type == ofp.OFPT_ERROR:
+                    raise OpenFlowError(f"{self.target}: group dump refused: {_error(msg)}")
+                for desc in msg.body:
+                    if owned_group(desc.group_id):
+                        out[desc.group_id] = group_of(desc)
+                if not msg.flags & ofp.OFPMPF_REPLY_MORE:
+                    return out
+
     def packet_out(self, port: int, frame: bytes) -> None:
         """Send one frame out of `port` (as if from the controller)."""
         with self._lock:
@@ -344,9 +418,24 @@ class Bundle:
             self.id = self.switch._next_bundle()
             self.sent[self._ctrl(ofp.ONF_BCT_OPEN_REQUEST)] = "bundle open"
 
-    def _add_msg(self, mod: Any, what: InstalledFlow | Flow) -> None:
+    def _add_msg(self, mod: Any, what: InstalledFlow | Flow | str) -> None:
         sw = self.switch
         self.sent[sw._send(parser.ONFBundleAddMsg(sw.dp, self.id, self.FLAGS, mod, []))] = what
+
+    def add_groups(self, groups: Iterable[Group], modify: bool = False) -> None:
+        """Add groups (or change ones the switch has), before the flows that apply them."""
+        command = ofp.OFPGC_MODIFY if modify else ofp.OFPGC_ADD
+        for group in groups:
+            self._open()
+            self._add_msg(group_mod(self.switch.dp, group, command),
+                          f"{'modify' if modify else 'add'} group {group.to_ofctl()}")
+
+    def delete_groups(self, ids: Iterable[int]) -> None:
+        """Delete groups, after the flows that applied them (OpenFlow deletes the flows
+        that apply a deleted group)."""
+        for gid in ids:
+            self._open()
+            self._add_msg(delete_group_mod(self.switch.dp, gid), f"delete group {gid}")
 
     def delete(self, flows: Iterable[InstalledFlow]) -> None:
         for inst in flows:
@@ -403,6 +492,11 @@ _ERROR_CODES = {"OFPET_BAD_REQUEST": "OFPBRC_", "OFPET_BAD_ACTION": "OFPBAC_",
 
 def _error(msg: Any) -> str:
     """An OpenFlow error message in words: `OFPET_BAD_ACTION/OFPBAC_BAD_SET_ARGUMENT`."""
+    if msg.type == ofp.OFPET_EXPERIMENTER:  # ONF bundles report their errors so
+        exp_type = getattr(msg, "exp_type", None)
+        names = {v: n for n, v in vars(ofp).items() if n.startswith("ONFERR_ET_")}
+        return (f"OpenFlow experimenter error {names.get(exp_type, exp_type)} "
+                f"(experimenter={getattr(msg, 'experimenter', None)})")
     kind = next((n for n in dir(ofp) if n.startswith("OFPET_") and getattr(ofp, n) == msg.type),
                 None)
     prefix = _ERROR_CODES.get(kind or "")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import cached_property, lru_cache
@@ -295,7 +296,74 @@ class CT:
         return f"ct({','.join(parts)})"
 
 
-Action = Output | SetField | Move | DecTTL | SetTTL | Goto | CT
+@dataclass(frozen=True)
+class Resubmit:
+    """Go on in `table` (NXAST_RESUBMIT_TABLE): how a group's bucket continues the pipeline
+    (a bucket holds actions, not instructions, so it cannot `goto`)."""
+
+    table: str
+
+    def to_ofctl(self) -> str:
+        return f"resubmit(,{TABLES[self.table].number})"
+
+
+GROUP_OWNER = 0xD7A5  # top 16 bits of the ids of every group this project installs
+GROUP_OWNER_SHIFT = 16
+GroupKind = Literal["ff"]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One bucket of a group: its actions (none: drop) and, in a fast-failover group, the
+    port whose liveness makes it usable (None: always live)."""
+
+    actions: tuple[Output | SetField | Resubmit, ...] = ()
+    watch_port: int | None = None
+
+    def to_ofctl(self) -> str:
+        watch = f"watch_port:{self.watch_port}," if self.watch_port is not None else ""
+        return f"bucket={watch}actions={','.join(a.to_ofctl() for a in self.actions) or 'drop'}"
+
+
+@dataclass(frozen=True)
+class Group:
+    """An OpenFlow group. A fast-failover group (`ff`) applies its first live bucket: the
+    switch itself moves to the next one when a watched port goes down (a tunnel whose BFD
+    session fails), without waiting for any agent."""
+
+    group_id: int
+    buckets: tuple[Bucket, ...]
+    kind: GroupKind = "ff"
+    hint: Hint | None = field(default=None, compare=False, hash=False)
+
+    def to_ofctl(self) -> str:
+        buckets = ",".join(b.to_ofctl() for b in self.buckets)
+        return f"group_id={self.group_id},type={self.kind},{buckets}"
+
+
+def group_id(number: int) -> int:
+    """The id of this project's group number `number` (16 bits), with the owner bits."""
+    if not 0 < number < 1 << GROUP_OWNER_SHIFT:
+        raise ValueError(f"group number {number} out of range")
+    return (GROUP_OWNER << GROUP_OWNER_SHIFT) | number
+
+
+def owned_group(gid: int) -> bool:
+    return gid >> GROUP_OWNER_SHIFT == GROUP_OWNER
+
+
+@dataclass(frozen=True)
+class GroupAction:
+    """Apply group `group` (its definition travels with the flow that uses it; the switch
+    knows it by its id)."""
+
+    group: Group
+
+    def to_ofctl(self) -> str:
+        return f"group:{self.group.group_id}"
+
+
+Action = Output | SetField | Move | DecTTL | SetTTL | Goto | CT | Resubmit | GroupAction
 
 
 class Purpose(IntEnum):
@@ -359,6 +427,18 @@ class Flow:
             f"cookie={self.cookie:#x},table={TABLES[self.table].number},"
             f"priority={self.priority}{',' + m if m else ''} actions={self.actions_ofctl()}"
         )
+
+
+def groups_of(flows: Iterable[Flow]) -> dict[int, Group]:
+    """The groups the flows use, by id (a plan's groups are those its flows apply)."""
+    out: dict[int, Group] = {}
+    for flow in flows:
+        for action in flow.actions:
+            if isinstance(action, GroupAction):
+                have = out.setdefault(action.group.group_id, action.group)
+                if have != action.group:
+                    raise ValueError(f"two definitions of group {action.group.group_id}")
+    return out
 
 
 def purpose_of_cookie(cookie: int) -> Purpose | None:

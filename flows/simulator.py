@@ -36,11 +36,15 @@ from flows.ofp import (
     ETH_IP,
     FIELDS,
     IN_PORT,
+    Bucket,
     DecTTL,
     Flow,
     Goto,
+    Group,
+    GroupAction,
     Move,
     Output,
+    Resubmit,
     SetField,
     SetTTL,
     value_matches,
@@ -195,6 +199,20 @@ class Cloud:
         self.conntrack: dict[tuple[str, int], list[Conn]] = {}
         ext = topo.external
         self.gateway_mac = (ext.gateway_mac or ASSUMED_GATEWAY_MAC) if ext else None
+        # failures: dead nodes, and cut links between two nodes (their tunnels' BFD down)
+        self.down: set[str] = set()
+        self.cuts: set[frozenset[str]] = set()
+
+    def live(self, node: str, port: int | None) -> bool:
+        """Is `port` of `node` live, as a fast-failover group watching it sees it? A tunnel
+        is live while its peer is alive and the link to it is not cut."""
+        if port is None:
+            return True
+        owner = self.nodes[node].port_owner(port)
+        if owner is None or owner[0] != "tunnel":
+            return owner is not None
+        peer = owner[1]
+        return peer not in self.down and frozenset((node, peer)) not in self.cuts
 
     def reset_conntrack(self) -> None:
         self.conntrack.clear()
@@ -296,7 +314,24 @@ class Cloud:
             step = Step(node, table, flow, [])
             trace.steps.append(step)
             goto: str | None = None
-            for action in flow.actions:
+            actions: list[Any] = list(flow.actions)
+            output = False
+            while actions:
+                action = actions.pop(0)
+                if isinstance(action, GroupAction):
+                    bucket = self._bucket(node, step, action.group)
+                    if bucket is None or not bucket.actions:
+                        why = "no live bucket" if bucket is None else "its live bucket drops"
+                        note = action.group.hint.note if action.group.hint else ""
+                        trace.ends.append(End("dropped", node, pkt,
+                                              reason=f"group {action.group.group_id} "
+                                                     f"({note}): {why}"))
+                        return
+                    actions = list(bucket.actions) + actions
+                    continue
+                if isinstance(action, Resubmit):
+                    goto = action.table
+                    continue
                 if isinstance(action, SetField):
                     _set(pkt, step, action.field, action.value)
                 elif isinstance(action, Move):
@@ -311,6 +346,7 @@ class Cloud:
                 elif isinstance(action, SetTTL):
                     _set(pkt, step, "ip_ttl", action.ttl)
                 elif isinstance(action, Output):
+                    output = True
                     self._output(trace, node, copy.deepcopy(pkt), action.port)
                 elif isinstance(action, Goto):
                     goto = action.table
@@ -318,11 +354,21 @@ class Cloud:
                     self._conntrack(node, pkt, step, action)
                     goto = action.table
             if goto is None:
-                if not any(isinstance(a, Output) for a in flow.actions):
+                if not output:
                     trace.ends.append(End("dropped", node, pkt, reason=flow.hint.note or
                                           f"table {table}: drop"))
                 return
             table = goto
+
+    def _bucket(self, node: str, step: Step, group: Group) -> Bucket | None:
+        """The bucket a fast-failover group applies: its first live one."""
+        for i, bucket in enumerate(group.buckets):
+            if self.live(node, bucket.watch_port):
+                owner = (self.nodes[node].port_owner(bucket.watch_port)
+                         if bucket.watch_port is not None else None)
+                step.changes.append(bucket_note(group.group_id, i, owner))
+                return bucket
+        return None
 
     def _conntrack(self, node: str, pkt: Packet, step: Step, ct: CT) -> None:
         conns = self.conntrack.setdefault((node, ct.zone), [])
@@ -389,6 +435,14 @@ class Cloud:
             self._pipeline(trace, peer, wire, FIRST_TABLE)
 
 
+def bucket_note(group_id: int, index: int, owner: tuple[str, str] | None) -> str:
+    """How a trace says which bucket of a fast-failover group was used (`owner`: what the
+    bucket's watched port is, as `NodePlan.port_owner` says)."""
+    what = {"tunnel": "the tunnel to ", "provider": "the provider network", "vm": "VM "}
+    watched = f", watching {what[owner[0]]}{owner[1]}" if owner else ""
+    return f"group {group_id}: bucket {index}{watched}"
+
+
 def _state_names(state: int) -> list[str]:
     from flows.ofp import CT_STATE_NAMES
 
@@ -431,4 +485,4 @@ def packet(**kw: Any) -> Packet:
     return pkt
 
 
-__all__ = ["Cloud", "End", "NodePlan", "Step", "Trace", "packet"]
+__all__ = ["Cloud", "End", "NodePlan", "Step", "Trace", "bucket_note", "packet"]

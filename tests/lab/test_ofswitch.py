@@ -11,7 +11,7 @@ import pytest
 from agent.flowtables import diff
 from agent.ofswitch import InstalledFlow, OpenFlowError, Switch
 from flows.model import load_topology
-from flows.ofp import ETH_IP, Flow, Hint, Match, Output, Purpose, SetField
+from flows.ofp import ETH_IP, Flow, Hint, Match, Output, Purpose, SetField, groups_of
 from flows.planner import assumed_ports, plan
 from tests.lab.harness import EXAMPLE, LabHandle, running_lab
 
@@ -41,7 +41,10 @@ def cookies(sw: Switch) -> set[int]:
 
 
 def apply(sw: Switch, stale: list[InstalledFlow], missing: list[Flow]) -> None:
+    """Delete and add in one bundle, with the groups the added flows apply."""
+    have = sw.dump_groups()
     with sw.bundle() as bundle:
+        bundle.add_groups(g for gid, g in groups_of(missing).items() if gid not in have)
         bundle.delete(stale)
         bundle.add(missing)
 

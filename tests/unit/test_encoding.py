@@ -1,7 +1,8 @@
 """Every flow the planner produces for the example and test topologies goes through the real
-OpenFlow 1.3 encoder (os-ken, as the agent sends it: `agent.ofswitch.flow_mod`), is parsed
-back by os-ken's decoder and read back into the flow model: it must be the very flow that
-was planned (table, priority, cookie, match, actions). An encoding mistake (a field os-ken
+OpenFlow 1.3 encoder (os-ken, as the agent sends it: `agent.ofswitch.flow_mod`, and
+`group_mod` for the groups it applies), is parsed back by os-ken's decoder and read back into
+the flow model: it must be the very flow that was planned (table, priority, cookie, match,
+actions, and each group's buckets). An encoding mistake (a field os-ken
 does not know, a mask lost, a wrong Nicira action, a table number off) fails here, without a
 lab."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +19,26 @@ from os_ken.ofproto import ofproto_parser, ofproto_protocol
 from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
-from agent.ofswitch import NAT_FLAGS, flow_mod
+from agent.ofswitch import NAT_FLAGS, flow_mod, group_mod
 from flows.model import Topology, load_topology
 from flows.ofp import (
     CT,
     FIELDS,
     NAT,
     Action,
+    Bucket,
     DecTTL,
     Flow,
     Goto,
+    Group,
+    GroupAction,
     Match,
     Move,
     Output,
+    Resubmit,
     SetField,
     SetTTL,
+    groups_of,
 )
 from flows.pipeline import BY_NUMBER
 from flows.planner import NodePorts, assumed_ports, plan
@@ -43,21 +50,45 @@ DP = ofproto_protocol.ProtocolDesc(ofp.OFP_VERSION)
 NAT_KINDS = {v: k for k, v in NAT_FLAGS.items()}
 
 
-def decode(flow: Flow) -> Flow:
-    """`flow` encoded as the agent sends it, decoded by os-ken, read back into the model."""
-    mod = flow_mod(DP, flow)
+def _wire(msg: Any) -> Any:
+    """`msg` serialized as it goes to the switch, and parsed back by os-ken."""
+    msg.set_xid(1)
+    msg.serialize()
+    version, msg_type, length, xid = ofproto_parser.header(msg.buf)
+    return ofproto_parser.msg(DP, version, msg_type, length, xid, bytes(msg.buf))
+
+
+def decode_group(group: Group) -> Group:
+    """`group` encoded as the agent sends it, its buckets parsed back by os-ken (which has
+    no parser for a whole group-mod: a message only controllers send)."""
+    mod = group_mod(DP, group)
     mod.set_xid(1)
     mod.serialize()
-    version, msg_type, length, xid = ofproto_parser.header(mod.buf)
-    back = ofproto_parser.msg(DP, version, msg_type, length, xid, bytes(mod.buf))
+    buf = bytes(mod.buf)
+    command, kind, gid = struct.unpack_from("!HBxI", buf, ofp.OFP_HEADER_SIZE)
+    assert (command, kind) == (ofp.OFPGC_ADD, ofp.OFPGT_FF)
+    buckets, offset = [], ofp.OFP_GROUP_MOD_SIZE
+    while offset < len(buf):
+        b = parser.OFPBucket.parser(buf, offset)
+        offset += b.len
+        assert b.watch_group == ofp.OFPG_ANY
+        actions = tuple(_action(a, {}) for a in b.actions)
+        buckets.append(Bucket(actions, None if b.watch_port == ofp.OFPP_ANY else b.watch_port))
+    return Group(gid, tuple(buckets), "ff")
+
+
+def decode(flow: Flow) -> Flow:
+    """`flow` encoded as the agent sends it, decoded by os-ken, read back into the model."""
+    back = _wire(flow_mod(DP, flow))
     assert isinstance(back, parser.OFPFlowMod) and back.command == ofp.OFPFC_ADD
+    groups = groups_of([flow])
     actions: list[Action] = []
     for inst in back.instructions:
         if isinstance(inst, parser.OFPInstructionGotoTable):
             actions.append(Goto(BY_NUMBER[inst.table_id].name))
         else:
             assert inst.type == ofp.OFPIT_APPLY_ACTIONS, inst
-            actions += [_action(a) for a in inst.actions]
+            actions += [_action(a, groups) for a in inst.actions]
     out = Flow(BY_NUMBER[back.table_id].name, back.priority, _match(back.match),
                tuple(actions), flow.hint)
     assert back.cookie == out.cookie, "the cookie sent is not the flow's"
@@ -75,7 +106,13 @@ def _match(m: Any) -> Match:
     return Match.of(**fields)
 
 
-def _action(a: Any) -> Action:
+def _action(a: Any, groups: dict[int, Group]) -> Action:
+    if isinstance(a, parser.OFPActionGroup):
+        assert a.group_id in groups, "a group the flow does not define"
+        return GroupAction(decode_group(groups[a.group_id]))
+    if isinstance(a, parser.NXActionResubmitTable):
+        assert a.in_port == 0xFFF8  # the packet's own in_port (OFPP_IN_PORT in 16 bits)
+        return Resubmit(BY_NUMBER[a.table_id].name)
     if isinstance(a, parser.OFPActionOutput):
         return Output(a.port)
     if isinstance(a, parser.OFPActionSetField):
