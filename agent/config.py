@@ -37,6 +37,11 @@ OVS_OPTS = [
     cfg.StrOpt("tunnel_type", default="vxlan", choices=["vxlan", "geneve"],
                help="Overlay encapsulation between nodes."),
     cfg.StrOpt("local_ip", help="This node's tunnel endpoint address."),
+    cfg.IntOpt("bfd_interval", default=100, min=0,
+               help="Milliseconds between BFD packets on the tunnels with a network node at "
+                    "one end (a dead peer is detected after three); compute nodes steer a "
+                    "router's SNAT to the first live node of its HA chain by it. 0: no BFD "
+                    "(no SNAT failover)."),
     cfg.FloatOpt("ovsdb_timeout", default=10.0, min=1.0,
                  help="Seconds to wait for an OVSDB transaction."),
 ]
@@ -59,6 +64,11 @@ AGENT_OPTS = [
                  help="Seconds between full comparisons of desired and installed flows."),
     cfg.FloatOpt("heartbeat_interval", default=1.0, min=0.1,
                  help="Seconds between status reports while nothing changes."),
+    cfg.FloatOpt("agent_down_time", default=5.0, min=0.5,
+                 help="Seconds after its last report that an agent counts as dead: a network "
+                      "node weighs the other agents' views of BFD sessions only while they "
+                      "are fresher than this (and the scheduler replaces a node in an HA "
+                      "chain once it has been dead this long)."),
 ]
 
 

@@ -110,10 +110,12 @@ class Ovsdb:
 
     def ensure_tunnels(
         self, bridge: str, peers: Mapping[str, str], tunnel_type: str, local_ip: str | None,
-        current: Plugged | None = None,
+        current: Plugged | None = None, bfd: Mapping[str, Mapping[str, str]] | None = None,
     ) -> bool:
         """One tunnel port per peer node; stale ones (ours only) are removed. `current`:
-        what `plugged()` just read. True when something was changed."""
+        what `plugged()` just read; `bfd`: each peer's BFD settings ({}: none), changed in
+        place (the tunnel stays). True when something was changed."""
+        bfd = bfd or {}
         current = current or self.plugged(bridge)
         commands: list[Any] = []
         for peer, port in self._tunnel_ports(bridge).items():
@@ -122,16 +124,19 @@ class Ovsdb:
             ):
                 commands.append(self.api.del_port(port, bridge=bridge, if_exists=True))
         for peer, remote_ip in sorted(peers.items()):
-            if current.tunnel_config.get(peer) == (tunnel_type, remote_ip):
-                continue
             name = tunnel_port_name(tunnel_type, peer)
+            want_bfd = dict(bfd.get(peer, {}))
+            if current.tunnel_config.get(peer) == (tunnel_type, remote_ip):
+                if dict(current.tunnel_bfd.get(peer, {})) != want_bfd:
+                    commands.append(self.api.db_set("Interface", name, ("bfd", want_bfd)))
+                continue
             options = {"remote_ip": remote_ip, "key": "flow"}
             if local_ip:
                 options["local_ip"] = local_ip
             commands.append(self.api.add_port(bridge, name, may_exist=True))
             commands.append(self.api.db_set(
                 "Interface", name, ("type", tunnel_type), ("options", options),
-                ("external_ids", {PEER_KEY: peer})))
+                ("bfd", want_bfd), ("external_ids", {PEER_KEY: peer})))
         if commands:
             self._execute(f"tunnels on {bridge}", commands)
         return bool(commands)
@@ -158,7 +163,8 @@ class Ovsdb:
             for iface in self._interfaces(bridge):
                 out.append(Interface(iface.name, iface.ofport[0] if iface.ofport else -1,
                                      dict(iface.external_ids), iface.type,
-                                     dict(iface.options)))
+                                     dict(iface.options), dict(iface.bfd),
+                                     dict(iface.bfd_status)))
         return out
 
     def plugged(self, bridge: str) -> Plugged:

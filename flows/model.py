@@ -699,6 +699,8 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
 
     router_keys: set[int] = set()
     zones: set[int] = set()
+    network_nodes = [n.name for n in nodes.values() if n.is_network]
+    defaulted = 0  # routers whose HA chain is the default, so far (in name order)
     for name in sorted(router_specs):
         spec = router_specs[name]
         key = ROUTER_KEY_BASE + _digest(f"router:{name}") % MAX_VNI
@@ -718,7 +720,12 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
             if router_of.get(net) == name
         )
         ext_gw = bool(spec.get("external_gateway", False)) and external is not None
-        snat = spec.get("snat_nodes") or [n.name for n in nodes.values() if n.is_network]
+        snat = spec.get("snat_nodes")
+        if not snat and ext_gw and network_nodes:
+            # every network node, rotated so that the routers' first choices spread evenly
+            k = defaulted % len(network_nodes)
+            snat = network_nodes[k:] + network_nodes[:k]
+            defaulted += 1
         routers[name] = Router(
             name=name,
             key=key,
@@ -726,7 +733,7 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
             external_gateway=ext_gw,
             external_ip=ext_ips.get(name) if ext_gw else None,
             external_mac=infra.macs[f"rgw:{name}"] if ext_gw else None,
-            snat_nodes=tuple(snat) if ext_gw else (),
+            snat_nodes=tuple(snat or ()) if ext_gw else (),
             snat_zone=router_zones[0],
             dnat_zone=router_zones[1],
         )

@@ -11,8 +11,11 @@ not from where the topology says VMs should be:
 - a node with no bound VM installs only its tunnel classification and the table defaults;
 - floating IPs are NATed on the node where their VM is bound, and only that node answers ARP
   for them on the provider network (with its own MAC);
-- a router's SNAT for VMs without a floating IP runs on its active SNAT node (`NodePorts.snat`):
-  that node routes for the router's networks and reaches all of their VMs.
+- a router's SNAT for VMs without a floating IP is ready on every node of its HA chain
+  (`snat_nodes`): each routes for the router's networks and reaches all of their VMs;
+  compute nodes send to the first node of the chain whose tunnel is alive (a fast-failover
+  group, BFD), and only the node that claimed the router (`NodePorts.snat`) answers ARP
+  for its external IP.
 """
 
 from __future__ import annotations
@@ -36,17 +39,22 @@ from flows.ofp import (
     NAT,
     PROTO_ICMP,
     Action,
+    Bucket,
     DecTTL,
     Flow,
     Goto,
+    Group,
+    GroupAction,
     Hint,
     Match,
     Move,
     Output,
     Purpose,
+    Resubmit,
     SetField,
     SetTTL,
     ct_state,
+    group_id,
 )
 
 # offline port numbers: VMs from 1, the provider patch and tunnels above any VM count
@@ -66,16 +74,27 @@ class NodePorts:
     tunnels: Mapping[str, int] = field(default_factory=dict)  # peer node -> ofport
     provider: int | None = None  # the patch port to the provider (external) bridge
     gateway_mac: str | None = None  # the upstream gateway's MAC, when known
-    snat: frozenset[str] = frozenset()  # routers whose centralized SNAT is active here
+    # routers whose SNAT this node has claimed: it answers ARP for their external IPs
+    snat: frozenset[str] = frozenset()
 
 
 def snat_node(router: Router) -> str | None:
-    """The network node where a router's centralized SNAT is active: the first of its
-    `snat_nodes` (the order of preference)."""
+    """A router's first choice for its centralized SNAT: the head of its `snat_nodes` (its
+    HA chain: the order of preference). Where its SNAT runs at a given moment depends on
+    which nodes are alive (see `snat_candidates`)."""
     return router.snat_nodes[0] if router.snat_nodes else None
 
 
+def snat_candidates(topo: Topology, node: str) -> frozenset[str]:
+    """The routers whose SNAT this node holds ready, active or standby: those whose HA
+    chain (`snat_nodes`) includes it."""
+    return frozenset(r.name for r in topo.routers.values()
+                     if r.external_gateway and node in r.snat_nodes)
+
+
 def snat_routers(topo: Topology, node: str) -> frozenset[str]:
+    """The routers whose first choice this node is: the SNAT it claims while every node is
+    alive (the assumption of offline planning)."""
     return frozenset(r.name for r in topo.routers.values()
                      if r.external_gateway and snat_node(r) == node)
 
@@ -129,8 +148,8 @@ def plan(topo: Topology, node: str, ports: NodePorts,
                 for v in topo.vms_by_ip.get(ipaddress.IPv4Address(a), [])}
         local = {name: vm for name, vm in local.items() if vm.network in nets}
     local_nets = {vm.network for vm in local.values()}
-    snat = {name: topo.routers[name] for name in sorted(ports.snat)
-            if name in topo.routers and topo.routers[name].external_gateway}
+    # every router whose SNAT this node holds ready (claimed or not: a standby is ready)
+    snat = {name: topo.routers[name] for name in sorted(snat_candidates(topo, node))}
     reachable = topo.reachable_networks(local_nets)
     for router in snat.values():
         reachable.update(i.network for i in router.interfaces)
@@ -152,11 +171,11 @@ def plan(topo: Topology, node: str, ports: NodePorts,
         flows += _local_vm(topo.networks[vm.network], vm, ports.vms[name])
     routers = {r.name: r for r in (topo.router_of(n) for n in local_nets) if r}
     for router in routers.values():
-        flows += _router(topo, router, local_nets, ports)
+        flows += _router(topo, node, router, local_nets, ports)
     for router in snat.values():
         if router.name not in routers:
-            flows += _router(topo, router, set(), ports)
-        flows += _snat(topo, router, local_nets)
+            flows += _router(topo, node, router, set(), ports)
+        flows += _snat(topo, node, router, local_nets, ports)
     if topo.external is not None and ports.provider is not None:
         flows += _provider(topo, node, ports, local, routers, snat, only)
     elif topo.external is not None:
@@ -248,8 +267,8 @@ def _local_vm(net: Network, vm: VM, ofport: int) -> list[Flow]:
     ]
 
 
-def _router(topo: Topology, router: Router, local_nets: set[str], ports: NodePorts
-            ) -> list[Flow]:
+def _router(topo: Topology, node: str, router: Router, local_nets: set[str],
+            ports: NodePorts) -> list[Flow]:
     """The router's distributed part on this node: every interface is served on every node
     that has a VM on one of the router's networks, so routing happens at the source."""
     out: list[Flow] = []
@@ -285,17 +304,18 @@ def _router(topo: Topology, router: Router, local_nets: set[str], ports: NodePor
                 Hint(Purpose.GATEWAY, "router", router.name,
                      "drop: the router takes only IPv4 and ARP for its address"),
             ))
-            if router.external_gateway and router.name not in ports.snat:
-                # the default route of a VM without a floating IP: to the SNAT node,
-                # over the overlay in its own network's VNI, still addressed to the router
-                active = snat_node(router)
-                tunnel = ports.tunnels.get(active) if active else None
+            if router.external_gateway and node not in router.snat_nodes:
+                # the default route of a VM without a floating IP: to the router's SNAT,
+                # over the overlay in its own network's VNI, still addressed to the router,
+                # to the first node of its HA chain whose tunnel is alive (BFD)
+                group = _steering(router, ports)
+                chain = ", ".join(router.snat_nodes)
                 out.append(_flow(
                     "lr_out_redirect", 50, Match.of(metadata=router.key, reg2=net.vni),
-                    [SetField("tunnel_id", net.vni), Output(tunnel)] if tunnel else [],
+                    [SetField("tunnel_id", net.vni), GroupAction(group)] if group else [],
                     Hint(Purpose.SNAT, "router", router.name,
-                         f"from {net.name} to SNAT on {active}" if tunnel else
-                         f"drop: no tunnel to the SNAT node {active}"),
+                         f"from {net.name} to SNAT on the first live of {chain}" if group else
+                         f"drop: no tunnel to any SNAT node of {router.name} ({chain})"),
                 ))
         out.append(_flow(
             "lr_in_routing", 100 + net.cidr.prefixlen,
@@ -396,18 +416,56 @@ def _floating_ip(topo: Topology, node: str, vm: VM, router: Router) -> list[Flow
     ]
 
 
-def _snat(topo: Topology, router: Router, local_nets: set[str]) -> list[Flow]:
-    """Centralized SNAT of a router, on its active SNAT node: traffic of VMs without a
-    floating IP arrives over the overlay addressed to the router, leaves with the router's
-    external IP; the replies are routed back to the VMs' nodes."""
+def _steering(router: Router, ports: NodePorts) -> Group | None:
+    """A compute node's way to a router's SNAT: a fast-failover group over the tunnels to
+    the nodes of its HA chain, in order; the switch uses the first whose BFD session is up
+    (None: no tunnel to any of them)."""
+    buckets = tuple(Bucket((Output(t),), watch_port=t) for c in router.snat_nodes
+                    if (t := ports.tunnels.get(c)) is not None)
+    if not buckets:
+        return None
+    return Group(group_id(router.snat_zone), buckets,
+                 hint=Hint(Purpose.SNAT, "router", router.name,
+                           f"to the first live of {', '.join(router.snat_nodes)}"))
+
+
+def _gate(router: Router, node: str, ports: NodePorts) -> list[Action]:
+    """On a node of a router's HA chain, SNAT traffic arriving from a tunnel: served here
+    when every node before this one in the chain is down as this node sees them (their
+    tunnels' BFD), dropped otherwise, so that a compute node that alone lost the active
+    node does not make a second node speak for the router. The first of the chain always
+    serves. (OVS wants every bucket of a fast-failover group to watch a port: the last one
+    watches the patch to the provider bridge, the way out of the SNAT.)"""
+    earlier = router.snat_nodes[:router.snat_nodes.index(node)]
+    watched = [t for c in earlier if (t := ports.tunnels.get(c)) is not None]
+    if not watched:
+        return [Goto("ls_in_gateway")]
+    buckets = [Bucket((), watch_port=t) for t in watched]
+    if ports.provider is not None:
+        buckets.append(Bucket((Resubmit("ls_in_gateway"),), watch_port=ports.provider))
+    verb = "is" if len(earlier) == 1 else "are"
+    return [GroupAction(Group(
+        group_id(router.snat_zone), tuple(buckets),
+        hint=Hint(Purpose.SNAT, "router", router.name,
+                  f"served here once {', '.join(earlier)} {verb} down")))]
+
+
+def _snat(topo: Topology, node: str, router: Router, local_nets: set[str], ports: NodePorts
+          ) -> list[Flow]:
+    """Centralized SNAT of a router, on every node of its HA chain, active or standby alike
+    (a takeover installs nothing): traffic of VMs without a floating IP arrives over the
+    overlay addressed to the router, leaves with the router's external IP; the replies are
+    routed back to the VMs' nodes. Only the node that has claimed the router (`ports.snat`)
+    answers ARP for the external IP."""
     ext_ip, mac = str(router.external_ip), str(router.external_mac)
     out: list[Flow] = []
+    gate = _gate(router, node, ports)
     for itf in router.interfaces:
         net = topo.networks[itf.network]
         if itf.network not in local_nets:
             out.append(_flow(
                 "phy_in_tunnel", 100, Match.of(tunnel_id=net.vni),
-                [SetField("metadata", net.vni), SetField("reg1", 1), Goto("ls_in_gateway")],
+                [SetField("metadata", net.vni), SetField("reg1", 1), *gate],
                 Hint(Purpose.SNAT, "router", router.name,
                      f"VNI {net.vni}: {net.name}, to router {router.name}'s SNAT"),
             ))
@@ -421,7 +479,10 @@ def _snat(topo: Topology, router: Router, local_nets: set[str]) -> list[Flow]:
               [CT(router.snat_zone, "lr_out_src_mac", commit=True, nat=NAT("src", ext_ip))],
               Hint(Purpose.SNAT, "router", router.name, f"SNAT to {ext_ip}")),
     ]
-    return out + _provider_address(ext_ip, mac, router, hint)
+    address = _provider_address(ext_ip, mac, router, hint)
+    if router.name not in ports.snat:  # a standby: silent on the provider network
+        address = [f for f in address if f.match.get("eth_type") != ETH_ARP]
+    return out + address
 
 
 def _provider(topo: Topology, node: str, ports: NodePorts, local: Mapping[str, VM],
@@ -507,7 +568,7 @@ def scope(topo: Topology, node: str) -> Scope:
 
     - the node's own VMs;
     - every VM on a network reachable from theirs (sharing a router with one), and on the
-      networks of the routers whose SNAT is active here (`snat_routers`): their remote
+      networks of the routers whose SNAT is held here (`snat_candidates`): their remote
       delivery flows;
     - every VM with a floating IP, when the node NATs for the provider network (it hosts a
       floating IP, or a router's SNAT): the `lr_out_delivery` flows that send traffic for a
@@ -519,7 +580,7 @@ def scope(topo: Topology, node: str) -> Scope:
     Computed on a topology holding only these VMs, it gives the same scope again (the
     agent computes it over its partial copy of the northbound database)."""
     local = [vm for vm in topo.vms.values() if vm.node == node]
-    snat = snat_routers(topo, node)
+    snat = snat_candidates(topo, node)
     networks = topo.reachable_networks({vm.network for vm in local})
     for name in snat:
         networks.update(i.network for i in topo.routers[name].interfaces)

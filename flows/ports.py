@@ -31,6 +31,8 @@ class Interface:
     external_ids: Mapping[str, str] = field(default_factory=dict)
     type: str = ""
     options: Mapping[str, str] = field(default_factory=dict)
+    bfd: Mapping[str, str] = field(default_factory=dict)  # the BFD configuration
+    bfd_status: Mapping[str, str] = field(default_factory=dict)  # as ovs-vswitchd reports it
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Plugged:
     tunnel_config: Mapping[str, tuple[str, str]]  # peer node -> (type, remote_ip)
     provider: int | None = None  # the patch port to the provider bridge
     names: Mapping[str, str] = field(default_factory=dict)  # iface-id -> interface name
+    tunnel_bfd: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # its config
+    bfd: Mapping[str, str] = field(default_factory=dict)  # peer -> BFD state (up, down, ...)
 
 
 def plugged(interfaces: Iterable[Interface]) -> Plugged:
@@ -51,6 +55,8 @@ def plugged(interfaces: Iterable[Interface]) -> Plugged:
     names: dict[str, str] = {}
     tunnels: dict[str, int] = {}
     config: dict[str, tuple[str, str]] = {}
+    tunnel_bfd: dict[str, Mapping[str, str]] = {}
+    bfd: dict[str, str] = {}
     provider = None
     for iface in interfaces:
         ready = iface.ofport > 0
@@ -60,6 +66,9 @@ def plugged(interfaces: Iterable[Interface]) -> Plugged:
         peer = iface.external_ids.get(PEER_KEY)
         if peer:
             config[peer] = (iface.type, iface.options.get("remote_ip", ""))
+            tunnel_bfd[peer] = dict(iface.bfd)
+            if iface.bfd.get("enable") == "true":
+                bfd[peer] = iface.bfd_status.get("state", "unknown")
             if ready:
                 tunnels[peer] = iface.ofport
             continue
@@ -67,7 +76,7 @@ def plugged(interfaces: Iterable[Interface]) -> Plugged:
         if iface_id and ready:
             ports[iface_id] = iface.ofport
             names[iface_id] = iface.name
-    return Plugged(ports, tunnels, config, provider, names)
+    return Plugged(ports, tunnels, config, provider, names, tunnel_bfd, bfd)
 
 
 def node_ports(topo: Topology, node: str, have: Plugged, gateway_mac: str | None,
@@ -86,3 +95,19 @@ def node_ports(topo: Topology, node: str, have: Plugged, gateway_mac: str | None
     ext = topo.external is not None
     return NodePorts(vms, tunnels, provider=have.provider if ext else None,
                      gateway_mac=gateway_mac if ext else None, snat=snat)
+
+
+def bfd_config(interval_ms: int) -> dict[str, str]:
+    """The BFD settings of a tunnel that needs them (`interval_ms` 0: BFD off): a session
+    detects a dead peer after three intervals without a packet from it."""
+    if interval_ms <= 0:
+        return {}
+    ms = str(interval_ms)
+    return {"enable": "true", "min_tx": ms, "min_rx": ms}
+
+
+def needs_bfd(topo: Topology, node: str, peer: str) -> bool:
+    """BFD runs on the tunnels with a network node at one end at least: compute nodes steer
+    SNAT by it, network nodes decide by it whether to serve (compute to compute needs none)."""
+    a, b = topo.nodes.get(node), topo.nodes.get(peer)
+    return bool(a and b and (a.is_network or b.is_network))
