@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import arp, config
-from agent.flowtables import Desired, Installed, diff
+from agent.flowtables import Desired, Installed, diff, diff_groups
 from agent.ofswitch import OpenFlowError, Switch
 from agent.ovsdb import Ovsdb, OvsdbError
 from agent.source import FileSource, NbSource, Source
 from agent.version import VERSION
-from flows import northbound
+from flows import ha, northbound
 from flows.model import Topology, TopologyError
-from flows.planner import announcements, plan, snat_routers
-from flows.ports import node_ports
+from flows.planner import announcements, plan
+from flows.ports import bfd_config, needs_bfd, node_ports
 
 LOG = logging.getLogger(__name__)
 # a newly hosted address is announced by gratuitous ARP at these delays (seconds): several,
@@ -40,6 +40,9 @@ GARP_DELAYS = (0.0, 0.5, 1.5)
 GATEWAY_REFRESH, GATEWAY_RETRY, GATEWAY_TIMEOUT = 30.0, 1.0, 0.2
 # the loop wakes at least this often (seconds), even when nothing is due
 MAX_SLEEP = 1.0
+# a BFD session that has not come up within this many seconds of the agent's start counts as
+# down (before that, only one seen up and gone down does): sessions take a second to come up
+BFD_SETTLE = 3.0
 
 
 @dataclass
@@ -91,6 +94,7 @@ class DvrAgent:
         self.status: dict[str, Any] = {
             "node": self.node, "pid": os.getpid(), "version": VERSION, "converged": False,
             "generation": None, "flows": 0, "vms": [], "snat": [], "error": None, "syncs": 0,
+            "started": time.time(), "bfd": {},
         }
         self._last_report = 0.0
         self._announced: dict[str, str] = {}  # provider addresses answered here -> MAC
@@ -99,6 +103,14 @@ class DvrAgent:
         self._gateway_next = 0.0
         # the flows we own on the switch, as last known (see agent/flowtables.py)
         self.installed = Installed()
+        # SNAT claims (flows.ha): this node's BFD sessions as the last sync read them, the
+        # peers whose session has been up since the start, the claims in force
+        self.started = time.monotonic()
+        self._bfd: dict[str, str] = {}
+        self._bfd_seen_up: set[str] = set()
+        self._claims: frozenset[str] = frozenset()
+        self._reports_seen = -1  # the source's report_changes when claims were last weighed
+        self._ha_due: float | None = None  # when the claims must be weighed again
 
     # --- status ---------------------------------------------------------------------------
     def report(self, **changes: Any) -> None:
@@ -132,15 +144,18 @@ class DvrAgent:
             if n.name != self.node and n.tunnel_ip is not None
         }
         plugged = self.ovsdb.plugged(self.bridge)
+        bfd = {p: bfd_config(self.conf.ovs.bfd_interval) if needs_bfd(topo, self.node, p) else {}
+               for p in peers}
         changed = self.ovsdb.ensure_tunnels(self.bridge, peers, self.conf.ovs.tunnel_type,
-                                            self.conf.ovs.local_ip, plugged)
+                                            self.conf.ovs.local_ip, plugged, bfd)
         provider_bridge = self.conf.ovs.external_bridge
         if topo.external is not None and provider_bridge:
             changed |= self.ovsdb.ensure_provider_patch(self.bridge, provider_bridge)
         if changed:  # read again what the changes made
             plugged = self.ovsdb.plugged(self.bridge)
-        ports = node_ports(topo, self.node, plugged, self.gateway_mac(),
-                           snat_routers(topo, self.node))
+        self._bfd = dict(plugged.bfd)
+        self._claims = self.claims()
+        ports = node_ports(topo, self.node, plugged, self.gateway_mac(), self._claims)
         clock.lap("ovsdb")
         desired = Desired(plan(topo, self.node, ports))
         clock.lap("plan")
@@ -148,24 +163,65 @@ class DvrAgent:
         # switch restarted meanwhile) makes the next sync read the flows back
         connection = self.switch.connections
         current = None if full else self.installed.known(connection)
-        if current is None:
+        groups = None if full else self.installed.groups(connection)
+        if current is None or groups is None:
             current = self.switch.dump_owned()
+            groups = self.switch.dump_groups()
             connection = self.switch.connections
-            self.installed.read(current, connection)
+            self.installed.read(current, connection, groups)
             clock.lap("dump")
         stale, missing = diff(desired, current)
+        new_groups, changed_groups, stale_groups = diff_groups(desired.groups, groups)
         self.installed.forget()  # unknown until the bundle is committed
         with self.switch.bundle() as bundle:
+            bundle.add_groups(new_groups)  # groups before the flows that apply them
+            bundle.add_groups(changed_groups, modify=True)
             bundle.delete(stale)
             bundle.add(missing)
+            bundle.delete_groups(stale_groups)  # and after the flows that applied them
         clock.lap("apply")
-        self.installed.applied(current, stale, missing, connection)
-        if stale or missing:
-            LOG.info("node %s: +%d -%d flows (%d desired) in %s", self.node, len(missing),
-                     len(stale), len(desired), clock)
+        self.installed.applied(current, stale, missing, connection, desired.groups)
+        if stale or missing or new_groups or changed_groups or stale_groups:
+            LOG.info("node %s: +%d -%d flows (%d desired), groups +%d ~%d -%d in %s",
+                     self.node, len(missing), len(stale), len(desired), len(new_groups),
+                     len(changed_groups), len(stale_groups), clock)
         return SyncResult(len(missing), len(stale), len(desired), sorted(ports.vms),
                           sorted(ports.snat), announcements(topo, self.node, ports),
                           ports.provider, clock.laps)
+
+    # --- SNAT claims ------------------------------------------------------------------------
+    def claims(self) -> frozenset[str]:
+        """The routers this node speaks for on the provider network (flows.ha): weighed on
+        its BFD sessions and on what the other agents report (fresh ones only)."""
+        assert self.topo is not None
+        now = time.monotonic()
+        self._bfd_seen_up |= {p for p, state in self._bfd.items() if state == ha.UP}
+        settled = set(self._bfd_seen_up)
+        if now - self.started >= BFD_SETTLE:
+            settled |= set(self._bfd)
+        fresh = self.conf.agent.agent_down_time
+        reports = getattr(self.source, "reports", None)
+        seen = reports(fresh) if reports is not None else {}
+        self._reports_seen = getattr(self.source, "report_changes", 0)
+        # weigh again when a report goes stale, or when the sessions settle
+        due = [self.started + BFD_SETTLE] if now - self.started < BFD_SETTLE else []
+        ages = getattr(self.source, "report_ages", None)
+        if ages is not None:
+            due += [now + fresh - age for age in ages().values() if age <= fresh]
+        self._ha_due = min(due) if due else None
+        return ha.claims(self.topo, self.node,
+                         ha.View(self._bfd, frozenset(settled), seen))
+
+    def _claims_changed(self) -> bool:
+        """Weigh the claims again if the others' reports changed or a deadline passed; True
+        when they differ from those in force (a sync must install them)."""
+        if self.topo is None:
+            return False
+        moved = getattr(self.source, "report_changes", 0) != self._reports_seen
+        due = self._ha_due is not None and time.monotonic() >= self._ha_due
+        if not (moved or due):
+            return False
+        return self.claims() != self._claims
 
     # --- the upstream gateway ---------------------------------------------------------------
     def gateway_mac(self) -> str | None:
@@ -279,6 +335,8 @@ class DvrAgent:
                 dirty = full = True
             if self.refresh_gateway():
                 dirty = True
+            if not dirty and self._claims_changed():
+                dirty = True  # another node took over, or gave up, a router
             if dirty and self.topo is not None:
                 try:
                     result = self.sync(full)
@@ -296,7 +354,7 @@ class DvrAgent:
                 self.report(converged=True, generation=self.topo.digest, flows=result.flows,
                             vms=result.vms, snat=result.snat, error=None,
                             known_vms=len(self.topo.vms),  # what the source holds
-                            gateway_mac=self.gateway_mac(),
+                            gateway_mac=self.gateway_mac(), bfd=dict(self._bfd),
                             syncs=self.status["syncs"] + 1,
                             last_change={"added": result.added, "deleted": result.deleted,
                                          "ms": result.timing})
@@ -331,6 +389,8 @@ class DvrAgent:
         due += [g[0] for g in self._garps]
         if self._resolves_gateway():
             due.append(self._gateway_next)
+        if self._ha_due is not None:
+            due.append(self._ha_due)
         if retry is not None:
             due.append(now + retry)
         if polled:

@@ -90,10 +90,26 @@ def _replica_class() -> type:
 
     class Replica(ovs.db.idl.Idl):  # type: ignore[misc]
         desired_changes = 0
+        report_changes = 0  # changes of Agent rows (a network node hears the others')
+
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            # node -> when (this host's monotonic clock) its Agent row last changed: how
+            # fresh a report is, whatever the other hosts' clocks say
+            self.agent_seen: dict[str, float] = {}
 
         def notify(self, event: Any, row: Any, updates: Any = None) -> None:
             if row._table.name != "Agent":
                 self.desired_changes += 1
+                return
+            node = getattr(row, "node", None)
+            if not isinstance(node, str):
+                return
+            if event == ovs.db.idl.ROW_DELETE:
+                self.agent_seen.pop(node, None)
+            else:
+                self.agent_seen[node] = time.monotonic()
+            self.report_changes += 1
 
     return Replica
 
@@ -190,7 +206,37 @@ class NbSource(Source):
             return exc
         if self.node is not None:
             self.idl.cond_change("Port", self._port_condition(scope(self._state, self.node)))
+            # a network node decides on its SNAT claims by what the others see (flows.ha)
+            me = self._state.nodes.get(self.node)
+            self.idl.cond_change("Agent", [True] if me is not None and me.is_network
+                                 else [["node", "==", self.node]])
         return self._state
+
+    # --- what the other agents report ---------------------------------------------------------
+    @property
+    def report_changes(self) -> int:
+        """Counts changes of the Agent rows held (to know when `reports()` may differ)."""
+        return int(self.idl.report_changes)
+
+    def report_ages(self) -> dict[str, float]:
+        """Seconds since each other agent's row last changed."""
+        now = time.monotonic()
+        return {n: now - t for n, t in self.idl.agent_seen.items() if n != self.node}
+
+    def reports(self, fresh_within: float) -> dict[str, dict[str, str]]:
+        """Each other agent's BFD sessions (peer -> state), for the agents whose row changed
+        (heartbeat) within `fresh_within` seconds of this host's clock; {} while the
+        database is out of reach (nothing is known to be fresh)."""
+        session = getattr(self.idl, "_session", None)
+        if session is None or not session.is_connected():
+            return {}
+        now = time.monotonic()
+        out = {}
+        for row in self.idl.tables["Agent"].rows.values():
+            seen = self.idl.agent_seen.get(row.node)
+            if row.node != self.node and seen is not None and now - seen <= fresh_within:
+                out[row.node] = dict(row.bfd)
+        return out
 
     def _port_condition(self, sc: Scope) -> list[Any]:
         """The scope as an OVSDB condition on Port rows (clauses ORed; sorted, so that the
@@ -253,6 +299,8 @@ class NbSource(Source):
         row.vms = list(status.get("vms", []))
         row.error = [str(status["error"])] if status.get("error") else []
         row.gateway_mac = [status["gateway_mac"]] if status.get("gateway_mac") else []
+        row.started = int(float(status.get("started", 0)) * 1000)
+        row.bfd = {str(k): str(v) for k, v in (status.get("bfd") or {}).items()}
         self._report = txn
         self._report_outcome()
 
@@ -290,7 +338,7 @@ def document_of(idl: Any) -> dict[str, Any]:
 
     return northbound.document([
         {"rows": [row(idl.tables[t], r) for r in idl.tables[t].rows.values()]}
-        for t in northbound.DESIRED_TABLES])
+        for t in northbound.DESIRED_TABLES], live=True)
 
 
 def _with_digest(topo: Topology, digest: str) -> Topology:

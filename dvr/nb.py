@@ -217,8 +217,10 @@ class Northbound:
                     raise NbError("the desired state kept changing under this change; "
                                   "try again") from None
 
-    def dump(self) -> dict[str, Any]:
-        return document(self.transact(dump_ops()))
+    def dump(self, live: bool = False) -> dict[str, Any]:
+        """The desired state as a topology document (with `live`, the routers' HA chains as
+        the scheduler keeps them: see `flows.northbound.document`)."""
+        return document(self.transact(dump_ops()), live=live)
 
-    def topology(self, source: str = "<northbound>") -> Topology:
-        return build_topology(self.dump(), source)
+    def topology(self, source: str = "<northbound>", live: bool = False) -> Topology:
+        return build_topology(self.dump(live), source)

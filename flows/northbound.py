@@ -54,9 +54,13 @@ def _pairs(value: Any) -> list[tuple[int, str]]:
     return sorted((int(k), v[1]) for k, v in items)
 
 
-def document(results: list[dict[str, Any]]) -> dict[str, Any]:
+def document(results: list[dict[str, Any]], live: bool = False) -> dict[str, Any]:
     """A topology document from rows in OVSDB's JSON form, one result per table of
-    DESIRED_TABLES (what `dump_ops()` selects; an agent's IDL copy in the same form)."""
+    DESIRED_TABLES (what `dump_ops()` selects; an agent's IDL copy in the same form).
+
+    A router's `snat_nodes` are what the operator gave; with `live`, its HA chain as the
+    scheduler keeps it (`Router.snat_chain`: the node serving it first, dead nodes
+    replaced), when it has one: what the agents plan by."""
     _, nodes, ext, nets, routers, ports = (r.get("rows", []) for r in results)
     node_name = {n["_uuid"][1]: n["name"] for n in nodes}
     net_name = {n["_uuid"][1]: n["name"] for n in nets}
@@ -83,6 +87,9 @@ def document(results: list[dict[str, Any]]) -> dict[str, Any]:
             spec["external_gateway"] = True
             spec["external_ip"] = _one(r["external_ip"])
             spec["snat_nodes"] = [node_name[u] for _, u in _pairs(r["snat_nodes"])]
+            chain = [node_name[u] for _, u in _pairs(r.get("snat_chain")) if u in node_name]
+            if live and chain:
+                spec["snat_nodes"] = chain
         data["routers"][r["name"]] = spec
     data["vms"] = {}
     for p in sorted(ports, key=lambda r: r["name"]):

@@ -1,0 +1,173 @@
+"""SNAT high availability in the planner, the simulator and the claims (pure): HA chains,
+compute nodes steering by fast-failover groups, network nodes serving only when the nodes
+before them are down, and who speaks for a router's external IP."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from flows import ha
+from flows.model import Topology, load_topology
+from flows.ofp import ETH_ARP, GroupAction
+from flows.planner import assumed_ports, plan, snat_candidates
+from flows.simulator import Cloud, NodePlan, packet
+
+REMOTE = "198.51.100.10"
+UP, DOWN = "up", "down"
+
+
+@pytest.fixture(scope="module")
+def topo(topology_path) -> Topology:  # type: ignore[no-untyped-def]
+    return load_topology(topology_path("ha"))
+
+
+def cloud(topo: Topology, claims: dict[str, set[str]] | None = None) -> Cloud:
+    """Every node's plan with the ports the topology assumes; `claims`: which routers each
+    network node speaks for (default: the first choices)."""
+    nodes = {}
+    for name in topo.nodes:
+        ports = assumed_ports(topo, name)
+        if claims is not None and topo.nodes[name].is_network:
+            ports = dataclasses.replace(ports, snat=frozenset(claims.get(name, ())))
+        nodes[name] = NodePlan(name, ports, plan(topo, name, ports))
+    return Cloud(topo, nodes)
+
+
+def snat_out(topo: Topology, c: Cloud, vm: str, sport: int = 4000):  # type: ignore[no-untyped-def]
+    v = topo.vms[vm]
+    router = topo.router_of(v.network)
+    assert router is not None
+    gw = router.interface_on(v.network).mac  # type: ignore[union-attr]
+    return c.send_from_vm(vm, packet(udp=True, eth_src=v.mac, eth_dst=gw, ipv4_src=str(v.ip),
+                                     ipv4_dst=REMOTE, udp_src=sport, udp_dst=53))
+
+
+def test_default_chains_spread_the_first_choices(topo: Topology) -> None:
+    assert topo.routers["r1"].snat_nodes == ("net1", "net2")
+    assert topo.routers["r2"].snat_nodes == ("net2", "net1")
+    assert snat_candidates(topo, "net1") == snat_candidates(topo, "net2") == {"r1", "r2"}
+
+
+def test_compute_nodes_steer_by_a_fast_failover_group_in_chain_order(topo: Topology) -> None:
+    ports = assumed_ports(topo, "compute2")
+    steering = [a.group for f in plan(topo, "compute2", ports) for a in f.actions
+                if isinstance(a, GroupAction) and f.table == "lr_out_redirect"]
+    by_router = {g.hint.name: g for g in steering if g.hint}
+    for name in ("r1", "r2"):
+        chain = topo.routers[name].snat_nodes
+        tunnels = [ports.tunnels[n] for n in chain]
+        assert [b.watch_port for b in by_router[name].buckets] == tunnels
+        assert [b.actions[0].port for b in by_router[name].buckets] == tunnels  # type: ignore[union-attr]
+
+
+def test_snat_goes_to_the_first_choice_while_it_lives(topo: Topology) -> None:
+    c = cloud(topo)
+    trace = snat_out(topo, c, "vm2")
+    [end] = trace.ends
+    assert end.external and end.packet["ipv4_src"] == "203.0.113.10"
+    assert trace.tunnels == [("compute2", "net1")]
+    trace = snat_out(topo, c, "vm5")  # r2: net2 first
+    assert trace.tunnels == [("compute2", "net2")] and trace.ends[0].external
+
+
+def test_when_the_first_choice_dies_its_standby_serves_with_the_same_address(
+        topo: Topology) -> None:
+    c = cloud(topo, claims={"net2": {"r1", "r2"}})
+    c.down = {"net1"}
+    trace = snat_out(topo, c, "vm2")
+    [end] = trace.ends
+    assert trace.tunnels == [("compute2", "net2")]
+    assert end.external and end.node == "net2"
+    assert (end.packet["ipv4_src"], end.packet["eth_src"]) == (
+        "203.0.113.10", topo.routers["r1"].external_mac)
+    # the reply, to the router's external MAC, now reaches net2 and goes back to vm2
+    back = c.send_from_external(packet(udp=True, eth_dst=topo.routers["r1"].external_mac,
+                                       ipv4_src=REMOTE, ipv4_dst="203.0.113.10",
+                                       udp_src=53, udp_dst=4000))
+    [end] = back.ends
+    assert end.vm == "vm2" and end.packet["ipv4_dst"] == "10.2.0.12"
+    assert back.tunnels == [("net2", "compute2")]
+
+
+def test_a_standby_does_not_serve_while_it_sees_the_first_choice_alive(
+        topo: Topology) -> None:
+    """compute2 alone lost its tunnel to net1: it sends r1's traffic to net2, which still sees
+    net1 and drops it rather than speak for r1 beside net1."""
+    c = cloud(topo)
+    c.cuts = {frozenset(("compute2", "net1"))}
+    trace = snat_out(topo, c, "vm2")
+    [end] = trace.ends
+    assert trace.tunnels == [("compute2", "net2")]
+    assert end.kind == "dropped" and end.node == "net2"
+    assert "served here once net1 is down" in end.reason
+    # compute1 still reaches net1, which serves r1 as before
+    assert snat_out(topo, c, "vm3").ends[0].external
+
+
+def test_only_the_claiming_node_answers_arp_for_the_external_ip(topo: Topology) -> None:
+    def answers(node: str, claims: frozenset[str]) -> set[str]:
+        ports = dataclasses.replace(assumed_ports(topo, node), snat=claims)
+        return {str(f.match.get("arp_tpa")) for f in plan(topo, node, ports)
+                if f.table == "lr_in_provider" and f.match.get("eth_type") == ETH_ARP}
+
+    assert answers("net2", frozenset({"r2"})) == {"203.0.113.20"}
+    assert answers("net2", frozenset({"r1", "r2"})) == {"203.0.113.10", "203.0.113.20"}
+    assert answers("net1", frozenset()) == set()
+
+
+# --- claims ---------------------------------------------------------------------------------
+SETTLED = frozenset({"compute1", "compute2", "net1", "net2"})
+
+
+def view(bfd: dict[str, str], reports: dict[str, dict[str, str]] | None = None,
+         settled: frozenset[str] = SETTLED) -> ha.View:
+    return ha.View(bfd, settled, reports or {})
+
+
+def test_everyone_up_each_first_choice_claims(topo: Topology) -> None:
+    all_up = {"compute1": UP, "compute2": UP, "net2": UP}
+    assert ha.claims(topo, "net1", view(all_up)) == {"r1"}
+    assert ha.claims(topo, "net2", view({**all_up, "net1": UP})) == {"r2"}
+
+
+def test_a_dead_first_choice_is_given_up_by_everyone(topo: Topology) -> None:
+    reports = {"compute1": {"net1": DOWN, "net2": UP}, "compute2": {"net1": DOWN, "net2": UP}}
+    bfd = {"compute1": UP, "compute2": UP, "net1": DOWN}
+    assert ha.claims(topo, "net2", view(bfd, reports)) == {"r1", "r2"}
+
+
+def test_while_one_compute_node_still_sees_it_the_standby_waits(topo: Topology) -> None:
+    reports = {"compute1": {"net1": DOWN}, "compute2": {"net1": UP}}  # not detected yet
+    bfd = {"compute1": UP, "compute2": UP, "net1": DOWN}
+    assert ha.claims(topo, "net2", view(bfd, reports)) == {"r2"}
+
+
+def test_a_cut_between_the_network_nodes_makes_no_second_claim(topo: Topology) -> None:
+    """net1 and net2 lost each other; the compute nodes see both and say so."""
+    reports = {"compute1": {"net1": UP, "net2": UP}, "compute2": {"net1": UP, "net2": UP}}
+    assert ha.claims(topo, "net2", view({"compute1": UP, "compute2": UP, "net1": DOWN},
+                                        reports)) == {"r2"}
+    assert ha.claims(topo, "net1", view({"compute1": UP, "compute2": UP, "net2": DOWN},
+                                        reports)) == {"r1"}
+
+
+def test_a_witness_counts_only_if_reached(topo: Topology) -> None:
+    """A report from a node this one cannot reach (its own session to it is down) vouches
+    for nothing: it may be stale or on the other side of a partition."""
+    reports = {"compute1": {"net1": UP}}
+    bfd = {"compute1": DOWN, "compute2": UP, "net1": DOWN}
+    assert ha.claims(topo, "net2", view(bfd, reports)) == {"r1", "r2"}
+
+
+def test_unsettled_sessions_never_count_as_down(topo: Topology) -> None:
+    """Just started, the sessions not up yet: no claim on the strength of them."""
+    bfd = {"compute1": "init", "compute2": "init", "net1": DOWN}
+    assert ha.claims(topo, "net2", view(bfd, settled=frozenset())) == {"r2"}
+    assert ha.claims(topo, "net2", view(bfd)) == {"r1", "r2"}
+
+
+def test_without_reports_a_node_decides_on_its_own_sessions(topo: Topology) -> None:
+    bfd = {"compute1": UP, "compute2": UP, "net1": DOWN}
+    assert ha.claims(topo, "net2", view(bfd, {})) == {"r1", "r2"}
