@@ -28,6 +28,9 @@ def _lab_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--nb-cluster", type=int, metavar="N",
                     help="run the northbound database as a RAFT cluster of N members, each "
                          "in its own namespace (default: one standalone ovsdb-server)")
+    up.add_argument("--bfd-interval", type=int, metavar="MS",
+                    help="milliseconds between BFD packets on the tunnels to and between "
+                         "network nodes (default 100; 0: no BFD, no SNAT failover)")
     ap = cmds.add_parser("apply", help="change the desired state of a running lab")
     ap.add_argument("topology")
     ap.add_argument("--timeout", type=float, default=60.0)
@@ -42,6 +45,11 @@ def _lab_parser(sub: argparse._SubParsersAction) -> None:
                     "cluster, MEMBER or the leader").add_argument("member", nargs="?")
     cmds.add_parser("start-nb", help="bring the northbound database back: in a cluster, "
                     "MEMBER or every dead member").add_argument("member", nargs="?")
+    for name, what in (("cut", "drop all underlay traffic between two nodes (a partition)"),
+                       ("heal", "restore the underlay traffic between two nodes")):
+        p = cmds.add_parser(name, help=what)
+        p.add_argument("node_a", metavar="NODE")
+        p.add_argument("node_b", metavar="NODE")
     ext = cmds.add_parser("ext", help="run a command on the external host")
     ext.add_argument("argv", nargs=argparse.REMAINDER)
     for name, what in (("kill", "stop a node at once, as a power cut would"),
@@ -206,22 +214,34 @@ def _print_status(st: dict) -> None:
             f"{m} {v['address']} {v['role']}" for m, v in nb["members"].items()))
     else:
         print(f"northbound: standalone, {nb['connection']}")
-    print(f"{'NODE':<12} {'ROLE':<8} {'TUNNEL IP':<15} {'OVS':<5} {'AGENT':<6} "
+    print(f"{'NODE':<12} {'ROLE':<8} {'TUNNEL IP':<15} {'OVS':<5} {'AGENT':<16} "
           f"{'CONVERGED':<10} {'FLOWS':>6}  VMS")
     for name, n in st["nodes"].items():
         ovs = "up" if n["ovsdb_server"] and n["ovs_vswitchd"] else "down"
         a = n["agent"]
+        since = f" {_ago(a.get('since'))}" if a.get("since") else ""
+        agent = f"{'alive' if a['alive'] else 'dead'}{since}"
         print(f"{name:<12} {n['role']:<8} {n['tunnel_ip'] or '-':<15} {ovs:<5} "
-              f"{'alive' if a['alive'] else 'dead':<6} {'yes' if a['converged'] else 'no':<10} "
+              f"{agent:<16} {'yes' if a['converged'] else 'no':<10} "
               f"{a['flows']:>6}  {' '.join(a['vms'])}")
     print(f"\n{'VM':<12} {'NODE':<12} {'NETWORK':<12} {'IP':<15} {'MAC':<18} FLOATING IP")
     for name, v in st["vms"].items():
         print(f"{name:<12} {v['node']:<12} {v['network']:<12} {v['ip']:<15} {v['mac']:<18} "
               f"{v['floating_ip'] or '-'}")
+    if st["snat"]:
+        print(f"\n{'ROUTER':<12} {'EXTERNAL IP':<15} {'ACTIVE':<12} STANDBYS (HA chain order)")
     for router, s in st["snat"].items():
-        active = ", ".join(s["active"]) or "none"
-        print(f"\nSNAT {router} ({s['external_ip']}): nodes {', '.join(s['snat_nodes'])}; "
-              f"active: {active}")
+        print(f"{router:<12} {s['external_ip']:<15} {', '.join(s['active']) or 'none':<12} "
+              f"{', '.join(s['standbys']) or '-'}")
+    for a, b in st.get("cuts", []):
+        print(f"cut: {a} <-> {b}")
+
+
+def _ago(when: float) -> str:
+    """`since 12s` / `since 3m` / `since 2h`."""
+    s = max(0.0, time.time() - when)
+    return (f"since {s:.0f}s" if s < 120 else f"since {s / 60:.0f}m" if s < 7200
+            else f"since {s / 3600:.0f}h")
 
 
 def _run_inside(lab: Lab, kind: HostKind, target: str, cmd: list[str]) -> int:
@@ -240,7 +260,8 @@ def lab_main(args: argparse.Namespace) -> int:
     cmd = args.lab_cmd
     if cmd == "up":
         t0 = time.monotonic()
-        lab.up(args.topology, timeout=args.timeout, nb_cluster=args.nb_cluster)
+        lab.up(args.topology, timeout=args.timeout, nb_cluster=args.nb_cluster,
+               bfd_interval=args.bfd_interval)
         st = lab.status()
         print(f"lab {lab.prefix} up: {len(st['nodes'])} nodes, {len(st['vms'])} VMs, "
               f"converged in {time.monotonic() - t0:.2f}s")
@@ -268,6 +289,10 @@ def lab_main(args: argparse.Namespace) -> int:
         lab.start_node(args.node)
     elif cmd == "restart-agent":
         lab.restart_agent(args.node)
+    elif cmd == "cut":
+        lab.cut(args.node_a, args.node_b)
+    elif cmd == "heal":
+        lab.heal(args.node_a, args.node_b)
     elif cmd == "kill-nb":
         killed = lab.kill_northbound(args.member)
         if killed:

@@ -55,6 +55,9 @@ NB_PORT, NB_RAFT_PORT = 6641, 6643
 NB_MEMBER_NET = 250
 MAX_NB_MEMBERS = 9
 NB_CLUSTER_TIMEOUT = 20.0
+BFD_INTERVAL = 100  # ms between BFD packets on the tunnels to and between network nodes
+CUT_TABLE = "dvrcut"  # the nftables table of `dvr lab cut`, on the underlay bridge
+AGENT_DOWN_TIME = 3.0  # s after its last report that an agent counts as dead
 
 
 def rundir() -> Path:
@@ -111,19 +114,20 @@ class Lab:
         tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
         os.replace(tmp, self.state_file)
 
-    def topology(self) -> Topology:
+    def topology(self, live: bool = False) -> Topology:
         """The lab's effective desired state; its digest is the generation the northbound
-        database gives it (what agents report when they have converged on it)."""
+        database gives it (what agents report when they have converged on it). With
+        `live`, the routers' HA chains as the scheduler keeps them (what agents plan by)."""
         if self._nb_present():
             from dvr import nb
 
             try:
                 conn = nb.Northbound(self.nb_connection(), timeout=2)
                 try:
-                    topo = conn.topology("northbound")
+                    topo = conn.topology("northbound", live=live)
                 finally:
                     conn.close()
-                return _nb_generation(topo)
+                return topo if live else _nb_generation(topo)
             except (nb.NbError, TopologyError) as exc:
                 LOG.warning("northbound database unreadable (%s); using the lab's file", exc)
         return _nb_generation(load_topology(self.topology_file))
@@ -273,7 +277,8 @@ class Lab:
                 "converged": r["converged"], "flows": r["flows"], "version": r["version"],
                 "snat": sorted(_set(r["snat"])), "vms": sorted(_set(r["vms"])),
                 "error": (_set(r["error"]) or [None])[0],
-                "gateway_mac": (_set(r["gateway_mac"]) or [None])[0], "source": "northbound"}
+                "gateway_mac": (_set(r["gateway_mac"]) or [None])[0], "source": "northbound",
+                "started": r["started"] / 1000, "bfd": dict(_map(r["bfd"]))}
         return out
 
     def _load_northbound(self, eff: Topology) -> None:
@@ -300,7 +305,7 @@ class Lab:
 
     # --- commands -------------------------------------------------------------------------
     def up(self, topology: str | Path | None = None, timeout: float = CONVERGE_TIMEOUT,
-           nb_cluster: int | None = None) -> None:
+           nb_cluster: int | None = None, bfd_interval: int | None = None) -> None:
         """Build the lab (its northbound database standalone, or a RAFT cluster of
         `nb_cluster` members), or apply `topology` to the running lab."""
         path = Path(topology) if topology else DEFAULT_TOPOLOGY
@@ -318,7 +323,8 @@ class Lab:
                 self._apply(topo, raw, path, timeout)
                 return
             try:
-                self._create(topo, raw, path, timeout, nb_cluster or 0)
+                self._create(topo, raw, path, timeout, nb_cluster or 0,
+                             BFD_INTERVAL if bfd_interval is None else bfd_interval)
             except BaseException:
                 LOG.error("lab %s: up failed; removing what was created", self.prefix)
                 self._down()
@@ -372,7 +378,7 @@ class Lab:
         os.replace(tmp, self.topology_file)
 
     def _create(self, topo: Topology, raw: dict[str, Any], path: Path, timeout: float,
-                nb_cluster: int = 0) -> None:
+                nb_cluster: int = 0, bfd_interval: int = 0) -> None:
         for cmd in ("ovsdb-server", "ovs-vswitchd", "ovs-vsctl", "ovsdb-tool", "ethtool"):
             if shutil.which(cmd) is None:
                 raise LabError(f"{cmd} not found: install openvswitch-switch and ethtool")
@@ -386,7 +392,8 @@ class Lab:
         text, eff = self._effective(raw, underlay)
         self._write_topology(text)
         state = {"prefix": self.prefix, "source": str(path.resolve()), "underlay": underlay,
-                 "vms": {}, "nodes": sorted(eff.nodes), "nb_cluster": nb_cluster}
+                 "vms": {}, "nodes": sorted(eff.nodes), "nb_cluster": nb_cluster,
+                 "bfd_interval": bfd_interval}
         self._save_state(state)
         ensure_namespace(self.ul_ns)
         with Netns(self.ul_ns) as ul:
@@ -506,6 +513,7 @@ class Lab:
             "datapath_type = netdev\n"
             "tunnel_type = vxlan\n"
             f"local_ip = {tunnel_ip}\n"
+            f"bfd_interval = {self.state().get('bfd_interval', BFD_INTERVAL)}\n"
             "[topology]\n"
             "source = nb\n"
             f"nb_connection = {self.nb_connection(agents=True)}\n"
@@ -513,6 +521,7 @@ class Lab:
             "[agent]\n"
             f"status_file = {d}/agent-status.json\n"
             "resync_interval = 5\n"
+            f"agent_down_time = {AGENT_DOWN_TIME}\n"
         )
 
     # --- processes ------------------------------------------------------------------------
@@ -546,6 +555,49 @@ class Lab:
                              env=run.python_env(), stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True, cwd="/")
         (d / "agent.pid").write_text(f"{proc.pid}\n")
+
+    # --- partitions ---------------------------------------------------------------------
+    def cuts(self) -> list[tuple[str, str]]:
+        """The pairs of nodes whose underlay traffic is cut (`cut`)."""
+        try:
+            return [tuple(c) for c in self.state().get("cuts", [])]  # type: ignore[misc]
+        except LabError:
+            return []
+
+    def cut(self, a: str, b: str) -> None:
+        """Drop all underlay traffic between nodes `a` and `b` (both stay alive): their
+        tunnels, hence their BFD sessions, go down; everything else flows."""
+        self._set_cut(a, b, True)
+
+    def heal(self, a: str, b: str) -> None:
+        """Restore the underlay between `a` and `b`."""
+        self._set_cut(a, b, False)
+
+    def _set_cut(self, a: str, b: str, cut: bool) -> None:
+        with self.locked():
+            self._need_node(a)
+            self._need_node(b)
+            if a == b:
+                raise LabError(f"cut: {a} and {b} are the same node")
+            state = self.state()
+            pair = sorted((a, b))
+            cuts = [c for c in state.get("cuts", []) if c != pair]
+            if cut:
+                cuts.append(pair)
+            state["cuts"] = sorted(cuts)
+            self._save_state(state)
+            self._apply_cuts(state["cuts"])
+
+    def _apply_cuts(self, cuts: list[list[str]]) -> None:
+        """The lab's cuts as one nftables table on the underlay bridge (made anew, atomically:
+        `nft -f` applies a whole script or nothing)."""
+        rules = "".join(f"    iifname \"n-{x}\" oifname \"n-{y}\" drop\n"
+                        f"    iifname \"n-{y}\" oifname \"n-{x}\" drop\n" for x, y in cuts)
+        script = (f"table bridge {CUT_TABLE}\ndelete table bridge {CUT_TABLE}\n"
+                  f"table bridge {CUT_TABLE} {{\n  chain forward {{\n"
+                  "    type filter hook forward priority 0; policy accept;\n"
+                  f"{rules}  }}\n}}\n")
+        run.run(self.ul_ns, ["nft", "-f", "-"], input=script)
 
     def kill_node(self, node: str) -> None:
         self._need_node(node)
@@ -730,6 +782,11 @@ class Lab:
         want = sorted(vm.name for vm in topo.vms_on(node))
         if st.get("vms") != want:
             return False, f"bound VMs {st.get('vms')} != {want}"
+        # the BFD sessions to the nodes that run (SNAT steers by them)
+        for peer, state in sorted((st.get("bfd") or {}).items()):
+            if state != "up" and peer in topo.nodes and _alive(
+                    _read_pid(self._procs(peer)["ovs-vswitchd"])):
+                return False, f"BFD session to {peer} is {state}"
         return True, ""
 
     def wait_converged(
@@ -762,6 +819,8 @@ class Lab:
             # what the agent reported to the northbound database (its status file if none)
             st = reports.get(name) or self.agent_status(name) or {}
             converged, reason = self._node_converged(topo, name)
+            alive = bool(procs["agent"]) and time.time() - st.get("heartbeat", 0) < (
+                AGENT_DOWN_TIME)
             nodes[name] = {
                 "role": topo.nodes[name].role,
                 "namespace": self.node_ns(name),
@@ -769,7 +828,10 @@ class Lab:
                 "ovsdb_server": procs["ovsdb-server"],
                 "ovs_vswitchd": procs["ovs-vswitchd"],
                 "agent": {
-                    "alive": procs["agent"] and time.time() - st.get("heartbeat", 0) < 10,
+                    "alive": alive,
+                    # alive since it started, dead since its last report
+                    "since": st.get("started") if alive else st.get("heartbeat"),
+                    "bfd": st.get("bfd", {}),
                     "converged": converged,
                     "reason": reason or None,
                     "flows": st.get("flows", 0),
@@ -792,13 +854,18 @@ class Lab:
                      "external_gateway": r.external_gateway}
             for r in topo.routers.values()
         }
-        snat = {
-            r.name: {"external_ip": str(r.external_ip), "snat_nodes": list(r.snat_nodes),
-                     "active": [n for n in r.snat_nodes
-                                if r.name in (reports.get(n) or self.agent_status(n)
-                                              or {}).get("snat", [])]}
-            for r in topo.routers.values() if r.external_gateway
-        }
+        chains = {r.name: r.snat_nodes for r in self.topology(live=True).routers.values()}
+        snat = {}
+        for r in topo.routers.values():
+            if not r.external_gateway:
+                continue
+            chain = list(chains.get(r.name, r.snat_nodes))
+            active = [n for n in chain if r.name in (nodes.get(n, {}).get("agent", {})
+                                                      .get("snat", []))
+                      and nodes[n]["agent"]["alive"]]
+            snat[r.name] = {"external_ip": str(r.external_ip), "snat_nodes": list(r.snat_nodes),
+                            "chain": chain, "active": active,
+                            "standbys": [n for n in chain if n not in active]}
         members = self.nb_members()
         roles = self.nb_roles()
         northbound = {
@@ -809,6 +876,7 @@ class Lab:
                             "role": roles[m]} for m in members},
         }
         return {"prefix": self.prefix, "topology": state.get("source"),
+                "cuts": [list(c) for c in self.cuts()],
                 "generation": topo.digest, "northbound": northbound, "nodes": nodes,
                 "vms": vms, "routers": routers, "snat": snat,
                 "external": {"namespace": self.ext_ns,
@@ -870,6 +938,13 @@ class Lab:
             if pattern.match(ns):
                 delete_namespace(ns)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _map(value: Any) -> list[tuple[Any, Any]]:
+    """An OVSDB map column's pairs."""
+    if isinstance(value, list) and value and value[0] == "map":
+        return [tuple(p) for p in value[1]]
+    return []
 
 
 def _set(value: Any) -> list[Any]:

@@ -28,11 +28,11 @@ from dvr.trace import expr
 from dvr.trace import report as tracing
 from dvr.trace.offline import explain_drop, offline
 from flows.model import Topology
-from flows.ofp import ETH_ARP, ETH_IP, OWNER_COOKIE, Flow
+from flows.ofp import ETH_ARP, ETH_IP, OWNER_COOKIE, Flow, groups_of
 from flows.pipeline import BY_NUMBER
 from flows.planner import NodePorts, plan, snat_routers
 from flows.ports import Interface, node_ports, plugged
-from flows.simulator import BROADCAST, Cloud, Conn, NodePlan
+from flows.simulator import BROADCAST, Cloud, Conn, NodePlan, bucket_note
 
 MAX_NODES = 8  # a packet that crosses more nodes than this is looping
 HOP_RE = re.compile(r"^\s*(\d+)\. (.*?),? ?priority (\d+)(?:, cookie (0x[0-9a-f]+))?$")
@@ -63,7 +63,7 @@ class LiveTracer:
         if not lab.is_up():
             raise LabError(f"lab {lab.prefix} is not up (use --offline to trace a topology)")
         self.lab = lab
-        self.topo: Topology = lab.topology()
+        self.topo: Topology = lab.topology(live=True)  # HA chains as the agents plan by
         self.views: dict[str, NodeView] = {}
         self.by_tunnel_ip = {str(n.tunnel_ip): n.name for n in self.topo.nodes.values()
                              if n.tunnel_ip}
@@ -340,8 +340,9 @@ class LiveTracer:
         actions: list[str] = []
         hop: tracing.Hop | None = None
         state: dict[str, Any] = {}
+        group = 0  # the group the last `group:` action applied
         for line in text.splitlines():
-            m = re.match(r'^bridge\("([^"]+)"\)', line)
+            m = re.match(r'^\s*bridge\("([^"]+)"\)', line)
             if m:
                 bridge = m.group(1)
                 continue
@@ -381,6 +382,13 @@ class LiveTracer:
                 for fld, value in _read_flow(line.split(":", 1)[1]).items():
                     _change(report.hops[-1], state, fld, value)  # the NAT of the last ct
                 continue
+            m = re.match(r"\s*group:(\d+)$", line)
+            if m:
+                group = int(m.group(1))
+            m = re.match(r"\s*-> using bucket (\d+)", line)
+            if m and hop is not None:
+                hop.changes.append(self._bucket(view, hop, group, int(m.group(1))))
+                continue
             if hop is not None and line.startswith("    ") and not line.strip().startswith("->"):
                 _apply(hop, state, line.strip())
             if line.startswith("Final flow:") and "unchanged" not in line:
@@ -388,6 +396,18 @@ class LiveTracer:
             if line.startswith("Datapath actions:"):
                 actions.append(line.split(":", 1)[1].strip())
         return final, actions
+
+    @staticmethod
+    def _bucket(view: NodeView, hop: tracing.Hop, group: int, index: int) -> str:
+        """The bucket a group used, said as the offline engine says it."""
+        planned = view.flows.get(hop.cookie)
+        groups = groups_of([planned]) if planned is not None else {}
+        owner = None
+        if group in groups and index < len(groups[group].buckets):
+            port = groups[group].buckets[index].watch_port
+            plan = NodePlan(view.name, view.ports, frozenset())
+            owner = plan.port_owner(port) if port is not None else None
+        return bucket_note(group, index, owner)
 
     def _drop_reason(self, report: tracing.Report, view: NodeView,
                      last: tracing.Hop | None, pkt: dict[str, Any]) -> str:
