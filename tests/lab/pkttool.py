@@ -26,6 +26,8 @@ import threading
 import time
 from typing import Any
 
+BFD_PORT = 3784  # BFD control packets (RFC 5881), which OVS sends inside its tunnels
+
 
 def describe(p: Any) -> dict[str, Any]:
     from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -44,6 +46,8 @@ def describe(p: Any) -> dict[str, Any]:
             inner = p[VXLAN].payload
             if IP in inner:
                 d.update(inner_src=inner[IP].src, inner_dst=inner[IP].dst)
+            if UDP in inner and inner[UDP].dport == BFD_PORT:
+                d["proto"] = "bfd"  # a tunnel's liveness, not traffic
         elif ICMP in p:
             d.update(proto="icmp", icmp_type=p[ICMP].type)
         elif TCP in p:
@@ -172,6 +176,80 @@ def cmd_udp_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_arp_replies(args: argparse.Namespace) -> int:
+    """Send one ARP request for TARGET and list every reply seen within --seconds: who
+    answers for an address (exactly one node should)."""
+    from scapy.all import AsyncSniffer, conf, get_if_addr, get_if_hwaddr, sendp
+    from scapy.layers.l2 import ARP, Ether
+
+    conf.verb = 0
+    mac, ip = get_if_hwaddr(args.iface), get_if_addr(args.iface)
+    started = threading.Event()
+    sniffer = AsyncSniffer(iface=args.iface, store=True, started_callback=started.set,
+                           lfilter=lambda p: ARP in p and p[ARP].op == 2
+                           and p[ARP].psrc == args.target)
+    sniffer.start()
+    started.wait(10)
+    sendp(Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
+        op=1, hwsrc=mac, psrc=ip, hwdst="00:00:00:00:00:00", pdst=args.target),
+        iface=args.iface, verbose=0)
+    time.sleep(args.seconds)
+    replies = sniffer.stop() or []
+    print(json.dumps([describe(r) for r in replies]), flush=True)
+    return 0
+
+
+def cmd_udp_sink(args: argparse.Namespace) -> int:
+    """Receive a numbered UDP stream on PORT for --seconds: every datagram's number, arrival
+    time (this host's clock) and source address."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", args.port))
+    sock.settimeout(0.2)
+    print("READY", flush=True)
+    got = []
+    deadline = time.monotonic() + args.seconds
+    while time.monotonic() < deadline:
+        try:
+            data, peer = sock.recvfrom(2048)
+        except TimeoutError:
+            continue
+        got.append([int(data.split(b" ")[0]), time.time(), peer[0], peer[1]])
+    print(json.dumps(got), flush=True)
+    return 0
+
+
+def cmd_udp_stream(args: argparse.Namespace) -> int:
+    """Send a numbered UDP datagram to IP:PORT every --interval seconds for --seconds, from
+    a fixed source port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", args.sport))
+    n = int(args.seconds / args.interval)
+    start = time.monotonic()
+    for i in range(n):
+        try:
+            sock.sendto(b"%d stream" % i, (args.ip, args.port))
+        except OSError:
+            pass  # no route for a moment: the datagram is lost, as on a wire
+        delay = start + (i + 1) * args.interval - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    print(json.dumps({"sent": n}), flush=True)
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    """`ping` COUNT echo requests at INTERVAL; how many were sent and answered."""
+    import re
+    import subprocess
+
+    out = subprocess.run(["ping", "-q", "-n", "-c", str(args.count), "-i", str(args.interval),
+                          "-W", "1", args.ip], capture_output=True, text=True).stdout
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    sent, received = (int(m.group(1)), int(m.group(2))) if m else (args.count, 0)
+    print(json.dumps({"sent": sent, "received": received}), flush=True)
+    return 0
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from scapy.all import conf, get_if_addr, get_if_hwaddr, sendp
     from scapy.layers.inet import ICMP, IP
@@ -218,10 +296,28 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("port", type=int)
     up.add_argument("--source")
     up.add_argument("--timeout", type=float, default=2.0)
+    ar = sub.add_parser("arp-replies")
+    ar.add_argument("iface")
+    ar.add_argument("target")
+    ar.add_argument("--seconds", type=float, default=1.0)
+    us = sub.add_parser("udp-sink")
+    us.add_argument("port", type=int)
+    us.add_argument("--seconds", type=float, default=10.0)
+    ut = sub.add_parser("udp-stream")
+    ut.add_argument("ip")
+    ut.add_argument("port", type=int)
+    ut.add_argument("--sport", type=int, default=40000)
+    ut.add_argument("--interval", type=float, default=0.01)
+    ut.add_argument("--seconds", type=float, default=5.0)
+    pg = sub.add_parser("ping")
+    pg.add_argument("ip")
+    pg.add_argument("count", type=int)
+    pg.add_argument("interval", type=float)
     args = p.parse_args(argv)
     return {"sniff": cmd_sniff, "arp": cmd_arp, "tcp-server": cmd_tcp_server,
-            "tcp-client": cmd_tcp_client, "send": cmd_send,
-            "udp-probe": cmd_udp_probe}[args.cmd](args)
+            "tcp-client": cmd_tcp_client, "send": cmd_send, "udp-probe": cmd_udp_probe,
+            "arp-replies": cmd_arp_replies, "udp-sink": cmd_udp_sink,
+            "udp-stream": cmd_udp_stream, "ping": cmd_ping}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -239,12 +239,20 @@ def test_a_change_cut_short_by_the_leader_failing_lands_once(lab: LabHandle) -> 
         original()
 
     client._reconnect = counting_reconnect  # type: ignore[method-assign]
-    names = [f"c{i}" for i in range(120)]
+    names: list[str] = []  # the changes sent: until 20 more once the leader is dead
     landed: list[str] = []
     errors: list[str] = []
+    kill_done = threading.Event()
 
     def writer() -> None:
-        for i, name in enumerate(names):
+        after_kill = 0
+        for i in range(180):  # blue has room for 180 more addresses from .60
+            if kill_done.is_set():
+                after_kill += 1
+                if after_kill > 20:
+                    return
+            name = f"c{i}"
+            names.append(name)
             try:
                 client.change(northbound.vm_add(name, "compute2", "blue", f"10.1.0.{60 + i}"))
                 landed.append(name)
@@ -256,6 +264,7 @@ def test_a_change_cut_short_by_the_leader_failing_lands_once(lab: LabHandle) -> 
     while len(landed) < 30 and t.is_alive():
         time.sleep(0.005)
     killed = lab.dvr("kill-nb").stdout.split()[-1]
+    kill_done.set()
     t.join(timeout=120)
     client.close()
     try:

@@ -1,0 +1,126 @@
+"""SNAT high availability with real packets (two network nodes, `topologies/ha.yaml`): the
+network node serving a router dies and its standby takes over, its external IP unchanged;
+nothing else notices; a partition between the network nodes makes no second speaker.
+
+r1 (blue, red) has the chain net1, net2; r2 (green) net2, net1. vm2 and vm4 (compute2) and
+vm3 (compute1) reach the outside through r1's SNAT, vm5 (compute2) through r2's; vm1 and vm6
+have floating IPs (compute1)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.lab.harness import TOPOLOGIES, LabHandle, running_lab
+
+REMOTE = "198.51.100.10"
+R1_EXT, R2_EXT = "203.0.113.10", "203.0.113.20"
+INTERVAL = 0.01  # the UDP streams' pace (s)
+
+
+@pytest.fixture()
+def lab() -> Iterator[LabHandle]:
+    with running_lab(TOPOLOGIES / "ha.yaml") as lab:
+        yield lab
+
+
+def claims(lab: LabHandle) -> dict[str, list[str]]:
+    """Each network node's claimed routers, as its agent reports them."""
+    nodes = lab.status()["nodes"]
+    return {n: nodes[n]["agent"]["snat"] for n in ("net1", "net2")}
+
+
+def arp_answers(lab: LabHandle, ip: str) -> list[str]:
+    """The MACs that answer one ARP request for `ip` on the provider network."""
+    return [r["hwsrc"] for r in lab.pkttool(lab.ns("ext"), "arp-replies", "ext0", ip)]
+
+
+def wait_for(what: str, predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+class Stream:
+    """A numbered UDP stream from a VM to the external host's remote address, every
+    INTERVAL, and what arrived (number, arrival time, source address and port)."""
+
+    def __init__(self, lab: LabHandle, vm: str, port: int, seconds: float):
+        self.seconds, self.port = seconds, port
+        self.sink = lab.background(lab.ns("ext"), "udp-sink", str(port), "--seconds",
+                                   str(seconds + 2), ready=True)
+        self.source = lab.background(lab.ns(vm), "udp-stream", REMOTE, str(port),
+                                     "--interval", str(INTERVAL), "--seconds", str(seconds))
+        self.lab = lab
+
+    def finish(self) -> tuple[int, list[list[Any]]]:
+        sent = self.lab.result(self.source)["sent"]
+        return sent, self.lab.result(self.sink)
+
+
+def gaps(got: list[list[Any]]) -> tuple[int, float]:
+    """Datagrams lost, and the longest silence between two arrivals (s)."""
+    seqs = sorted(g[0] for g in got)
+    lost = (seqs[-1] - seqs[0] + 1 - len(set(seqs))) if seqs else 0
+    times = sorted(g[1] for g in got)
+    return lost, max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+
+def test_the_serving_node_dies_and_nothing_else_notices(lab: LabHandle) -> None:
+    """vm2's stream through r1 moves from net1 to net2 when net1 is killed, its source
+    still r1's external IP; meanwhile r2's SNAT (net2), east-west traffic and a floating
+    IP lose nothing."""
+    assert claims(lab) == {"net1": ["r1"], "net2": ["r2"]}
+    r1 = Stream(lab, "vm2", 7001, seconds=6)
+    r2 = Stream(lab, "vm5", 7002, seconds=6)
+    count = int(6 / INTERVAL)
+    east_west = lab.background(lab.ns("vm3"), "ping", "10.1.0.14", str(count), str(INTERVAL))
+    fip = lab.background(lab.ns("ext"), "ping", "203.0.113.50", str(count), str(INTERVAL))
+    time.sleep(2)
+    killed_at = time.time()
+    lab.dvr("kill", "net1")
+    sent, got = r1.finish()
+    assert got, "nothing of r1's stream arrived"
+    after = [g for g in got if g[1] > killed_at]
+    assert after, "r1's stream did not resume after net1 died"
+    assert {g[2] for g in got} == {R1_EXT}  # the same address throughout
+    assert {g[3] for g in got} == {40000}  # and the same source port: one translation
+    lost, gap = gaps(got)
+    print(f"r1 failover: {lost} of {sent} datagrams lost, longest gap {gap * 1e3:.0f} ms")
+    assert gap < 3.0
+    sent2, got2 = r2.finish()
+    assert gaps(got2)[0] == 0 and len(got2) == sent2, "r2's SNAT on net2 lost datagrams"
+    for name, proc in (("east-west", east_west), ("floating IP", fip)):
+        res = lab.result(proc)
+        assert res["received"] == res["sent"], f"{name} traffic lost packets: {res}"
+    wait_for("net2 to claim r1", lambda: claims(lab)["net2"] == ["r1", "r2"])
+    assert arp_answers(lab, R1_EXT) == [lab.topology().routers["r1"].external_mac]
+
+
+def test_a_cut_between_the_network_nodes_makes_no_second_speaker(lab: LabHandle) -> None:
+    """net1 and net2 lose each other while the compute nodes see both: each keeps its
+    router, exactly one answers for each external IP, and both routers' SNAT works."""
+    topo = lab.topology()
+    lab.dvr("cut", "net1", "net2")
+    try:
+        wait_for("the cut to show in BFD", lambda: lab.status()["nodes"]["net2"]["agent"]
+                 ["bfd"].get("net1") == "down")
+        time.sleep(1)  # time for a wrong claim to be made
+        assert claims(lab) == {"net1": ["r1"], "net2": ["r2"]}
+        assert arp_answers(lab, R1_EXT) == [topo.routers["r1"].external_mac]
+        assert arp_answers(lab, R2_EXT) == [topo.routers["r2"].external_mac]
+        for vm, port in (("vm2", 7003), ("vm5", 7004)):
+            stream = Stream(lab, vm, port, seconds=1)
+            sent, got = stream.finish()
+            assert len(got) == sent, f"{vm}'s SNAT lost {sent - len(got)} of {sent}"
+    finally:
+        lab.dvr("heal", "net1", "net2")
+    wait_for("the sessions to come back", lambda: lab.status()["nodes"]["net2"]["agent"]
+             ["bfd"].get("net1") == "up")
+    assert claims(lab) == {"net1": ["r1"], "net2": ["r2"]}
+    assert len(arp_answers(lab, R1_EXT)) == 1
