@@ -158,6 +158,10 @@ def _nb_parser(sub: argparse._SubParsersAction) -> None:
         ri = cmds.add_parser(name, help=what)
         ri.add_argument("router")
         ri.add_argument("network")
+    sm = cmds.add_parser("snat-move", help="put a network node first in a router's HA chain "
+                         "(failback is never automatic: this is how an operator asks for it)")
+    sm.add_argument("router")
+    sm.add_argument("node")
 
 
 def nb_main(args: argparse.Namespace) -> int:
@@ -188,6 +192,9 @@ def nb_main(args: argparse.Namespace) -> int:
                 print(yaml.safe_dump(db.dump(), sort_keys=False), end="")
             elif args.nb_cmd == "show":
                 print(northbound.summary(db.dump()))
+            elif args.nb_cmd == "snat-move":
+                print(f"router {args.router}: HA chain "
+                      f"{', '.join(db.snat_move(args.router, args.node))}")
             else:
                 edit = {
                     "vm-add": lambda: northbound.vm_add(args.name, args.node, args.network, args.ip,
@@ -204,6 +211,18 @@ def nb_main(args: argparse.Namespace) -> int:
     except (nb.NbError, northbound.ChangeError) as exc:
         raise LabError(str(exc)) from None
     return 0
+
+
+def scheduler_main(args: argparse.Namespace) -> int:
+    from dvr.scheduler import Scheduler
+
+    if not args.db:
+        raise LabError("no northbound database: give --db or set DVR_NB_DB")
+    logging.getLogger().setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"))
+    return Scheduler(args.db, args.agent_down_time, args.status_file).run()
 
 
 def _print_status(st: dict) -> None:
@@ -311,11 +330,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     _lab_parser(sub)
     _trace_parser(sub)
     _nb_parser(sub)
+    sc = sub.add_parser("scheduler", help="keep the routers' HA chains as network nodes live "
+                        "and die (one acts at a time: the holder of the database's lock)")
+    sc.add_argument("--db", default=os.environ.get("DVR_NB_DB"), required=False,
+                    help="the northbound database (its members, comma-separated)")
+    sc.add_argument("--agent-down-time", type=float, default=5.0, metavar="S",
+                    help="seconds without a report after which an agent is dead (default 5)")
+    sc.add_argument("--status-file", help="where to say whether this one holds the lock")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="dvr: %(levelname)s: %(message)s")
     try:
         if args.cmd == "lab":
             return lab_main(args)
+        if args.cmd == "scheduler":
+            return scheduler_main(args)
         if args.cmd == "trace":
             return trace_main(args)
         if args.cmd == "nb":

@@ -17,6 +17,7 @@ from dvr import jsonrpc
 from flows.model import Topology, build_topology, to_dict
 from flows.northbound import (
     DB,
+    ChangeError,
     diff_ops,
     document,
     dump_ops,
@@ -216,6 +217,30 @@ class Northbound:
                 if conflicts >= retries:
                     raise NbError("the desired state kept changing under this change; "
                                   "try again") from None
+
+    def snat_move(self, router: str, node: str) -> tuple[str, ...]:
+        """Put `node` first in `router`'s HA chain: the operator's failback (or move), which
+        the scheduler never makes by itself. Returns the new chain."""
+        nodes, routers = self.transact([
+            {"op": "select", "table": "Node", "where": [], "columns": ["_uuid", "name", "role"]},
+            {"op": "select", "table": "Router", "where": [["name", "==", router]],
+             "columns": ["_uuid", "external_gateway", "snat_nodes", "snat_chain"]}])
+        by_uuid = {n["_uuid"][1]: n["name"] for n in nodes["rows"]}
+        by_name = {n["name"]: n for n in nodes["rows"]}
+        if not routers["rows"] or not routers["rows"][0]["external_gateway"]:
+            raise ChangeError(f"routers.{router}: no such router with an external gateway")
+        if node not in by_name or by_name[node]["role"] != "network":
+            raise ChangeError(f"nodes.{node}: no such network node")
+        r = routers["rows"][0]
+        order = lambda col: [by_uuid[u] for _, u in sorted(  # noqa: E731
+            (int(k), v[1]) for k, v in r[col][1]) if u in by_uuid]
+        chain = order("snat_chain") or order("snat_nodes")
+        length = max(len(chain), 1)
+        chain = ([node] + [n for n in chain if n != node])[:length]
+        self.transact([{"op": "update", "table": "Router", "where": [["name", "==", router]],
+                        "row": {"snat_chain": ["map", [[i, ["uuid", by_name[n]["_uuid"][1]]]
+                                                       for i, n in enumerate(chain)]]}}])
+        return tuple(chain)
 
     def dump(self, live: bool = False) -> dict[str, Any]:
         """The desired state as a topology document (with `live`, the routers' HA chains as

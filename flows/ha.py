@@ -65,3 +65,72 @@ def claims(topo: Topology, node: str, view: View) -> frozenset[str]:
         if all(view.down(node, peer) for peer in before):
             out.add(router.name)
     return frozenset(out)
+
+
+# --- the scheduler's decisions ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Liveness:
+    """What the scheduler knows of the network nodes' agents: those alive (a fresh
+    heartbeat), those dead for longer than the agent down time, and who claims what."""
+
+    alive: frozenset[str] = frozenset()
+    dead: frozenset[str] = frozenset()  # dead past the agent down time
+    claims: Mapping[str, frozenset[str]] = field(default_factory=dict)  # node -> routers
+    # node -> its BFD sessions' states, as it reports them
+    bfd: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def gave_up(self, node: str, on: str) -> bool:
+        """Has `node` given up `on`: `on`'s agent silent, or `node`'s session to it down?"""
+        return on not in self.alive or self.bfd.get(node, {}).get(on, UP) != UP
+
+
+def schedule(topo: Topology, chains: Mapping[str, tuple[str, ...]], live: Liveness
+             ) -> dict[str, tuple[str, ...]]:
+    """The HA chain each router should have now, from the chains it has (`chains`; a router
+    missing there has its `snat_nodes`):
+
+    - the node that took a router over goes first (the one alive node claiming it, when
+      every node before it in the chain has been given up by it: silent, or its BFD
+      session to them down): failback is never automatic (a node that comes back finds its
+      routers served and stays standby), and an operator's move (`dvr nb snat-move`) is not
+      undone while the node moved to takes over;
+    - a node dead past the agent down time is replaced by a live network node outside the
+      chain, the one in the fewest chains (so that a second failure is survived too);
+    - standbys (never the first) move from the nodes in most chains to a live node in few,
+      so that a node added, or back, takes its share of the standby roles.
+
+    Only routers with an external gateway; a chain keeps its length (the operator's number
+    of candidates)."""
+    network = [n.name for n in topo.nodes.values() if n.is_network]
+    routers = sorted(r.name for r in topo.routers.values() if r.external_gateway)
+    out: dict[str, list[str]] = {}
+    for name in routers:
+        router = topo.routers[name]
+        chain = [n for n in chains.get(name, router.snat_nodes) if n in network]
+        chain = chain or [n for n in router.snat_nodes if n in network]
+        serving = [n for n in chain if n in live.alive and name in live.claims.get(n, ())]
+        took_over = len(serving) == 1 and all(
+            live.gave_up(serving[0], n) for n in chain[:chain.index(serving[0])])
+        if took_over and chain[0] != serving[0]:
+            chain.remove(serving[0])
+            chain.insert(0, serving[0])
+        out[name] = chain
+
+    def load(node: str) -> int:
+        return sum(node in c for c in out.values())
+
+    for name in routers:  # replace the long dead
+        chain = out[name]
+        for i, node in enumerate(chain):
+            spare = sorted((n for n in network if n in live.alive and n not in chain),
+                           key=lambda n: (load(n), n))
+            if node in live.dead and spare:
+                chain[i] = spare[0]
+    for name in routers:  # even out the standby roles
+        chain = out[name]
+        for i in range(1, len(chain)):
+            spare = sorted((n for n in network if n in live.alive and n not in chain),
+                           key=lambda n: (load(n), n))
+            if spare and load(spare[0]) + 1 < load(chain[i]):
+                chain[i] = spare[0]
+    return {name: tuple(chain) for name, chain in out.items()}

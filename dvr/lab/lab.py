@@ -407,7 +407,8 @@ class Lab:
         self._load_northbound(eff)
         self._create_external(eff)
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda n: self._create_node(n, underlay[n]), sorted(eff.nodes)))
+            list(pool.map(lambda n: self._create_node(n, underlay[n], eff.nodes[n].is_network),
+                          sorted(eff.nodes)))
         self._warm_underlay(underlay)
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda vm: self._plug_vm(eff, vm), eff.vms.values()))
@@ -440,7 +441,7 @@ class Lab:
         return self._sh(self.node_ns(node), ["ovs-vsctl", "--timeout=20", *args],
                         node=node).stdout
 
-    def _create_node(self, node: str, tunnel_ip: str) -> None:
+    def _create_node(self, node: str, tunnel_ip: str, network: bool = False) -> None:
         ns = self.node_ns(node)
         d = self.node_dir(node)
         d.mkdir(parents=True, exist_ok=True)
@@ -482,6 +483,8 @@ class Lab:
             n.add_address("br-phy", f"{tunnel_ip}/{UNDERLAY.prefixlen}")
         self._write_agent_config(node, tunnel_ip)
         self._start_agent(node)
+        if network:  # the HA chains' scheduler runs beside every network node's agent
+            self._start_scheduler(node)
 
     def _warm_underlay(self, underlay: dict[str, str], nodes: list[str] | None = None) -> None:
         """Fill the nodes' tunnel neighbour tables (all nodes by default) with their peers'
@@ -528,7 +531,7 @@ class Lab:
     def _procs(self, node: str) -> dict[str, Path]:
         d = self.node_dir(node)
         return {"agent": d / "agent.pid", "ovs-vswitchd": d / "ovs-vswitchd.pid",
-                "ovsdb-server": d / "ovsdb-server.pid"}
+                "ovsdb-server": d / "ovsdb-server.pid", "scheduler": d / "scheduler.pid"}
 
     def _start_ovsdb(self, node: str) -> None:
         d = self.node_dir(node)
@@ -599,6 +602,36 @@ class Lab:
                   f"{rules}  }}\n}}\n")
         run.run(self.ul_ns, ["nft", "-f", "-"], input=script)
 
+    def _start_scheduler(self, node: str) -> None:
+        d = self.node_dir(node)
+        exe = Path(sys.executable).parent / "dvr"
+        cmd = [str(exe)] if exe.exists() else run.python("-m", "dvr.cli")
+        with open(d / "scheduler.log", "ab") as log:
+            proc = run.start(self.node_ns(node), [
+                *cmd, "scheduler", "--db", self.nb_connection(agents=True),
+                "--agent-down-time", str(AGENT_DOWN_TIME),
+                "--status-file", str(d / "scheduler-status.json")],
+                env=run.python_env(), stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd="/")
+        (d / "scheduler.pid").write_text(f"{proc.pid}\n")
+
+    def schedulers(self) -> dict[str, dict[str, Any]]:
+        """Each network node's scheduler: alive, and whether it holds the lock (acts)."""
+        out = {}
+        for node in self.state().get("nodes", []):
+            pidfile = self._procs(node)["scheduler"]
+            if not pidfile.exists():
+                continue
+            try:
+                st = json.loads((self.node_dir(node) / "scheduler-status.json").read_text())
+            except (OSError, ValueError):
+                st = {}
+            alive = _alive(_read_pid(pidfile))
+            out[node] = {"alive": alive, "pid": _read_pid(pidfile),
+                         "has_lock": alive and bool(st.get("has_lock"))
+                         and time.time() - st.get("time", 0) < 2}
+        return out
+
     def kill_node(self, node: str) -> None:
         self._need_node(node)
         for pidfile in self._procs(node).values():
@@ -613,6 +646,8 @@ class Lab:
             self._restart_vswitchd(node)
         if not _alive(_read_pid(procs["agent"])):
             self._start_agent(node)
+        if procs["scheduler"].exists() and not _alive(_read_pid(procs["scheduler"])):
+            self._start_scheduler(node)
         self.wait_converged(self.topology(), timeout, nodes=[node])
 
     def _restart_vswitchd(self, node: str) -> None:
@@ -735,7 +770,8 @@ class Lab:
         self._write_topology(text)
         self._load_northbound(eff)
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda n: self._create_node(n, underlay[n]), new_nodes))
+            list(pool.map(lambda n: self._create_node(n, underlay[n], eff.nodes[n].is_network),
+                          new_nodes))
         if new_nodes:
             self._warm_underlay(underlay)
         if eff.external and old.external != eff.external:
@@ -876,7 +912,7 @@ class Lab:
                             "role": roles[m]} for m in members},
         }
         return {"prefix": self.prefix, "topology": state.get("source"),
-                "cuts": [list(c) for c in self.cuts()],
+                "cuts": [list(c) for c in self.cuts()], "schedulers": self.schedulers(),
                 "generation": topo.digest, "northbound": northbound, "nodes": nodes,
                 "vms": vms, "routers": routers, "snat": snat,
                 "external": {"namespace": self.ext_ns,
@@ -923,7 +959,7 @@ class Lab:
         pids = set()
         if (self.dir / "nodes").is_dir():
             for node_dir in (self.dir / "nodes").iterdir():
-                for p in ("agent.pid", "ovs-vswitchd.pid", "ovsdb-server.pid"):
+                for p in ("agent.pid", "ovs-vswitchd.pid", "ovsdb-server.pid", "scheduler.pid"):
                     pid = _read_pid(node_dir / p)
                     if pid:
                         pids.add(pid)

@@ -92,6 +92,10 @@ class LabHandle:
         self.prefix = prefix
         self.rundir = Path(os.environ.get("DVR_LAB_RUNDIR", "/run")) / f"{prefix}-lab"
 
+    def dvr_nb(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`dvr nb --lab PREFIX ARGS`: a command on the lab's northbound database."""
+        return dvr("nb", "--lab", self.prefix, *args, check=check)
+
     def dvr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return dvr("lab", "--prefix", self.prefix, *args, check=check)
 

@@ -124,3 +124,82 @@ def test_a_cut_between_the_network_nodes_makes_no_second_speaker(lab: LabHandle)
              ["bfd"].get("net1") == "up")
     assert claims(lab) == {"net1": ["r1"], "net2": ["r2"]}
     assert len(arp_answers(lab, R1_EXT)) == 1
+
+
+def chains(lab: LabHandle) -> dict[str, list[str]]:
+    return {r: s["chain"] for r, s in lab.status()["snat"].items()}
+
+
+def test_the_killed_node_comes_back_without_a_second_interruption(lab: LabHandle) -> None:
+    """Failback is never automatic: net1, back, finds r1 served by net2 and stays standby;
+    r1's traffic does not move, and still exactly one node answers for each address."""
+    lab.dvr("kill", "net1")
+    wait_for("net2 to serve r1, first in its chain",
+             lambda: chains(lab)["r1"] == ["net2", "net1"] and claims(lab)["net2"] ==
+             ["r1", "r2"], timeout=15)
+    stream = Stream(lab, "vm2", 7005, seconds=8)
+    time.sleep(1)
+    lab.dvr("start", "net1")
+    sent, got = stream.finish()
+    lost, gap = gaps(got)
+    print(f"net1 back: {lost} of {sent} lost, longest gap {gap * 1e3:.0f} ms")
+    assert len(got) == sent and gap < 0.1, "r1's traffic was disturbed by net1's return"
+    assert claims(lab) == {"net1": [], "net2": ["r1", "r2"]}
+    topo = lab.topology()
+    assert arp_answers(lab, R1_EXT) == [topo.routers["r1"].external_mac]
+    assert arp_answers(lab, R2_EXT) == [topo.routers["r2"].external_mac]
+    # the operator asks for the failback: r1 moves back to net1, which takes over
+    lab.dvr_nb("snat-move", "r1", "net1")
+    wait_for("net1 to serve r1 again", lambda: claims(lab) == {"net1": ["r1"],
+                                                              "net2": ["r2"]})
+    assert arp_answers(lab, R1_EXT) == [topo.routers["r1"].external_mac]
+
+
+def test_the_acting_scheduler_dies_and_another_takes_its_place(lab: LabHandle) -> None:
+    holder = [n for n, s in lab.status()["schedulers"].items() if s["has_lock"]]
+    assert len(holder) == 1, lab.status()["schedulers"]
+    pid = lab.status()["schedulers"][holder[0]]["pid"]
+    lab.node(holder[0], "kill", "-9", str(pid))
+    wait_for("another scheduler to hold the lock", lambda: [
+        n for n, s in lab.status()["schedulers"].items() if s["has_lock"]] == [
+        n for n in ("net1", "net2") if n != holder[0]], timeout=15)
+    # and it acts: the routers of the node of the dead scheduler move to the other one
+    lab.dvr("kill", holder[0])
+    other = "net2" if holder[0] == "net1" else "net1"
+    wait_for(f"every chain to start with {other}",
+             lambda: {c[0] for c in chains(lab).values()} == {other}, timeout=15)
+
+
+def test_killing_a_compute_node_disturbs_no_other(lab: LabHandle) -> None:
+    """compute1 dies: traffic between VMs of compute2 and compute2's SNAT lose nothing."""
+    count = int(4 / INTERVAL)
+    local = lab.background(lab.ns("vm2"), "ping", "10.1.0.14", str(count), str(INTERVAL))
+    stream = Stream(lab, "vm5", 7006, seconds=4)
+    time.sleep(1)
+    lab.dvr("kill", "compute1")
+    sent, got = stream.finish()
+    assert len(got) == sent, f"r2's SNAT lost {sent - len(got)} of {sent}"
+    res = lab.result(local)
+    assert res["received"] == res["sent"], res
+
+
+def test_two_successive_kills_are_survived() -> None:
+    """Three network nodes; r1 has two candidates. net1 dies: net2 serves r1 and, once net1
+    has been dead past the agent down time, the scheduler gives r1 a new standby, net3;
+    then net2 dies: net3 serves r1 (and r2)."""
+    with running_lab(TOPOLOGIES / "ha3.yaml") as lab:
+        assert chains(lab)["r1"] == ["net1", "net2"]
+        lab.dvr("kill", "net1")
+        wait_for("r1 to get net3 as its standby", lambda: chains(lab)["r1"] ==
+                 ["net2", "net3"], timeout=20)
+        stream = Stream(lab, "vm2", 7007, seconds=5)
+        time.sleep(1.5)
+        killed_at = time.time()
+        lab.dvr("kill", "net2")
+        sent, got = stream.finish()
+        after = [g for g in got if g[1] > killed_at + 0.5]
+        assert after and {g[2] for g in got} == {R1_EXT}, "r1's SNAT did not survive net2"
+        lost, gap = gaps(got)
+        print(f"second failover: {lost} of {sent} lost, longest gap {gap * 1e3:.0f} ms")
+        wait_for("net3 to claim both routers", lambda: lab.status()["nodes"]["net3"]["agent"]
+                 ["snat"] == ["r1", "r2"])

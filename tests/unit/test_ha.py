@@ -171,3 +171,84 @@ def test_unsettled_sessions_never_count_as_down(topo: Topology) -> None:
 def test_without_reports_a_node_decides_on_its_own_sessions(topo: Topology) -> None:
     bfd = {"compute1": UP, "compute2": UP, "net1": DOWN}
     assert ha.claims(topo, "net2", view(bfd, {})) == {"r1", "r2"}
+
+
+# --- the scheduler's decisions -----------------------------------------------------------------
+THREE = """
+nodes:
+  c1: {role: compute}
+  net1: {role: network}
+  net2: {role: network}
+  net3: {role: network}
+external: {cidr: 203.0.113.0/24, gateway_ip: 203.0.113.1}
+networks:
+  n1: {cidr: 10.1.0.0/24}
+  n2: {cidr: 10.2.0.0/24}
+  n3: {cidr: 10.3.0.0/24}
+routers:
+  ra: {interfaces: [n1], external_gateway: true, snat_nodes: [net1, net2]}
+  rb: {interfaces: [n2], external_gateway: true, snat_nodes: [net2, net1]}
+  rc: {interfaces: [n3], external_gateway: true, snat_nodes: [net1, net2]}
+"""
+
+
+@pytest.fixture(scope="module")
+def three() -> Topology:
+    from flows.model import parse_topology
+
+    return parse_topology(THREE, "three")
+
+
+ALL = frozenset({"net1", "net2", "net3"})
+
+
+def test_nothing_changes_while_every_first_choice_serves(three: Topology) -> None:
+    live = ha.Liveness(ALL, frozenset(), {"net1": frozenset({"ra", "rc"}),
+                                          "net2": frozenset({"rb"})})
+    chains = ha.schedule(three, {}, live)
+    # the active nodes stay; net3, in no chain, takes standby roles from the busiest
+    # nodes (net1 and net2 are in three chains each) until the roles are even
+    assert [chains[r][0] for r in ("ra", "rb", "rc")] == ["net1", "net2", "net1"]
+    loads = [sum(n in c for c in chains.values()) for n in sorted(ALL)]
+    assert max(loads) - min(loads) <= 1 and all(len(c) == 2 for c in chains.values())
+    assert ha.schedule(three, chains, live) == chains  # and then it stays
+
+
+def test_the_node_that_took_over_goes_first_and_a_long_dead_one_is_replaced(
+        three: Topology) -> None:
+    chains = {"ra": ("net1", "net2"), "rb": ("net2", "net1"), "rc": ("net1", "net2")}
+    # net1 just died: net2 serves ra and rc, net1 is not dead long enough to be replaced
+    live = ha.Liveness(ALL - {"net1"}, frozenset(),
+                       {"net2": frozenset({"ra", "rb", "rc"}), "net3": frozenset()},
+                       {"net2": {"net1": "down"}})
+    now = ha.schedule(three, chains, live)
+    assert now["ra"][0] == now["rb"][0] == now["rc"][0] == "net2"
+    assert "net1" in now["ra"] or "net3" in now["ra"]  # net1 stays, or net3 took its place
+    # dead past the down time: replaced by net3, so that a second failure is survived
+    live = dataclasses.replace(live, dead=frozenset({"net1"}))
+    now = ha.schedule(three, now, live)
+    assert all(c[0] == "net2" and "net1" not in c and "net3" in c for c in now.values())
+
+
+def test_a_node_that_comes_back_stays_standby(three: Topology) -> None:
+    chains = {"ra": ("net2", "net1"), "rb": ("net2", "net1"), "rc": ("net2", "net1")}
+    live = ha.Liveness(ALL, frozenset(), {"net2": frozenset({"ra", "rb", "rc"}),
+                                          "net1": frozenset(), "net3": frozenset()})
+    now = ha.schedule(three, chains, live)
+    assert all(c[0] == "net2" for c in now.values())
+
+
+def test_an_operators_move_is_not_undone(three: Topology) -> None:
+    """`dvr nb snat-move ra net3`: until net3 claims ra, net1 still does; net1 is alive and
+    net3 sees it, so net1 did not take over: the chain stays as the operator put it."""
+    chains = {"ra": ("net3", "net1")}
+    live = ha.Liveness(ALL, frozenset(), {"net1": frozenset({"ra"})},
+                       {"net1": {"net3": "up"}, "net3": {"net1": "up"}})
+    assert ha.schedule(three, chains, live)["ra"][0] == "net3"
+
+
+def test_two_claims_move_nothing(three: Topology) -> None:
+    """Two nodes claiming one router is a moment of transition: no reordering on it."""
+    chains = {"ra": ("net1", "net2")}
+    live = ha.Liveness(ALL, frozenset(), {"net1": frozenset({"ra"}), "net2": frozenset({"ra"})})
+    assert ha.schedule(three, chains, live)["ra"][0] == "net1"
