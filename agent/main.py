@@ -9,6 +9,7 @@ the dataplane as it is.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,13 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import arp, config
+from agent.conntrack import Conntrack, ConntrackError
 from agent.flowtables import Desired, Installed, diff, diff_groups
 from agent.ofswitch import OpenFlowError, Switch
 from agent.ovsdb import Ovsdb, OvsdbError
 from agent.source import FileSource, NbSource, Source
 from agent.version import VERSION
-from flows import ha, northbound
+from flows import ha, nat, northbound
 from flows.model import Topology, TopologyError
+from flows.nat import Binding
 from flows.planner import announcements, plan
 from flows.ports import bfd_config, needs_bfd, node_ports
 
@@ -43,6 +46,12 @@ MAX_SLEEP = 1.0
 # a BFD session that has not come up within this many seconds of the agent's start counts as
 # down (before that, only one seen up and gone down does): sessions take a second to come up
 BFD_SETTLE = 3.0
+# how often a network node publishes the translations of the routers it serves that did not
+# keep their port (flows.nat)
+NAT_SYNC = 1.0
+# ... and how long a node that took a router over still holds the translations the node it
+# replaced published (for the connections whose first packet comes late)
+HELD_GRACE = 60.0
 
 
 @dataclass
@@ -111,6 +120,12 @@ class DvrAgent:
         self._claims: frozenset[str] = frozenset()
         self._reports_seen = -1  # the source's report_changes when claims were last weighed
         self._ha_due: float | None = None  # when the claims must be weighed again
+        # translations: published (ours), committed here as a standby (router -> bindings)
+        self.conntrack = Conntrack(conf.ovs.ovs_rundir)
+        self._published: list[str] = []
+        self._held: frozenset[Binding] = frozenset()  # what the serving nodes publish
+        self._held_by_router: dict[str, tuple[float, frozenset[Binding]]] = {}
+        self._nat_next = 0.0
 
     # --- status ---------------------------------------------------------------------------
     def report(self, **changes: Any) -> None:
@@ -155,7 +170,10 @@ class DvrAgent:
             plugged = self.ovsdb.plugged(self.bridge)
         self._bfd = dict(plugged.bfd)
         self._claims = self.claims()
-        ports = node_ports(topo, self.node, plugged, self.gateway_mac(), self._claims)
+        self._held = self.held()
+        ports = dataclasses.replace(
+            node_ports(topo, self.node, plugged, self.gateway_mac(), self._claims),
+            held=self._held)
         clock.lap("ovsdb")
         desired = Desired(plan(topo, self.node, ports))
         clock.lap("plan")
@@ -213,15 +231,67 @@ class DvrAgent:
                          ha.View(self._bfd, frozenset(settled), seen))
 
     def _claims_changed(self) -> bool:
-        """Weigh the claims again if the others' reports changed or a deadline passed; True
-        when they differ from those in force (a sync must install them)."""
+        """Weigh the claims (and the translations held) again if the others' reports
+        changed or a deadline passed; True when they differ from those in force (a sync
+        must install them)."""
         if self.topo is None:
             return False
         moved = getattr(self.source, "report_changes", 0) != self._reports_seen
         due = self._ha_due is not None and time.monotonic() >= self._ha_due
         if not (moved or due):
             return False
-        return self.claims() != self._claims
+        return self.claims() != self._claims or self.held() != self._held
+
+    # --- translations that must survive a failover ------------------------------------------
+    def sync_translations(self) -> bool:
+        """On a network node, every NAT_SYNC: publish the translations of the routers this
+        node serves that did not keep their source port (flows.nat). True when they
+        changed (a report is due)."""
+        now = time.monotonic()
+        if self.topo is None or now < self._nat_next or not self._network_node():
+            return False
+        self._nat_next = now + NAT_SYNC
+        published: list[str] = []
+        for name in sorted(self._claims):
+            router = self.topo.routers.get(name)
+            if router is None:
+                continue
+            try:
+                lines = self.conntrack.dump(router.snat_zone)
+            except ConntrackError as exc:
+                LOG.warning("translations of router %s: %s", name, exc)
+                continue
+            published += [str(b) for b in nat.moved_translations(
+                name, str(router.external_ip), lines) if b.proto != 1]
+        changed = published != self._published
+        self._published = published
+        return changed
+
+    def held(self) -> frozenset[Binding]:
+        """The translations the nodes serving the routers this node stands by for publish:
+        what it must hold ready (the planner makes flows of them)."""
+        bindings = getattr(self.source, "bindings", None)
+        if self.topo is None or bindings is None or not self._network_node():
+            return frozenset()
+        now = time.monotonic()
+        out: set[Binding] = set()
+        for router in self.topo.routers.values():
+            if not router.external_gateway or self.node not in router.snat_nodes:
+                self._held_by_router.pop(router.name, None)
+                continue
+            if router.name not in self._claims:
+                found = frozenset(
+                    b for t in bindings(router.name, self.conf.agent.agent_down_time)
+                    if (b := nat.Binding.parse(t)) is not None)
+                self._held_by_router[router.name] = (now, found)
+            since, found = self._held_by_router.get(router.name, (now, frozenset()))
+            if now - since <= HELD_GRACE:  # served here: kept a while after the takeover
+                out |= found
+        return frozenset(out)
+
+    def _network_node(self) -> bool:
+        node = self.topo.nodes.get(self.node) if self.topo else None
+        return node is not None and node.is_network
 
     # --- the upstream gateway ---------------------------------------------------------------
     def gateway_mac(self) -> str | None:
@@ -360,6 +430,8 @@ class DvrAgent:
                                          "ms": result.timing})
             elif now - self._last_report >= conf.agent.heartbeat_interval:
                 self.report()
+            if self.sync_translations():
+                self.report(snat_bindings=list(self._published))
             self._send_due_garps()
             self._wait(next_resync, backoff if dirty else None)
         if self.ovsdb is not None:
@@ -391,6 +463,8 @@ class DvrAgent:
             due.append(self._gateway_next)
         if self._ha_due is not None:
             due.append(self._ha_due)
+        if self._network_node():
+            due.append(self._nat_next)
         if retry is not None:
             due.append(now + retry)
         if polled:

@@ -126,10 +126,23 @@ def to_ofp_instructions(flow: Flow) -> list[Any]:
 NAT_FLAGS = {"": 0, "src": 1, "dst": 2}  # NX_NAT_F_SRC, NX_NAT_F_DST
 
 
+class _NatToPort(parser.NXActionNAT):  # type: ignore[misc]
+    """os-ken's NAT action with a port range: it writes four bytes less than the length it
+    declares (the padding), which shifts whatever follows; this one pads."""
+
+    def serialize(self, buf: bytearray, offset: int) -> None:
+        super().serialize(buf, offset)
+        buf += bytes(max(0, offset + self.len - len(buf)))
+
+
 def _ct_action(a: CT) -> Any:
     nat = []
     if a.nat is not None:
-        if a.nat.ip:
+        if a.nat.ip and a.nat.port is not None:
+            nat.append(_NatToPort(NAT_FLAGS[a.nat.kind], range_ipv4_min=a.nat.ip,
+                                  range_ipv4_max=a.nat.ip, range_proto_min=a.nat.port,
+                                  range_proto_max=a.nat.port))
+        elif a.nat.ip:
             nat.append(parser.NXActionNAT(NAT_FLAGS[a.nat.kind], range_ipv4_min=a.nat.ip,
                                           range_ipv4_max=a.nat.ip))
         else:
@@ -358,18 +371,21 @@ class Switch:
 
     def packet_out(self, port: int, frame: bytes) -> None:
         """Send one frame out of `port` (as if from the controller)."""
+        self._packet_out(frame, [parser.OFPActionOutput(port, 0)], f"packet out to {port}")
+
+    def _packet_out(self, frame: bytes, actions: list[Any], what: str) -> None:
         with self._lock:
             try:
                 self._connect()
                 self._send(parser.OFPPacketOut(
                     self.dp, buffer_id=ofp.OFP_NO_BUFFER, in_port=ofp.OFPP_CONTROLLER,
-                    actions=[parser.OFPActionOutput(port, 0)], data=frame))
+                    actions=actions, data=frame))
                 errors, _ = self._until_barrier({})
             except OSError as exc:
                 self.close()
                 raise OpenFlowError(f"{self.target}: {exc}") from None
         if errors:
-            raise OpenFlowError(f"packet out to port {port}: {errors[0]}")
+            raise OpenFlowError(f"{what}: {errors[0]}")
 
     # --- changes ------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -218,6 +218,18 @@ class NbSource(Source):
         """Counts changes of the Agent rows held (to know when `reports()` may differ)."""
         return int(self.idl.report_changes)
 
+    def bindings(self, router: str, fresh_within: float) -> set[str]:
+        """The translations (`flows.nat.Binding` text) the fresh agents that claim `router`
+        publish for it."""
+        now = time.monotonic()
+        out: set[str] = set()
+        for row in self.idl.tables["Agent"].rows.values():
+            seen = self.idl.agent_seen.get(row.node)
+            if (row.node != self.node and seen is not None and now - seen <= fresh_within
+                    and router in row.snat):
+                out |= {b for b in row.snat_bindings if b.startswith(f"{router} ")}
+        return out
+
     def report_ages(self) -> dict[str, float]:
         """Seconds since each other agent's row last changed."""
         now = time.monotonic()
@@ -301,6 +313,7 @@ class NbSource(Source):
         row.gateway_mac = [status["gateway_mac"]] if status.get("gateway_mac") else []
         row.started = int(float(status.get("started", 0)) * 1000)
         row.bfd = {str(k): str(v) for k, v in (status.get("bfd") or {}).items()}
+        row.snat_bindings = list(status.get("snat_bindings") or [])
         self._report = txn
         self._report_outcome()
 

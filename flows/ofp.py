@@ -273,9 +273,12 @@ class NAT:
 
     kind: NatKind = ""
     ip: str = ""
+    port: int | None = None  # one translated port (for TCP and UDP), or any
 
     def to_ofctl(self) -> str:
-        return f"nat({self.kind}={self.ip})" if self.kind else "nat"
+        if not self.kind:
+            return "nat"
+        return f"nat({self.kind}={self.ip}{'' if self.port is None else f':{self.port}'})"
 
 
 @dataclass(frozen=True)

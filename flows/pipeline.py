@@ -107,7 +107,8 @@ _TABLES = (
     _t(24, "lr_out_snat",
        "after conntrack: replies and known connections pass; new connections are SNATed to "
        "the floating IP (on the VM's node) or the router's external IP (on the SNAT node)",
-       match="metadata ct_state eth_type ipv4_src",
+       match="metadata ct_state eth_type ipv4_src ip_proto ipv4_dst tcp_src tcp_dst udp_src "
+             "udp_dst",
        sets="",
        nxt="lr_out_src_mac"),
     _t(26, "lr_out_src_mac",

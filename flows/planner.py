@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from flows.check import check_flow
 from flows.model import VM, Network, Router, Topology
+from flows.nat import Binding
 from flows.ofp import (
     CT,
     CT_EST,
@@ -38,6 +39,7 @@ from flows.ofp import (
     IN_PORT,
     NAT,
     PROTO_ICMP,
+    PROTO_TCP,
     Action,
     Bucket,
     DecTTL,
@@ -76,6 +78,9 @@ class NodePorts:
     gateway_mac: str | None = None  # the upstream gateway's MAC, when known
     # routers whose SNAT this node has claimed: it answers ARP for their external IPs
     snat: frozenset[str] = frozenset()
+    # translations of the routers it stands by for that did not keep their port, as the
+    # serving node publishes them (flows.nat): held ready, so that a failover keeps them
+    held: frozenset[Binding] = frozenset()
 
 
 def snat_node(router: Router) -> str | None:
@@ -472,6 +477,17 @@ def _snat(topo: Topology, node: str, router: Router, local_nets: set[str], ports
             out.append(_enter_router(router, net, itf.mac))
     hint = Hint(Purpose.SNAT, "router", router.name, f"SNAT of {router.name} to {ext_ip}")
     new = ct_state(on=CT_TRK | CT_NEW, off=CT_INV)
+    for b in sorted(b for b in ports.held if b.router == router.name and b.proto != 1):
+        l4 = "tcp" if b.proto == PROTO_TCP else "udp"
+        out.append(_flow(
+            "lr_out_snat", 60,
+            Match.of(metadata=router.key, ct_state=new, eth_type=ETH_IP, ip_proto=b.proto,
+                     ipv4_src=b.src, ipv4_dst=b.dst, **{f"{l4}_src": b.sport,
+                                                         f"{l4}_dst": b.dport}),
+            [CT(router.snat_zone, "lr_out_src_mac", commit=True,
+                nat=NAT("src", ext_ip, b.xport))],
+            Hint(Purpose.SNAT, "router", router.name,
+                 f"SNAT to {ext_ip}:{b.xport}, as the serving node does")))
     out += [
         _flow("lr_out_redirect", 50, Match.of(metadata=router.key, eth_type=ETH_IP),
               [CT(router.snat_zone, "lr_out_snat", nat=NAT())], hint),

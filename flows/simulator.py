@@ -386,6 +386,8 @@ class Cloud:
             xlat = list(key)
             if ct.nat is not None and ct.nat.kind == "src":
                 xlat[0] = ct.nat.ip
+                if ct.nat.port is not None and key[2] in (6, 17):
+                    xlat[3] = ct.nat.port
             elif ct.nat is not None and ct.nat.kind == "dst":
                 xlat[1] = ct.nat.ip
             found = Conn(key, tuple(xlat))  # type: ignore[arg-type]
@@ -399,6 +401,10 @@ class Cloud:
             want = _reverse(found.orig) if reply else found.xlat
             _set(pkt, step, "ipv4_src", want[0])
             _set(pkt, step, "ipv4_dst", want[1])
+            l4 = {6: "tcp", 17: "udp"}.get(key[2])
+            if l4 is not None and f"{l4}_src" in pkt:
+                _set(pkt, step, f"{l4}_src", want[3])
+                _set(pkt, step, f"{l4}_dst", want[4])
         pkt["ct_state"] = state
         step.changes.append(f"ct(zone={ct.zone}): {'+'.join(_state_names(state))}")
 

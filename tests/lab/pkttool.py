@@ -105,19 +105,18 @@ def cmd_arp(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tcp_server(args: argparse.Namespace) -> int:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", args.port))
-    srv.listen(1)
-    srv.settimeout(args.timeout)
-    print("READY", flush=True)
-    conn, peer = srv.accept()
-    conn.settimeout(args.timeout)
+def _receive(conn: socket.socket, peer: tuple[str, int], timeout: float) -> dict[str, Any]:
+    """Read a connection to its end: what arrived (bytes, sha256), from whom, the longest
+    wait between two chunks, and how it ended (`reset`: by a RST)."""
+    conn.settimeout(timeout)
     h, n = hashlib.sha256(), 0
-    last, max_gap = time.monotonic(), 0.0
+    last, max_gap, reset = time.monotonic(), 0.0, False
     while True:
-        chunk = conn.recv(65536)
+        try:
+            chunk = conn.recv(65536)
+        except ConnectionResetError:
+            reset = True
+            break
         now = time.monotonic()
         if not chunk:
             break
@@ -127,8 +126,32 @@ def cmd_tcp_server(args: argparse.Namespace) -> int:
         h.update(chunk)
         n += len(chunk)
     conn.close()
-    print(json.dumps({"bytes": n, "sha256": h.hexdigest(), "peer": peer[0],
-                      "max_gap": round(max_gap, 4)}), flush=True)
+    return {"bytes": n, "sha256": h.hexdigest(), "peer": peer[0], "peer_port": peer[1],
+            "max_gap": round(max_gap, 4), "reset": reset}
+
+
+def cmd_tcp_server(args: argparse.Namespace) -> int:
+    """Accept --connections connections on PORT and read each to its end (one JSON line:
+    the connection's report, or with several, a list of them)."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", args.port))
+    srv.listen(64)
+    srv.settimeout(args.timeout)
+    print("READY", flush=True)
+    results: list[dict[str, Any]] = []
+    threads = []
+    for _ in range(args.connections):
+        conn, peer = srv.accept()
+        t = threading.Thread(target=lambda c=conn, p=peer: results.append(
+            _receive(c, p, args.timeout)))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    out: Any = results[0] if args.connections == 1 else sorted(
+        results, key=lambda r: (r["peer"], r["peer_port"]))
+    print(json.dumps(out), flush=True)
     return 0
 
 
@@ -137,11 +160,15 @@ def cmd_tcp_client(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     while True:
         try:
-            source = (args.source, 0) if args.source else None
-            sock = socket.create_connection((args.ip, args.port), timeout=args.timeout,
-                                            source_address=source)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.settimeout(args.timeout)
+            if args.source or args.sport:
+                sock.bind((args.source or "0.0.0.0", args.sport))
+            sock.connect((args.ip, args.port))
             break
         except OSError:
+            sock.close()
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
@@ -278,12 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     ts = sub.add_parser("tcp-server")
     ts.add_argument("port", type=int)
     ts.add_argument("--timeout", type=float, default=20.0)
+    ts.add_argument("--connections", type=int, default=1)
     tc = sub.add_parser("tcp-client")
     tc.add_argument("ip")
     tc.add_argument("port", type=int)
     tc.add_argument("bytes", type=int)
     tc.add_argument("--timeout", type=float, default=20.0)
     tc.add_argument("--source")
+    tc.add_argument("--sport", type=int, default=0, help="the source port (0: any)")
     tc.add_argument("--pace", type=float)
     sd = sub.add_parser("send")
     sd.add_argument("iface")

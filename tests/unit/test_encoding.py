@@ -21,6 +21,7 @@ from os_ken.ofproto import ofproto_v1_3_parser as parser
 
 from agent.ofswitch import NAT_FLAGS, flow_mod, group_mod
 from flows.model import Topology, load_topology
+from flows.nat import Binding
 from flows.ofp import (
     CT,
     FIELDS,
@@ -136,10 +137,23 @@ def _action(a: Any, groups: dict[int, Group]) -> Action:
             (n,) = a.actions
             assert isinstance(n, parser.NXActionNAT)
             assert n.range_ipv4_min == n.range_ipv4_max, "a range of addresses"
-            nat = NAT(NAT_KINDS[n.flags], n.range_ipv4_min or "")
+            assert n.range_proto_min == n.range_proto_max, "a range of ports"
+            nat = NAT(NAT_KINDS[n.flags], n.range_ipv4_min or "", n.range_proto_min)
         return CT(a.zone_ofs_nbits, BY_NUMBER[a.recirc_table].name, commit=bool(a.flags),
                   nat=nat)
     raise AssertionError(f"the planner's actions do not decode to {a!r}")
+
+
+def held(topo: Topology) -> frozenset[Binding]:
+    """A translation of each router with an external gateway, TCP and UDP, as a serving node
+    would publish them (a standby plans a flow for each)."""
+    out = set()
+    for r in topo.routers.values():
+        if r.external_gateway and r.interfaces:
+            src = str(topo.networks[r.interfaces[0].network].cidr.network_address + 10)
+            out |= {Binding(r.name, 6, src, 33333, "198.51.100.10", 443, 33334),
+                    Binding(r.name, 17, src, 5353, "198.51.100.10", 53, 5354)}
+    return frozenset(out)
 
 
 def node_plans(topo: Topology) -> list[tuple[str, frozenset[Flow]]]:
@@ -152,7 +166,9 @@ def node_plans(topo: Topology) -> list[tuple[str, frozenset[Flow]]]:
                                (" (gateway unknown)", dataclasses.replace(ports,
                                                                           gateway_mac=None)),
                                (" (no provider)", NodePorts(ports.vms, ports.tunnels,
-                                                            snat=ports.snat))):
+                                                            snat=ports.snat)),
+                               (" (translations held)", dataclasses.replace(
+                                   ports, snat=frozenset(), held=held(topo)))):
             out.append((node + label, plan(topo, node, variant)))
     return out
 

@@ -10,6 +10,7 @@ import pytest
 
 from flows import ha
 from flows.model import Topology, load_topology
+from flows.nat import Binding
 from flows.ofp import ETH_ARP, GroupAction
 from flows.planner import assumed_ports, plan, snat_candidates
 from flows.simulator import Cloud, NodePlan, packet
@@ -104,6 +105,35 @@ def test_a_standby_does_not_serve_while_it_sees_the_first_choice_alive(
     assert "served here once net1 is down" in end.reason
     # compute1 still reaches net1, which serves r1 as before
     assert snat_out(topo, c, "vm3").ends[0].external
+
+
+def test_a_standby_gives_a_held_translation_its_port_whatever_comes_first(
+        topo: Topology) -> None:
+    """vm2 and vm4 (both behind r1) from one source port to one remote port: on net1 the
+    second, vm4, got port 33334. net2 holds that translation: after net1 dies, vm4's first
+    packet through net2 gets 33334 even though it comes before vm2's, and vm2 keeps 33333."""
+    held = frozenset({Binding("r1", 6, "10.1.0.14", 33333, REMOTE, 8000, 33334)})
+    nodes = {}
+    for name in topo.nodes:
+        ports = assumed_ports(topo, name)
+        if name == "net2":
+            ports = dataclasses.replace(ports, snat=frozenset({"r1", "r2"}), held=held)
+        nodes[name] = NodePlan(name, ports, plan(topo, name, ports))
+    c = Cloud(topo, nodes)
+    c.down = {"net1"}
+
+    def tcp_out(vm: str) -> dict:  # type: ignore[type-arg]
+        v = topo.vms[vm]
+        gw = topo.routers["r1"].interface_on(v.network).mac  # type: ignore[union-attr]
+        [end] = c.send_from_vm(vm, packet(tcp=True, eth_src=v.mac, eth_dst=gw,
+                                          ipv4_src=str(v.ip), ipv4_dst=REMOTE,
+                                          tcp_src=33333, tcp_dst=8000)).ends
+        assert end.external and end.node == "net2"
+        return end.packet
+
+    assert (tcp_out("vm4")["ipv4_src"], tcp_out("vm4")["tcp_src"]) == ("203.0.113.10", 33334)
+    assert tcp_out("vm2")["tcp_src"] == 33333
+    assert [f for f in nodes["net2"].flows if f.priority == 60]
 
 
 def test_only_the_claiming_node_answers_arp_for_the_external_ip(topo: Topology) -> None:
