@@ -145,7 +145,11 @@ def one_kill(prefix: str, lb: Lab, port: int) -> dict[str, Any]:
     must(lab(prefix, "start", victim, timeout=120), f"start {victim}")
     # the next kill takes the other node: r2 moves to the node back (an operator's move)
     must(lab_nb(prefix, "snat-move", "r2", victim), "snat-move r2")
-    wait("r2 to move", lambda: serving(lb, "r2") == victim and serving(lb, "r1") == other)
+    try:
+        wait("r2 to move", lambda: serving(lb, "r2") == victim and serving(lb, "r1") == other)
+    except BenchError:
+        raise BenchError(f"r2 did not move to {victim} (claims: net1 {agent_snat(lb, 'net1')}"
+                         f", net2 {agent_snat(lb, 'net2')})") from None
     return {"victim": victim, "gap": gap, "lost": lost, "sent": sent["r1"],
             "claim": claim_s, "r2_lost": other_lost,
             "east_west_lost": ew["sent"] - ew["received"],

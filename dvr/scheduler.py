@@ -51,6 +51,7 @@ class Scheduler:
         self.txn: Any = None
         self.written_at = -1  # the IDL's change seqno when the last chains were committed
         self.decisions = 0
+        self.had_lock = False
         self._stop_r, self._stop_w = os.pipe()
 
     def stop(self, *_: Any) -> None:
@@ -114,6 +115,10 @@ class Scheduler:
         import ovs.db.idl
 
         self.idl.run()
+        if bool(self.idl.has_lock) != self.had_lock:
+            self.had_lock = bool(self.idl.has_lock)
+            LOG.info("%s the lock %s: %s", "holding" if self.had_lock else "lost", LOCK,
+                     "acting" if self.had_lock else "standing by")
         now = time.monotonic()
         live = self._liveness(now)
         if self.txn is not None:

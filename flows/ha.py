@@ -108,7 +108,10 @@ def schedule(topo: Topology, chains: Mapping[str, tuple[str, ...]], live: Livene
         router = topo.routers[name]
         chain = [n for n in chains.get(name, router.snat_nodes) if n in network]
         chain = chain or [n for n in router.snat_nodes if n in network]
-        serving = [n for n in chain if n in live.alive and name in live.claims.get(n, ())]
+        claiming = [n for n in chain if n in live.alive and name in live.claims.get(n, ())]
+        # a claim by a node another claimant has given up is the last word of a dead node
+        serving = [n for n in claiming
+                   if not any(live.gave_up(other, n) for other in claiming if other != n)]
         took_over = len(serving) == 1 and all(
             live.gave_up(serving[0], n) for n in chain[:chain.index(serving[0])])
         if took_over and chain[0] != serving[0]:

@@ -865,6 +865,7 @@ class Lab:
                 "ovs_vswitchd": procs["ovs-vswitchd"],
                 "agent": {
                     "alive": alive,
+                    "pid": _read_pid(self._procs(name)["agent"]),
                     # alive since it started, dead since its last report
                     "since": st.get("started") if alive else st.get("heartbeat"),
                     "bfd": st.get("bfd", {}),

@@ -260,6 +260,15 @@ def test_the_node_that_took_over_goes_first_and_a_long_dead_one_is_replaced(
     assert all(c[0] == "net2" and "net1" not in c and "net3" in c for c in now.values())
 
 
+def test_the_last_claim_of_a_dead_node_does_not_hold_its_place(three: Topology) -> None:
+    """net1 just died: its row still says it claims ra (and its heartbeat is still fresh),
+    but net2, which claims ra now, has given net1 up: net2 goes first at once."""
+    chains = {"ra": ("net1", "net2")}
+    live = ha.Liveness(ALL, frozenset(), {"net1": frozenset({"ra"}), "net2": frozenset({"ra"})},
+                       {"net2": {"net1": "down"}, "net1": {"net2": "up"}})
+    assert ha.schedule(three, chains, live)["ra"][0] == "net2"
+
+
 def test_a_node_that_comes_back_stays_standby(three: Topology) -> None:
     chains = {"ra": ("net2", "net1"), "rb": ("net2", "net1"), "rc": ("net2", "net1")}
     live = ha.Liveness(ALL, frozenset(), {"net2": frozenset({"ra", "rb", "rc"}),
