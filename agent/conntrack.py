@@ -39,6 +39,7 @@ class Conntrack:
                                  f"{(res.stderr.strip().splitlines() or ['failed'])[-1]}")
         return res.stdout
 
-    def dump(self, zone: int) -> list[str]:
-        """The entries of one zone, as `dpctl/dump-conntrack` lists them."""
-        return self._appctl("dpctl/dump-conntrack", f"zone={zone}").splitlines()
+    def dump(self, zone: int | None = None) -> list[str]:
+        """The entries of one zone (or of all), as `dpctl/dump-conntrack` lists them."""
+        args = [f"zone={zone}"] if zone is not None else []
+        return self._appctl("dpctl/dump-conntrack", *args).splitlines()

@@ -252,17 +252,18 @@ class DvrAgent:
             return False
         self._nat_next = now + NAT_SYNC
         published: list[str] = []
-        for name in sorted(self._claims):
-            router = self.topo.routers.get(name)
-            if router is None:
-                continue
+        routers = [self.topo.routers[n] for n in sorted(self._claims) if n in self.topo.routers]
+        if routers:
             try:
-                lines = self.conntrack.dump(router.snat_zone)
+                lines = self.conntrack.dump()  # one read for all the routers served here
             except ConntrackError as exc:
-                LOG.warning("translations of router %s: %s", name, exc)
-                continue
-            published += [str(b) for b in nat.moved_translations(
-                name, str(router.external_ip), lines) if b.proto != 1]
+                LOG.warning("cannot read the translations: %s", exc)
+                return False
+            for router in routers:
+                zone = f",zone={router.snat_zone},"
+                published += [str(b) for b in nat.moved_translations(
+                    router.name, str(router.external_ip), [ln for ln in lines if zone in ln])
+                    if b.proto != 1]
         changed = published != self._published
         self._published = published
         return changed

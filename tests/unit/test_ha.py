@@ -10,7 +10,7 @@ import pytest
 
 from flows import ha
 from flows.model import Topology, load_topology
-from flows.nat import Binding
+from flows.nat import Binding, moved_translations
 from flows.ofp import ETH_ARP, GroupAction
 from flows.planner import assumed_ports, plan, snat_candidates
 from flows.simulator import Cloud, NodePlan, packet
@@ -291,3 +291,30 @@ def test_two_claims_move_nothing(three: Topology) -> None:
     chains = {"ra": ("net1", "net2")}
     live = ha.Liveness(ALL, frozenset(), {"net1": frozenset({"ra"}), "net2": frozenset({"ra"})})
     assert ha.schedule(three, chains, live)["ra"][0] == "net1"
+
+
+# --- translations that must survive -----------------------------------------------------------
+DUMP = [
+    "tcp,orig=(src=10.2.0.12,dst=198.51.100.10,sport=33333,dport=8000),reply=(src=198.51.100."
+    "10,dst=203.0.113.10,sport=8000,dport=33333),zone=49200,protoinfo=(state=ESTABLISHED)",
+    "tcp,orig=(src=10.1.0.14,dst=198.51.100.10,sport=33333,dport=8000),reply=(src=198.51.100."
+    "10,dst=203.0.113.10,sport=8000,dport=33334),zone=49200,protoinfo=(state=ESTABLISHED)",
+    "udp,orig=(src=10.1.0.14,dst=198.51.100.10,sport=5353,dport=53),reply=(src=198.51.100.10,"
+    "dst=203.0.113.10,sport=53,dport=1024),zone=49200",
+    # a floating IP's connection in the same zone: not the router's SNAT
+    "tcp,orig=(src=10.1.0.11,dst=198.51.100.10,sport=1000,dport=80),reply=(src=198.51.100.10,"
+    "dst=203.0.113.50,sport=80,dport=1001),zone=49200,protoinfo=(state=ESTABLISHED)",
+    "icmp,orig=(src=10.2.0.12,dst=198.51.100.10,id=7,type=8,code=0),reply=(src=198.51.100.10,"
+    "dst=203.0.113.10,id=9,type=0,code=0),zone=49200",
+    "not a connection",
+]
+
+
+def test_the_translations_that_did_not_keep_their_port_are_published() -> None:
+    moved = moved_translations("r1", "203.0.113.10", DUMP)
+    assert moved == sorted([
+        Binding("r1", 6, "10.1.0.14", 33333, REMOTE, 8000, 33334),
+        Binding("r1", 17, "10.1.0.14", 5353, REMOTE, 53, 1024),
+        Binding("r1", 1, "10.2.0.12", 7, REMOTE, 7, 9)])
+    assert [Binding.parse(str(b)) for b in moved] == moved
+    assert Binding.parse("r1 6 nonsense") is None
