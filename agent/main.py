@@ -218,14 +218,12 @@ class DvrAgent:
         if now - self.started >= BFD_SETTLE:
             settled |= set(self._bfd)
         fresh = self.conf.agent.agent_down_time
-        reports = getattr(self.source, "reports", None)
-        seen = reports(fresh) if reports is not None else {}
-        self._reports_seen = getattr(self.source, "report_changes", 0)
+        seen = self.source.reports(fresh)
+        self._reports_seen = self.source.report_changes
         # weigh again when a report goes stale, or when the sessions settle
         due = [self.started + BFD_SETTLE] if now - self.started < BFD_SETTLE else []
-        ages = getattr(self.source, "report_ages", None)
-        if ages is not None:
-            due += [now + fresh - age for age in ages().values() if age <= fresh]
+        due += [now + fresh - age for age in self.source.report_ages().values()
+                if age <= fresh]
         self._ha_due = min(due) if due else None
         return ha.claims(self.topo, self.node,
                          ha.View(self._bfd, frozenset(settled), seen))
@@ -236,7 +234,7 @@ class DvrAgent:
         must install them)."""
         if self.topo is None:
             return False
-        moved = getattr(self.source, "report_changes", 0) != self._reports_seen
+        moved = self.source.report_changes != self._reports_seen
         due = self._ha_due is not None and time.monotonic() >= self._ha_due
         if not (moved or due):
             return False
@@ -271,8 +269,7 @@ class DvrAgent:
     def held(self) -> frozenset[Binding]:
         """The translations the nodes serving the routers this node stands by for publish:
         what it must hold ready (the planner makes flows of them)."""
-        bindings = getattr(self.source, "bindings", None)
-        if self.topo is None or bindings is None or not self._network_node():
+        if self.topo is None or not self._network_node():
             return frozenset()
         now = time.monotonic()
         out: set[Binding] = set()
@@ -282,7 +279,8 @@ class DvrAgent:
                 continue
             if router.name not in self._claims:
                 found = frozenset(
-                    b for t in bindings(router.name, self.conf.agent.agent_down_time)
+                    b for t in self.source.bindings(router.name,
+                                                    self.conf.agent.agent_down_time)
                     if (b := nat.Binding.parse(t)) is not None)
                 self._held_by_router[router.name] = (now, found)
             since, found = self._held_by_router.get(router.name, (now, frozenset()))

@@ -53,6 +53,18 @@ class Source(ABC):
         False when the source cannot be waited for and must be polled on a timer."""
         return False
 
+    # what the other agents report (a source without any: a topology file)
+    report_changes = 0
+
+    def reports(self, fresh_within: float) -> dict[str, dict[str, str]]:
+        return {}
+
+    def report_ages(self) -> dict[str, float]:
+        return {}
+
+    def bindings(self, router: str, fresh_within: float) -> set[str]:
+        return set()
+
 
 class FileSource(Source):
     """A topology file, re-read when its size, mtime or inode change."""
