@@ -102,8 +102,8 @@ class DvrAgent:
         self._stop_r, self._stop_w = os.pipe()  # wakes the loop from a signal handler
         self.status: dict[str, Any] = {
             "node": self.node, "pid": os.getpid(), "version": VERSION, "converged": False,
-            "generation": None, "flows": 0, "vms": [], "snat": [], "error": None, "syncs": 0,
-            "started": time.time(), "bfd": {},
+            "generation": None, "flows": 0, "vms": [], "floating_ips": [], "snat": [],
+            "error": None, "syncs": 0, "started": time.time(), "bfd": {},
         }
         self._last_report = 0.0
         self._announced: dict[str, str] = {}  # provider addresses answered here -> MAC
@@ -422,6 +422,10 @@ class DvrAgent:
                 self._announce(result)
                 self.report(converged=True, generation=self.topo.digest, flows=result.flows,
                             vms=result.vms, snat=result.snat, error=None,
+                            # the floating IPs of the VMs wired here: NATed on this node
+                            floating_ips=sorted(
+                                str(self.topo.vms[v].floating_ip) for v in result.vms
+                                if v in self.topo.vms and self.topo.vms[v].floating_ip),
                             known_vms=len(self.topo.vms),  # what the source holds
                             gateway_mac=self.gateway_mac(), bfd=dict(self._bfd),
                             syncs=self.status["syncs"] + 1,

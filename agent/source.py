@@ -326,6 +326,7 @@ class NbSource(Source):
         row.started = int(float(status.get("started", 0)) * 1000)
         row.bfd = {str(k): str(v) for k, v in (status.get("bfd") or {}).items()}
         row.snat_bindings = list(status.get("snat_bindings") or [])
+        row.floating_ips = list(status.get("floating_ips") or [])
         self._report = txn
         self._report_outcome()
 

@@ -181,10 +181,14 @@ class Northbound:
         doc = to_dict(topo)
         return self.change(lambda _: doc, validate=False)  # a Topology is valid already
 
-    def change(self, edit: Any, retries: int = 5, validate: bool = True) -> str:
+    def change(self, edit: Any, retries: int = 5, validate: bool = True,
+               effective: bool = True) -> str:
         """Read the desired state, `edit` its document, validate the result (a
         TopologyError writes nothing), write the difference in one transaction guarded by
-        the generation read; a concurrent change makes it start over.
+        the generation read; a concurrent change makes it start over. What is written is
+        the effective topology (every allocated value written out), or with `effective`
+        False the edited document as it is, once valid (a writer that gives every value
+        itself and leaves the SNAT candidates to the registered network nodes).
 
         A transaction whose answer is lost (the leader died) may or may not have been
         committed: the state is read again from the new leader, and the change counts as
@@ -201,7 +205,8 @@ class Northbound:
                 old = document(results) if generation is not None else None
                 new = edit(json.loads(json.dumps(old)))  # a copy (plain JSON data)
                 if validate:
-                    new = to_dict(build_topology(new, "<change>"))
+                    built = to_dict(build_topology(new, "<change>"))
+                    new = built if effective else new
                 if old is not None and new == old:
                     return generation or ""
                 expected = generation_of(new)

@@ -27,6 +27,9 @@ from typing import Any, Literal, get_args
 import yaml
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,11}\Z")
+# a cloud's own identity of an object (Neutron's UUIDs), accepted wherever a name is
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+EXTERNAL_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
 Role = Literal["compute", "network"]
 ROLES: tuple[Role, ...] = get_args(Role)
@@ -85,6 +88,8 @@ class Network:
     gateway_ip: ipaddress.IPv4Address
     mtu: int
     vni: int  # overlay segmentation id, also the logical-switch key in flows
+    # another system's tags (Neutron's ids, revision numbers), sorted pairs; flows ignore them
+    external_ids: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ class Router:
     snat_nodes: tuple[str, ...]
     snat_zone: int = 0  # conntrack zone of the router's source NAT (16 bits)
     dnat_zone: int = 0  # conntrack zone of its destination NAT (floating IPs inbound)
+    external_ids: tuple[tuple[str, str], ...] = ()
 
     def interface_on(self, network: str) -> RouterInterface | None:
         for itf in self.interfaces:
@@ -122,6 +128,7 @@ class VM:
     mac: str
     floating_ip: ipaddress.IPv4Address | None
     port_id: str  # what Nova/os-vif writes into external_ids:iface-id
+    external_ids: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -271,10 +278,27 @@ class _Checker:
                          f"unknown key (expected one of: {', '.join(sorted(allowed))})")
 
     def name(self, name: Any, key: str) -> bool:
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            self.err(key, f"invalid name {name!r}: use [a-z][a-z0-9-]{{0,11}}")
+        if not isinstance(name, str) or not (NAME_RE.match(name) or UUID_RE.match(name)):
+            self.err(key, f"invalid name {name!r}: use [a-z][a-z0-9-]{{0,11}} or a UUID")
             return False
         return True
+
+    def external_ids(self, value: Any, key: str) -> tuple[tuple[str, str], ...]:
+        """Tags of another system (Neutron's ids and revision numbers): string to string."""
+        if value is None:
+            return ()
+        if not isinstance(value, dict):
+            self.err(key, f"must be a mapping of strings, not {type(value).__name__}")
+            return ()
+        out = []
+        for k, v in value.items():
+            if not isinstance(k, str) or not EXTERNAL_ID_RE.match(k):
+                self.err(f"{key}.{k}", "invalid key: use [A-Za-z0-9_.:-]{1,64}")
+            elif not isinstance(v, str | int) or isinstance(v, bool):
+                self.err(f"{key}.{k}", f"must be a string, not {type(v).__name__}")
+            else:
+                out.append((k, str(v)))
+        return tuple(sorted(out))
 
     def ip(self, value: Any, key: str) -> ipaddress.IPv4Address | None:
         try:
@@ -428,13 +452,15 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
     networks: dict[str, Network] = {}
     vnis: dict[int, str] = {}
     raw_nets = c.mapping(data.get("networks"), "networks", required=False)
-    pending_vni: list[tuple[str, ipaddress.IPv4Network, ipaddress.IPv4Address, int]] = []
+    pending_vni: list[tuple[str, ipaddress.IPv4Network, ipaddress.IPv4Address, int,
+                            tuple[tuple[str, str], ...]]] = []
     for name, spec in raw_nets.items():
         key = f"networks.{name}"
         if not c.name(name, key):
             continue
         spec = c.mapping(spec, key)
-        c.known_keys(spec, key, ("cidr", "gateway_ip", "mtu", "vni"))
+        c.known_keys(spec, key, ("cidr", "gateway_ip", "mtu", "vni", "external_ids"))
+        net_ids = c.external_ids(spec.get("external_ids"), f"{key}.external_ids")
         if "cidr" not in spec:
             c.err(f"{key}.cidr", "is required")
             continue
@@ -459,15 +485,15 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
                 c.err(f"{key}.vni", f"VNI {vni} is already used by network {vnis[vni]}")
                 continue
             vnis[vni] = name
-            networks[name] = Network(name, cidr, gw, mtu, vni)
+            networks[name] = Network(name, cidr, gw, mtu, vni, net_ids)
         else:
-            pending_vni.append((name, cidr, gw, mtu))
-    for name, cidr, gw, mtu in pending_vni:  # file order: see the module docstring
+            pending_vni.append((name, cidr, gw, mtu, net_ids))
+    for name, cidr, gw, mtu, net_ids in pending_vni:  # file order: see the module docstring
         vni = 1 + _digest(f"net:{name}") % (MAX_VNI - 1)
         while vni in vnis:
             vni = vni % (MAX_VNI - 1) + 1
         vnis[vni] = name
-        networks[name] = Network(name, cidr, gw, mtu, vni)
+        networks[name] = Network(name, cidr, gw, mtu, vni, net_ids)
 
     # routers
     routers: dict[str, Router] = {}
@@ -507,8 +533,10 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
             continue
         spec = c.mapping(spec, key)
         c.known_keys(
-            spec, key, ("interfaces", "external_gateway", "external_ip", "snat_nodes")
+            spec, key, ("interfaces", "external_gateway", "external_ip", "snat_nodes",
+                        "external_ids")
         )
+        c.external_ids(spec.get("external_ids"), f"{key}.external_ids")
         router_specs[name] = spec
         itfs = spec.get("interfaces", [])
         if not isinstance(itfs, list):
@@ -564,12 +592,12 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
         elif ext_gw:
             pending_ext.append(name)
         snat = spec.get("snat_nodes")
-        if snat is not None:
+        if snat is not None and snat != []:  # [] is the default, as left out
             skey = f"{key}.snat_nodes"
             if not ext_gw:
                 c.err(skey, "needs external_gateway: true")
-            elif not isinstance(snat, list) or not snat:
-                c.err(skey, "must be a non-empty list of network node names")
+            elif not isinstance(snat, list):
+                c.err(skey, "must be a list of network node names")
             else:
                 for i, n in enumerate(snat):
                     if not isinstance(n, str) or n not in nodes:
@@ -593,13 +621,25 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
         n: {net.gateway_ip} for n, net in networks.items()
     }
     ip_owner: dict[tuple[str, ipaddress.IPv4Address], str] = {}
+    port_owner: dict[str, str] = {}
     for name, spec in raw_vms.items():
         key = f"vms.{name}"
         if not c.name(name, key):
             continue
         spec = c.mapping(spec, key)
-        c.known_keys(spec, key, ("node", "network", "ip", "mac", "floating_ip"))
+        c.known_keys(spec, key, ("node", "network", "ip", "mac", "floating_ip", "port_id",
+                                 "external_ids"))
+        c.external_ids(spec.get("external_ids"), f"{key}.external_ids")
         ok = True
+        port_id = spec.get("port_id", name if UUID_RE.match(name) else port_id_for(name))
+        if not isinstance(port_id, str) or not UUID_RE.match(port_id):
+            c.err(f"{key}.port_id", f"{port_id!r} is not a UUID (lower case)")
+            ok = False
+        elif port_id in port_owner:
+            c.err(f"{key}.port_id", f"{port_id} is already the port of vms.{port_owner[port_id]}")
+            ok = False
+        else:
+            port_owner[port_id] = name
         node = spec.get("node")
         if node is None:
             c.err(f"{key}.node", "is required")
@@ -691,7 +731,9 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
             ip=ip,
             mac=mac,
             floating_ip=ipaddress.IPv4Address(str(fip)) if fip is not None else None,
-            port_id=port_id_for(name),
+            port_id=str(spec.get("port_id") or
+                        (name if UUID_RE.match(name) else port_id_for(name))),
+            external_ids=c.external_ids(spec.get("external_ids"), f"vms.{name}.external_ids"),
         )
     if c.errors:
         raise TopologyError(source, c.errors)
@@ -736,6 +778,7 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
             snat_nodes=tuple(snat or ()) if ext_gw else (),
             snat_zone=router_zones[0],
             dnat_zone=router_zones[1],
+            external_ids=c.external_ids(spec.get("external_ids"), f"routers.{name}.external_ids"),
         )
     # each node's MAC on the provider network
     nodes = {n: dataclasses.replace(node, external_mac=infra.macs[f"node:{n}"])
@@ -771,7 +814,7 @@ def to_dict(topo: Topology) -> dict:
             out["external"]["gateway_mac"] = topo.external.gateway_mac
     out["networks"] = {
         n.name: {"cidr": str(n.cidr), "gateway_ip": str(n.gateway_ip), "mtu": n.mtu,
-                 "vni": n.vni}
+                 "vni": n.vni, **_ids(n.external_ids)}
         for n in topo.networks.values()
     }
     routers: dict[str, Any] = {}
@@ -781,6 +824,7 @@ def to_dict(topo: Topology) -> dict:
             spec["external_gateway"] = True
             spec["external_ip"] = str(r.external_ip)
             spec["snat_nodes"] = list(r.snat_nodes)
+        spec.update(_ids(r.external_ids))
         routers[r.name] = spec
     out["routers"] = routers
     vms: dict[str, Any] = {}
@@ -788,6 +832,13 @@ def to_dict(topo: Topology) -> dict:
         spec = {"node": vm.node, "network": vm.network, "ip": str(vm.ip), "mac": vm.mac}
         if vm.floating_ip:
             spec["floating_ip"] = str(vm.floating_ip)
+        if vm.port_id != (vm.name if UUID_RE.match(vm.name) else port_id_for(vm.name)):
+            spec["port_id"] = vm.port_id
+        spec.update(_ids(vm.external_ids))
         vms[vm.name] = spec
     out["vms"] = vms
     return out
+
+
+def _ids(pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    return {"external_ids": dict(pairs)} if pairs else {}

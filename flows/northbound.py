@@ -48,6 +48,20 @@ def _one(value: Any) -> Any:
     return value
 
 
+def _ids(value: Any) -> dict[str, Any]:
+    """A row's external_ids as the document's optional key."""
+    items = value[1] if isinstance(value, list) and value and value[0] == "map" else []
+    return {"external_ids": dict(items)} if items else {}
+
+
+class _Tags(tuple):
+    """A string-to-string map column's pairs (external_ids), told apart from references."""
+
+
+def _ids_map(ids: dict[str, str] | None) -> _Tags:
+    return _Tags(sorted((str(k), str(v)) for k, v in (ids or {}).items()))
+
+
 def _pairs(value: Any) -> list[tuple[int, str]]:
     """A map column of position -> ["uuid", U], in position order."""
     items = value[1] if isinstance(value, list) and value and value[0] == "map" else []
@@ -78,7 +92,7 @@ def document(results: list[dict[str, Any]], live: bool = False) -> dict[str, Any
             data["external"]["gateway_mac"] = _one(e["gateway_mac"])
     data["networks"] = {
         n["name"]: {"cidr": n["cidr"], "gateway_ip": n["gateway_ip"], "mtu": n["mtu"],
-                    "vni": n["vni"]}
+                    "vni": n["vni"], **_ids(n.get("external_ids"))}
         for n in sorted(nets, key=lambda r: r["position"])}
     data["routers"] = {}
     for r in sorted(routers, key=lambda r: r["position"]):
@@ -90,6 +104,7 @@ def document(results: list[dict[str, Any]], live: bool = False) -> dict[str, Any
             chain = [node_name[u] for _, u in _pairs(r.get("snat_chain")) if u in node_name]
             if live and chain:
                 spec["snat_nodes"] = chain
+        spec.update(_ids(r.get("external_ids")))
         data["routers"][r["name"]] = spec
     data["vms"] = {}
     for p in sorted(ports, key=lambda r: r["name"]):
@@ -97,6 +112,9 @@ def document(results: list[dict[str, Any]], live: bool = False) -> dict[str, Any
                 "ip": p["ip"], "mac": p["mac"]}
         if _one(p["floating_ip"]):
             spec["floating_ip"] = _one(p["floating_ip"])
+        if _one(p.get("port_id")):
+            spec["port_id"] = _one(p["port_id"])
+        spec.update(_ids(p.get("external_ids")))
         data["vms"][p["name"]] = spec
     return data
 
@@ -145,18 +163,22 @@ def _logical(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     for i, (name, spec) in enumerate(doc["networks"].items()):
         rows["Network"][name] = {"name": name, "position": i, "cidr": spec["cidr"],
                                  "gateway_ip": spec["gateway_ip"], "mtu": spec["mtu"],
-                                 "vni": spec["vni"]}
+                                 "vni": spec["vni"],
+                                 "external_ids": _ids_map(spec.get("external_ids"))}
     for i, (name, spec) in enumerate(doc["routers"].items()):
         rows["Router"][name] = {
             "name": name, "position": i,
             "interfaces": tuple(("Network", n) for n in spec["interfaces"]),
             "external_gateway": bool(spec.get("external_gateway", False)),
             "external_ip": spec.get("external_ip"),
-            "snat_nodes": tuple(("Node", n) for n in spec.get("snat_nodes", []))}
+            "snat_nodes": tuple(("Node", n) for n in spec.get("snat_nodes", [])),
+            "external_ids": _ids_map(spec.get("external_ids"))}
     for name, spec in doc["vms"].items():
         rows["Port"][name] = {"name": name, "node": ("Node", spec["node"]),
                               "network": ("Network", spec["network"]), "ip": spec["ip"],
-                              "mac": spec["mac"], "floating_ip": spec.get("floating_ip")}
+                              "mac": spec["mac"], "floating_ip": spec.get("floating_ip"),
+                              "port_id": spec.get("port_id"),
+                              "external_ids": _ids_map(spec.get("external_ids"))}
     return rows
 
 
@@ -181,6 +203,8 @@ def diff_ops(old: dict[str, Any] | None, new: dict[str, Any],
     def encode(value: Any) -> Any:
         if value is None:
             return ["set", []]
+        if isinstance(value, _Tags):
+            return ["map", [list(p) for p in value]]
         if isinstance(value, tuple) and value and isinstance(value[0], tuple):
             return ["map", [[i, ref(t)] for i, t in enumerate(value)]]
         if isinstance(value, tuple) and len(value) == 2 and value[0] in after:

@@ -566,10 +566,18 @@ def test_snat_nodes_listing_a_node_twice(tmp_path):
     rejected(tmp_path, data, "routers.r1.snat_nodes[1]", "listed twice")
 
 
-@pytest.mark.parametrize("snat", [[], "net1"])
-def test_snat_nodes_must_be_a_non_empty_list(tmp_path, snat):
-    data = edit(base(), {"routers.r1.snat_nodes": snat})
-    rejected(tmp_path, data, "routers.r1.snat_nodes", "non-empty list")
+def test_snat_nodes_must_be_a_list(tmp_path):
+    data = edit(base(), {"routers.r1.snat_nodes": "net1"})
+    rejected(tmp_path, data, "routers.r1.snat_nodes", "must be a list")
+
+
+def test_empty_snat_nodes_are_the_default(tmp_path):
+    """`snat_nodes: []` means what leaving it out means (every network node, rotated): what
+    a driver writes that leaves the candidates to the registered network nodes."""
+    given = load(tmp_path, edit(base(), {"routers.r1.snat_nodes": []}))
+    left_out = load(tmp_path, base(), "b.yaml")
+    assert given.routers["r1"].snat_nodes == left_out.routers["r1"].snat_nodes
+    assert set(given.routers["r1"].snat_nodes) == {"net1", "net2"}
 
 
 def test_snat_nodes_without_external_gateway(tmp_path):
@@ -1147,3 +1155,52 @@ def test_builtin_example_loads():
     assert r1.external_ip in topo.external.cidr
     assert r1.snat_nodes == tuple(n.name for n in topo.network_nodes())
     assert topo.reachable_networks(["blue"]) == {"blue", "red"}
+
+
+UUID1 = "3f0c6a1e-5b7d-4c2a-9e8f-0a1b2c3d4e5f"
+UUID2 = "a7e9d4c2-1b3f-4e5d-8c6a-9f0e1d2c3b4a"
+
+
+def test_uuids_are_names(tmp_path):
+    """A cloud's own identities (Neutron's UUIDs) name networks, routers and VMs; a VM named
+    by a UUID is plugged with that UUID as its port id (Neutron's port id is the iface-id)."""
+    data = base()
+    data["networks"][UUID1] = data["networks"].pop("blue")
+    data["routers"]["r1"]["interfaces"] = [UUID1, "red"]
+    data["vms"][UUID2] = {**data["vms"].pop("vm1"), "network": UUID1}
+    topo = load(tmp_path, data)
+    assert topo.vms[UUID2].port_id == UUID2
+    assert topo.vm_by_port(UUID2).name == UUID2
+    assert topo.router_of(UUID1).name == "r1"
+    assert to_dict(topo)["vms"][UUID2].get("port_id") is None  # the default, not written
+
+
+def test_port_id_and_external_ids_round_trip(tmp_path):
+    data = edit(base(), {"vms.vm2.port_id": UUID1,
+                         "vms.vm2.external_ids": {"neutron:revision_number": "4"},
+                         "networks.red.external_ids": {"neutron:network_name": "red"},
+                         "routers.r1.external_ids": {"neutron:revision_number": 7}})
+    topo = load(tmp_path, data)
+    assert topo.vms["vm2"].port_id == UUID1
+    assert topo.vm_by_port(UUID1).name == "vm2"
+    assert topo.routers["r1"].external_ids == (("neutron:revision_number", "7"),)
+    again = load(tmp_path, to_dict(topo), "again.yaml")
+    assert again.vms == topo.vms and again.networks == topo.networks
+    assert again.routers == topo.routers
+
+
+@pytest.mark.parametrize("change, key, fragment", [
+    ({"vms.vm2.port_id": "not-a-uuid"}, "vms.vm2.port_id", "not a UUID"),
+    ({"vms.vm2.port_id": UUID1.upper()}, "vms.vm2.port_id", "not a UUID"),
+    ({"vms.vm2.external_ids": ["a"]}, "vms.vm2.external_ids", "mapping of strings"),
+    ({"networks.red.external_ids": {"a b": "x"}}, "networks.red.external_ids.a b",
+     "invalid key"),
+    ({"routers.r1.external_ids": {"k": None}}, "routers.r1.external_ids.k", "a string"),
+])
+def test_port_id_and_external_ids_checked(tmp_path, change, key, fragment):
+    rejected(tmp_path, edit(base(), change), key, fragment)
+
+
+def test_port_id_given_twice(tmp_path):
+    data = edit(base(), {"vms.vm1.port_id": UUID1, "vms.vm2.port_id": UUID1})
+    rejected(tmp_path, data, "vms.vm2.port_id", "already the port of vms.vm1")
