@@ -31,6 +31,10 @@ def _lab_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--bfd-interval", type=int, metavar="MS",
                     help="milliseconds between BFD packets on the tunnels to and between "
                          "network nodes (default 100; 0: no BFD, no SNAT failover)")
+    up.add_argument("--neutron", action="store_true",
+                    help="also run a Neutron API (MariaDB, noauth, the dvr driver and L3 "
+                         "plugin) on the lab's northbound database, and create the topology's "
+                         "objects through it (installs Neutron in its own venv if needed)")
     ap = cmds.add_parser("apply", help="change the desired state of a running lab")
     ap.add_argument("topology")
     ap.add_argument("--timeout", type=float, default=60.0)
@@ -280,10 +284,11 @@ def lab_main(args: argparse.Namespace) -> int:
     if cmd == "up":
         t0 = time.monotonic()
         lab.up(args.topology, timeout=args.timeout, nb_cluster=args.nb_cluster,
-               bfd_interval=args.bfd_interval)
+               bfd_interval=args.bfd_interval, neutron=args.neutron)
         st = lab.status()
         print(f"lab {lab.prefix} up: {len(st['nodes'])} nodes, {len(st['vms'])} VMs, "
-              f"converged in {time.monotonic() - t0:.2f}s")
+              f"converged in {time.monotonic() - t0:.2f}s"
+              + (f"; Neutron API at {st['neutron']['url']}" if st.get("neutron") else ""))
     elif cmd == "apply":
         t0 = time.monotonic()
         lab.apply(args.topology, timeout=args.timeout)
@@ -323,6 +328,26 @@ def lab_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def neutron_sync_main(args: argparse.Namespace) -> int:
+    from dvr import nb
+    from dvr.neutron import sync
+
+    url, db = args.url, args.db
+    if args.prefix:
+        lab = Lab(args.prefix)
+        url = url or lab.neutron_url()
+        db = db or lab.nb_connection()
+        if not url:
+            raise LabError(f"lab {args.prefix} runs no Neutron (`dvr lab up --neutron`)")
+    if not url or not db:
+        raise LabError("neutron-sync: give --url and --db (or --prefix of a lab)")
+    try:
+        return sync.main(url, db, args.mode, args.token)
+    except (sync.SyncError, nb.NbError) as exc:
+        print(f"dvr: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dvr", description="Distributed Virtual Router")
     parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
@@ -337,6 +362,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sc.add_argument("--agent-down-time", type=float, default=5.0, metavar="S",
                     help="seconds without a report after which an agent is dead (default 5)")
     sc.add_argument("--status-file", help="where to say whether this one holds the lock")
+    ns = sub.add_parser("neutron-sync", help="compare Neutron's resources with the northbound "
+                        "database; report (log) or repair each difference")
+    ns.add_argument("--mode", choices=("log", "repair"), default="log")
+    ns.add_argument("--url", default=os.environ.get("OS_ENDPOINT"),
+                    help="Neutron's API (default $OS_ENDPOINT; with --prefix, the lab's)")
+    ns.add_argument("--token", default=os.environ.get("OS_TOKEN"), help="a Keystone token")
+    ns.add_argument("--db", default=os.environ.get("DVR_NB_DB"),
+                    help="the northbound database (default $DVR_NB_DB; with --prefix, the lab's)")
+    ns.add_argument("--prefix", help="the lab whose Neutron and northbound database to use")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="dvr: %(levelname)s: %(message)s")
     try:
@@ -348,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trace_main(args)
         if args.cmd == "nb":
             return nb_main(args)
+        if args.cmd == "neutron-sync":
+            return neutron_sync_main(args)
     except (LabError, TopologyError, NetlinkError) as exc:
         print(f"dvr: error: {exc}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ refused topology writes nothing); `dump` reads it back as a topology document.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
@@ -253,4 +254,9 @@ class Northbound:
         return document(self.transact(dump_ops()), live=live)
 
     def topology(self, source: str = "<northbound>", live: bool = False) -> Topology:
-        return build_topology(self.dump(live), source)
+        """The desired state as a model; its digest is the database's generation (what
+        the agents report when they have converged on it)."""
+        results = self.transact(dump_ops())
+        _, generation = uuids_of(results)
+        return dataclasses.replace(build_topology(document(results, live=live), source),
+                                   digest=generation or "")

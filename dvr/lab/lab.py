@@ -124,10 +124,9 @@ class Lab:
             try:
                 conn = nb.Northbound(self.nb_connection(), timeout=2)
                 try:
-                    topo = conn.topology("northbound", live=live)
+                    return conn.topology("northbound", live=live)
                 finally:
                     conn.close()
-                return topo if live else _nb_generation(topo)
             except (nb.NbError, TopologyError) as exc:
                 LOG.warning("northbound database unreadable (%s); using the lab's file", exc)
         return _nb_generation(load_topology(self.topology_file))
@@ -305,9 +304,11 @@ class Lab:
 
     # --- commands -------------------------------------------------------------------------
     def up(self, topology: str | Path | None = None, timeout: float = CONVERGE_TIMEOUT,
-           nb_cluster: int | None = None, bfd_interval: int | None = None) -> None:
+           nb_cluster: int | None = None, bfd_interval: int | None = None,
+           neutron: bool = False) -> None:
         """Build the lab (its northbound database standalone, or a RAFT cluster of
-        `nb_cluster` members), or apply `topology` to the running lab."""
+        `nb_cluster` members; with `neutron`, driven by a Neutron API that holds the
+        topology's objects), or apply `topology` to the running lab."""
         path = Path(topology) if topology else DEFAULT_TOPOLOGY
         topo = load_topology(path)  # validate before anything is created
         raw = yaml.safe_load(path.read_text())
@@ -320,12 +321,20 @@ class Lab:
                     raise LabError(f"lab {self.prefix} runs its northbound database "
                                    f"{f'as {have} members' if have else 'standalone'}: "
                                    "`dvr lab down` first to change that")
+                if neutron != self.neutron_driven():
+                    raise LabError(f"lab {self.prefix} is "
+                                   f"{'' if self.neutron_driven() else 'not '}driven by "
+                                   "Neutron: `dvr lab down` first to change that")
                 self._apply(topo, raw, path, timeout)
                 return
             try:
                 self._create(topo, raw, path, timeout, nb_cluster or 0,
-                             BFD_INTERVAL if bfd_interval is None else bfd_interval)
+                             BFD_INTERVAL if bfd_interval is None else bfd_interval,
+                             neutron)
             except BaseException:
+                if os.environ.get("DVR_LAB_KEEP"):  # for a post-mortem; `down` removes it
+                    LOG.error("lab %s: up failed; kept as it is (DVR_LAB_KEEP)", self.prefix)
+                    raise
                 LOG.error("lab %s: up failed; removing what was created", self.prefix)
                 self._down()
                 raise
@@ -338,6 +347,9 @@ class Lab:
             if not self.is_up():
                 raise LabError(f"lab {self.prefix} is not up: run `dvr lab up` first")
             self._apply(topo, raw, path, timeout)
+
+    def neutron_driven(self) -> bool:
+        return self.is_up() and bool(self.state().get("neutron"))
 
     def down(self) -> None:
         with self.locked():
@@ -378,7 +390,7 @@ class Lab:
         os.replace(tmp, self.topology_file)
 
     def _create(self, topo: Topology, raw: dict[str, Any], path: Path, timeout: float,
-                nb_cluster: int = 0, bfd_interval: int = 0) -> None:
+                nb_cluster: int = 0, bfd_interval: int = 0, neutron: bool = False) -> None:
         for cmd in ("ovsdb-server", "ovs-vswitchd", "ovs-vsctl", "ovsdb-tool", "ethtool"):
             if shutil.which(cmd) is None:
                 raise LabError(f"{cmd} not found: install openvswitch-switch and ethtool")
@@ -404,17 +416,80 @@ class Lab:
             self._create_nb_members(nb_cluster)
         else:
             self._start_northbound()
-        self._load_northbound(eff)
+        # with Neutron, the lab registers the nodes (and the provider network's upstream);
+        # Neutron writes the rest
+        self._load_northbound(_nodes_only(eff) if neutron else eff)
         self._create_external(eff)
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda n: self._create_node(n, underlay[n], eff.nodes[n].is_network),
                           sorted(eff.nodes)))
         self._warm_underlay(underlay)
+        if neutron:
+            self._create_through_neutron(eff, raw, state, timeout)
+            return
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda vm: self._plug_vm(eff, vm), eff.vms.values()))
         state["vms"] = {vm.name: vm.node for vm in eff.vms.values()}
         self._save_state(state)
         self.wait_converged(eff, timeout)
+
+    def _create_through_neutron(self, eff: Topology, raw: dict[str, Any],
+                                state: dict[str, Any], timeout: float) -> None:
+        """Start Neutron with the dvr driver on the lab's northbound database, create the
+        topology's objects through its API, and plug each VM on its port, as Nova would."""
+        from dvr.lab import neutron as lab_neutron
+        from dvr.neutron import service
+
+        self.wait_converged(self.topology(), timeout)  # agents alive: ports can be bound
+        workdir = self.dir / "neutron"
+        try:
+            service.ensure_venv(log=self.dir / "neutron-install.log")
+            api = service.Neutron(workdir, self.nb_connection(), extra_config={
+                "dvr": {"agent_down_time": str(AGENT_DOWN_TIME + 2)}})
+            url = api.start()
+        except service.NeutronError as exc:
+            raise LabError(f"Neutron: {exc}") from None
+        state["neutron"] = {"url": url, "workdir": str(workdir), "ids": {}}
+        self._save_state(state)
+        ids = lab_neutron.create(lab_neutron.NeutronApi(url), eff, raw)
+        state["neutron"]["ids"] = ids
+        self._save_state(state)
+        self.wait_northbound(lambda t: set(ids["vms"].values()) <= set(t.vms), timeout,
+                             "the VMs' ports")
+        topo = self.topology()
+        names = {v: k for k, v in ids["vms"].items()}
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda vm: self._plug_vm(topo, vm, names[vm.name]),
+                          [topo.vms[i] for i in ids["vms"].values()]))
+        state["vms"] = {name: topo.vms[i].node for name, i in ids["vms"].items()}
+        self._save_state(state)
+        self.wait_converged(self.topology(), timeout)
+
+    def wait_northbound(self, ready: Any, timeout: float, what: str) -> Topology:
+        """Wait until the northbound's desired state satisfies `ready(topology)`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            topo = self.topology()
+            if ready(topo):
+                return topo
+            if time.monotonic() > deadline:
+                raise LabError(f"the northbound database did not get {what} within "
+                               f"{timeout:.0f}s")
+            time.sleep(0.05)
+
+    def neutron_url(self) -> str | None:
+        return (self.state().get("neutron") or {}).get("url") if self.is_up() else None
+
+    def vm_label(self, vm: str) -> str:
+        """The lab's name of a VM (its namespace's): the topology's name, also for a VM
+        Neutron holds by its port id."""
+        ids = ((self.state().get("neutron") or {}).get("ids") or {}).get("vms", {})
+        return next((name for name, i in ids.items() if i == vm), vm)
+
+    def vm_id(self, name: str) -> str:
+        """The desired state's name of a lab VM: its Neutron port id with Neutron."""
+        ids = ((self.state().get("neutron") or {}).get("ids") or {}).get("vms", {})
+        return ids.get(name, name)
 
     def _create_external(self, topo: Topology) -> None:
         ensure_namespace(self.ext_ns)
@@ -718,9 +793,11 @@ class Lab:
             raise LabError(f"unknown node {node!r} in lab {self.prefix}")
 
     # --- VMs (the lab plays Nova and os-vif) ----------------------------------------------
-    def _plug_vm(self, topo: Topology, vm: VM) -> None:
+    def _plug_vm(self, topo: Topology, vm: VM, label: str | None = None) -> None:
+        """Plug `vm` (in the namespace of its lab name `label`, default its name)."""
+        label = label or vm.name
         net = topo.networks[vm.network]
-        ns, node_ns, tap = self.vm_ns(vm.name), self.node_ns(vm.node), f"tap{vm.name}"
+        ns, node_ns, tap = self.vm_ns(label), self.node_ns(vm.node), f"tap{label}"
         ensure_namespace(ns)
         with Netns(node_ns) as n:
             n.add_veth(tap, "eth0", ns)
@@ -737,7 +814,7 @@ class Lab:
         self._vsctl(vm.node, "--may-exist", "add-port", "br-int", tap, "--", "set",
                     "Interface", tap, f"external_ids:iface-id={vm.port_id}",
                     f"external_ids:attached-mac={vm.mac}", "external_ids:iface-status=active",
-                    f"external_ids:vm-uuid={uuid.uuid5(uuid.NAMESPACE_DNS, vm.name)}")
+                    f"external_ids:vm-uuid={uuid.uuid5(uuid.NAMESPACE_DNS, label)}")
 
     def _unplug_vm(self, name: str, node: str) -> None:
         ns = self.node_ns(node)
@@ -749,6 +826,9 @@ class Lab:
     # --- changing a running lab -----------------------------------------------------------
     def _apply(self, topo: Topology, raw: dict[str, Any], path: Path, timeout: float) -> None:
         state = self.state()
+        if state.get("neutron"):
+            raise LabError(f"lab {self.prefix} is driven by Neutron ({state['neutron']['url']}):"
+                           " change it through Neutron's API")
         old = self.topology()
         underlay = self._allocate_underlay(topo, state["underlay"])
         text, eff = self._effective(raw, underlay)
@@ -880,9 +960,10 @@ class Lab:
                 },
             }
         vms = {
-            vm.name: {"node": vm.node, "network": vm.network, "ip": str(vm.ip), "mac": vm.mac,
-                      "floating_ip": str(vm.floating_ip) if vm.floating_ip else None,
-                      "namespace": self.vm_ns(vm.name)}
+            self.vm_label(vm.name): {
+                "node": vm.node, "network": vm.network, "ip": str(vm.ip), "mac": vm.mac,
+                "floating_ip": str(vm.floating_ip) if vm.floating_ip else None,
+                "namespace": self.vm_ns(self.vm_label(vm.name)), "port_id": vm.port_id}
             for vm in sorted(topo.vms.values(), key=lambda v: v.name)
         }
         routers = {
@@ -912,7 +993,15 @@ class Lab:
             "members": {m: {"namespace": self.nb_member_ns(m), "address": self.nb_member_ip(m),
                             "role": roles[m]} for m in members},
         }
-        return {"prefix": self.prefix, "topology": state.get("source"),
+        neutron = None
+        if state.get("neutron"):
+            from dvr.neutron import service
+
+            found = service.Neutron.find(Path(state["neutron"]["workdir"]))
+            neutron = {"url": state["neutron"]["url"], "ids": state["neutron"].get("ids", {}),
+                       **({"api": found.status().get("api"), "db": found.status().get("db")}
+                          if found else {})}
+        return {"prefix": self.prefix, "topology": state.get("source"), "neutron": neutron,
                 "cuts": [list(c) for c in self.cuts()], "schedulers": self.schedulers(),
                 "generation": topo.digest, "northbound": northbound, "nodes": nodes,
                 "vms": vms, "routers": routers, "snat": snat,
@@ -931,9 +1020,9 @@ class Lab:
             return self.ext_ns, None
         topo = topo or self.topology()
         if kind == "vm":
-            if name not in topo.vms:
+            if self.vm_id(name) not in topo.vms:
                 raise LabError(f"unknown VM {name!r} in lab {self.prefix}")
-            return self.vm_ns(name), None
+            return self.vm_ns(self.vm_label(name)), None
         if kind == "node":
             if name not in topo.nodes:
                 raise LabError(f"unknown node {name!r} in lab {self.prefix}")
@@ -957,6 +1046,13 @@ class Lab:
     # --- tearing down ---------------------------------------------------------------------
     def _down(self) -> None:
         marker = str(self.dir)
+        if (self.dir / "neutron").is_dir():
+            from dvr.neutron import service
+
+            found = service.Neutron.find(self.dir / "neutron")
+            if found is not None:
+                with contextlib.suppress(Exception):
+                    found.stop()
         pids = set()
         if (self.dir / "nodes").is_dir():
             for node_dir in (self.dir / "nodes").iterdir():
@@ -989,6 +1085,12 @@ def _set(value: Any) -> list[Any]:
     if isinstance(value, list) and value and value[0] == "set":
         return list(value[1])
     return [value]
+
+
+def _nodes_only(topo: Topology) -> Topology:
+    """The nodes of `topo` and its provider network, nothing else."""
+    return dataclasses.replace(topo, networks={}, routers={}, vms={}, _router_of={},
+                               _by_port={})
 
 
 def _nb_generation(topo: Topology) -> Topology:
