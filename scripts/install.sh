@@ -41,6 +41,7 @@ APT_PACKAGES=(
   iproute2 ethtool iputils-ping procps     # namespaces, veths, offloads, ping
   nftables conntrack conntrackd tcpdump    # NAT namespaces, conntrack state, captures
   iperf3                                   # throughput figures
+  mariadb-server                           # Neutron's database (dvr lab up --neutron)
   python3 python3-venv python3-dev gcc     # the agent and its dependencies
 )
 apt_packages() {
@@ -88,5 +89,12 @@ step "python venv (.venv)" python_venv
 VERSION=$(.venv/bin/python -c 'import tomllib
 print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 step "dvr $VERSION and its dependencies, editable" project
+# Neutron (the API, its database migrations, uWSGI) in its own venv, the versions pinned by
+# dvr/neutron/constraints.txt, dvr in it for the driver; what `dvr lab up --neutron` runs
+neutron_venv() {
+  .venv/bin/python -c 'from dvr.neutron import service
+print(service.ensure_venv())' >&3
+}
+step "Neutron venv" neutron_venv
 echo "install: ready: dvr $(.venv/bin/python -c 'from agent.version import VERSION; print(VERSION)')," \
   "$(ovs-vswitchd --version | head -1)"
