@@ -66,44 +66,105 @@ def _conf() -> Any:
 
 # --- the northbound writer -------------------------------------------------------------------
 class NbWriter:
-    """Applies edits of the desired state to the northbound database, one transaction per
-    Neutron event; remembers that a write was lost (`dirty`) for the repair."""
+    """Applies edits of the desired state to the northbound database in the order Neutron
+    made them. The request that made an edit does not wait for the database: a thread
+    writes what is queued, all of it in one transaction (a burst of events, a bulk create,
+    costs one write); a batch the northbound rules refuse is written edit by edit, so that
+    only the offending one is left out. A write that cannot reach the database marks the
+    writer `dirty`: the status thread repairs everything once the database answers."""
 
     def __init__(self) -> None:
         self.dirty = False
-        self.lock = threading.Lock()  # one write at a time per worker: fewer conflicts
+        self.cond = threading.Condition()
+        # (what, edits), or (what, job): a job (the repair) runs alone, after what came before
+        self.pending: list[tuple[str, Any]] = []
+        self.busy = False
+        self.thread: threading.Thread | None = None
 
-    def apply(self, what: str, edits: list[Edit]) -> bool:
+    def apply(self, what: str, edits: list[Edit]) -> None:
+        with self.cond:
+            self.pending.append((what, edits))
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="dvr-writer",
+                                               daemon=True)
+                self.thread.start()
+            self.cond.notify_all()
+
+    def run_alone(self, what: str, job: Callable[[], None]) -> None:
+        """Run `job` in the writer, after every edit queued before it and before any queued
+        after it (the repair: a snapshot of Neutron is never older than what it overwrites)."""
+        self.apply(what, job)  # type: ignore[arg-type]
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Until everything queued is written (or given up); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.pending or self.busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.pending:
+                    self.cond.wait()
+                jobs = [i for i, (_, e) in enumerate(self.pending) if callable(e)]
+                cut = jobs[0] if jobs else len(self.pending)
+                batch, job = self.pending[:cut], self.pending[cut] if jobs else None
+                self.pending = self.pending[cut + 1 if jobs else cut:]
+                self.busy = True
+            try:
+                if batch and self._write(batch) == "refused" and len(batch) > 1:
+                    for one in batch:
+                        self._write([one])
+                if job is not None:
+                    job[1]()
+            except Exception:  # never let the writer die
+                LOG.exception("dvr: writing to the northbound database failed")
+                self.dirty = True
+            finally:
+                with self.cond:
+                    self.busy = False
+                    self.cond.notify_all()
+
+    def _write(self, batch: list[tuple[str, list[Edit]]]) -> str:
+        what = batch[0][0] if len(batch) == 1 else f"{len(batch)} changes ({batch[0][0]}, ...)"
+
         def edit(doc: dict[str, Any] | None) -> dict[str, Any]:
             if not doc:
                 raise nb.ChangeError("the northbound database holds no nodes yet")
-            for e in edits:
-                e(doc)
+            for _, edits in batch:
+                for e in edits:
+                    e(doc)
             return doc
 
-        with self.lock:
-            try:
-                conn = nb.Northbound(_conf().northbound, timeout=_conf().timeout)
-            except nb.NbError as exc:
-                self.dirty = True
-                LOG.warning("dvr: %s not written, the northbound database is unreachable "
-                            "(%s); the repair will write it on reconnection", what, exc)
-                return False
-            try:
-                conn.change(edit, effective=False)
-                LOG.debug("dvr: %s written", what)
-                return True
-            except TopologyError as exc:
-                LOG.error("dvr: %s refused by the northbound rules, nothing written: %s",
-                          what, exc)
-            except nb.ChangeError as exc:
-                LOG.error("dvr: %s not written: %s", what, exc)
-            except nb.NbError as exc:
-                self.dirty = True
-                LOG.warning("dvr: %s not written (%s); the repair will write it", what, exc)
-            finally:
-                conn.close()
-            return False
+        try:
+            conn = nb.Northbound(_conf().northbound, timeout=_conf().timeout)
+        except nb.NbError as exc:
+            self.dirty = True
+            LOG.warning("dvr: %s not written, the northbound database is unreachable "
+                        "(%s); the repair will write it on reconnection", what, exc)
+            return "lost"
+        try:
+            conn.change(edit, effective=False)
+            LOG.debug("dvr: %s written", what)
+            return "written"
+        except TopologyError as exc:
+            LOG.error("dvr: %s refused by the northbound rules, nothing written: %s",
+                      what, exc)
+            return "refused"
+        except nb.ChangeError as exc:
+            LOG.error("dvr: %s not written: %s", what, exc)
+            return "refused"
+        except nb.NbError as exc:
+            self.dirty = True
+            LOG.warning("dvr: %s not written (%s); the repair will write it", what, exc)
+            return "lost"
+        finally:
+            conn.close()
 
 
 WRITER = NbWriter()
@@ -377,7 +438,9 @@ class StatusThread(threading.Thread):
         self.wired: dict[str, set[str]] = {}  # node -> ports reported wired
         self.natted: set[str] | None = None
         self.reported: dict[str, tuple[float, bool]] = {}
-        self.was_unreachable = False
+        # the first look repairs what was lost while no neutron-server ran (a write queued
+        # when the last one died, say)
+        self.was_unreachable = True
 
     def run(self) -> None:
         while True:
@@ -401,15 +464,7 @@ class StatusThread(threading.Thread):
         if self.was_unreachable or WRITER.dirty:
             self.was_unreachable = False
             WRITER.dirty = False
-            from dvr.neutron import sync
-
-            try:
-                for d in sync.run(ctx, _conf().northbound, repair=True,
-                                  timeout=_conf().timeout):
-                    LOG.warning("dvr: repaired after the northbound was unreachable: %s", d)
-            except Exception:
-                WRITER.dirty = True
-                raise
+            WRITER.run_alone("repair", lambda: self._repair(ctx))
         now = time.time()
         alive = {n for n, r in agents.items() if _is_alive(r, now)}
         for node, row in agents.items():
@@ -428,6 +483,19 @@ class StatusThread(threading.Thread):
         if natted != self.natted:
             self._floating_ips(ctx, natted)
             self.natted = natted
+
+    def _repair(self, ctx: Any) -> None:
+        from dvr.neutron import sync
+
+        try:
+            diffs = sync.run(ctx, _conf().northbound, repair=True, timeout=_conf().timeout)
+        except Exception as exc:
+            WRITER.dirty = True
+            LOG.warning("dvr: repair failed (%s); tried again on the next poll", exc)
+            return
+        for d in diffs:
+            LOG.warning("dvr: repaired: %s", d)
+        LOG.info("dvr: northbound compared with Neutron: %d differences repaired", len(diffs))
 
     def _first_look(self, ctx: Any, node: str, wired: set[str]) -> None:
         ports = core().get_ports(ctx, filters={portbindings.HOST_ID: [node]})

@@ -12,8 +12,9 @@ point). `Neutron` keeps everything under one work directory:
     workdir/*.log               mariadbd.log, neutron-db-manage.log, uwsgi.log, neutron-api.log
 
 The API is served without Keystone (`auth_strategy = noauth`: every request is an admin
-request of project `fake_project_id`) and without a message broker (`transport_url = fake://`:
-messages to agents are dropped). Every process started here mentions the work directory on its
+request of project `fake_project_id`) and, unless given a `transport_url` (a RabbitMQ for
+Neutron's own agents, see dvr.neutron.l2agent), without a message broker
+(`transport_url = fake://`: messages to agents are dropped). Every process started here mentions the work directory on its
 command line, and `stop` signals only processes whose pid file is in the work directory and
 whose command line mentions it.
 """
@@ -277,7 +278,7 @@ class Neutron:
                  mechanism_drivers: Sequence[str] = ("dvr",),
                  service_plugins: Sequence[str] = ("dvr",),
                  extra_config: dict[str, dict[str, str]] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, transport_url: str | None = None) -> None:
         self.workdir = Path(workdir).absolute()
         self.nb_connection = nb_connection
         self.venv = Path(venv).absolute()
@@ -285,6 +286,7 @@ class Neutron:
         self.service_plugins = tuple(service_plugins)
         self.extra_config = {s: dict(o) for s, o in (extra_config or {}).items()}
         self.port = port
+        self.transport_url = transport_url  # None: fake:// (no broker)
 
     # -- paths
 
@@ -321,6 +323,7 @@ class Neutron:
             "mechanism_drivers": list(self.mechanism_drivers),
             "service_plugins": list(self.service_plugins),
             "extra_config": self.extra_config,
+            "transport_url": self.transport_url,
         }
         tmp = self.workdir / f".{STATE_FILE}.tmp"
         tmp.write_text(json.dumps(state, indent=2) + "\n")
@@ -339,7 +342,8 @@ class Neutron:
         return cls(Path(workdir), state["nb_connection"], venv=Path(state["venv"]),
                    mechanism_drivers=state["mechanism_drivers"],
                    service_plugins=state["service_plugins"],
-                   extra_config=state.get("extra_config") or None, port=state["port"])
+                   extra_config=state.get("extra_config") or None, port=state["port"],
+                   transport_url=state.get("transport_url"))
 
     def _pid(self, name: str) -> int | None:
         """The pid in workdir/NAME.pid if that process runs and its command line mentions
@@ -491,7 +495,7 @@ class Neutron:
                 "core_plugin": "ml2",
                 "service_plugins": ",".join(self.service_plugins),
                 "auth_strategy": "noauth",
-                "transport_url": "fake://",
+                "transport_url": self.transport_url or "fake://",
                 "state_path": str(self.workdir / "state"),
                 "api_workers": "1",
                 "rpc_workers": "1",
@@ -530,6 +534,12 @@ class Neutron:
 
     def _config_files(self) -> list[Path]:
         return [self.etc / "neutron.conf", self.etc / "ml2_conf.ini"]
+
+    @property
+    def config_files(self) -> list[Path]:
+        """The configuration files start() writes, in the order Neutron reads them (another
+        Neutron command on this database, e.g. neutron-rpc-server, reads the same)."""
+        return self._config_files()
 
     def _write_config(self) -> None:
         self.etc.mkdir(parents=True, exist_ok=True)

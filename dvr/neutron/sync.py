@@ -6,7 +6,14 @@ stay the northbound's own.
 
 Neutron's state is read through its REST API (`state_from_api`: any host that reaches the
 API and the database can run it, nothing of Neutron installed) or, inside neutron-server,
-through its plugins (`state_from_plugins`: the driver's repair after a lost write).
+through its plugins (`state_from_plugins`: the driver's repair after a lost write, and when
+neutron-server starts).
+
+The driver's repair runs in its writer, after every write queued before it and before any
+queued after: a snapshot is never older than what it overwrites. The command runs beside
+the driver, as `neutron-ovn-db-sync-util` does: a change committed in Neutron between its read
+and its write may be overwritten with the state read, until that object's next event or
+the next sync; run `repair` when the cloud is quiet.
 """
 
 from __future__ import annotations
