@@ -105,7 +105,10 @@ def trace_main(args: argparse.Namespace) -> int:
 
             if os.geteuid() != 0:
                 raise LabError("the live trace needs root (use --offline without a lab)")
-            tracer = LiveTracer(Lab(args.prefix))
+            lab = Lab(args.prefix)
+            # a lab driven by Neutron holds its VMs by port id: the lab's name is taken too
+            args.sender = lab.vm_id(args.sender) if lab.is_up() else args.sender
+            tracer = LiveTracer(lab)
             report = tracer.trace_and_compare(args.sender, args.packet)
             if args.verify:
                 report.verify = tracer.verify(report)
@@ -115,6 +118,7 @@ def trace_main(args: argparse.Namespace) -> int:
             else:
                 lab = Lab(args.prefix)
                 topo = lab.topology() if lab.is_up() else load_topology(DEFAULT_TOPOLOGY)
+                args.sender = lab.vm_id(args.sender) if lab.is_up() else args.sender
             if args.verify:
                 raise LabError("--verify sends a real packet: it needs the live lab, not "
                                "--offline")

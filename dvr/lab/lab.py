@@ -445,7 +445,13 @@ class Lab:
         try:
             service.ensure_venv(log=self.dir / "neutron-install.log")
             api = service.Neutron(workdir, self.nb_connection(), extra_config={
-                "dvr": {"agent_down_time": str(AGENT_DOWN_TIME + 2)}})
+                "dvr": {"agent_down_time": str(AGENT_DOWN_TIME + 2)},
+                # a lab is one operator's: no quota stops its tests and benchmarks
+                "quotas": {f"quota_{r}": "-1" for r in ("network", "subnet", "port",
+                                                        "router", "floatingip")},
+                # the API as clouds have it (ports in a default group; dvr applies no
+                # security groups); without it Neutron 29 fails every bulk port create
+                "securitygroup": {"enable_security_group": "true"}})
             url = api.start()
         except service.NeutronError as exc:
             raise LabError(f"Neutron: {exc}") from None

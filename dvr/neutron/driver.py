@@ -403,17 +403,24 @@ def _is_alive(row: dict[str, Any], now: float) -> bool:
     return now - row["heartbeat"] / 1000 <= _conf().agent_down_time
 
 
+_AGENTS_READ: list[Any] = [0.0, {}, {}]  # when, agents, roles: one read serves a bulk's binds
+AGENTS_FRESH_S = 0.5
+
+
 def agent_alive(host: str) -> tuple[bool, str]:
-    try:
-        conn = nb.Northbound(_conf().northbound, timeout=_conf().timeout)
-    except nb.NbError as exc:
-        return False, f"the northbound database is unreachable ({exc})"
-    try:
-        agents, roles = read_agents(conn)
-    except nb.NbError as exc:
-        return False, str(exc)
-    finally:
-        conn.close()
+    when, agents, roles = _AGENTS_READ
+    if time.monotonic() - when > AGENTS_FRESH_S:
+        try:
+            conn = nb.Northbound(_conf().northbound, timeout=_conf().timeout)
+        except nb.NbError as exc:
+            return False, f"the northbound database is unreachable ({exc})"
+        try:
+            agents, roles = read_agents(conn)
+        except nb.NbError as exc:
+            return False, str(exc)
+        finally:
+            conn.close()
+        _AGENTS_READ[:] = [time.monotonic(), agents, roles]
     if host not in roles:
         return False, "no such node in dvr's northbound database"
     if roles[host] != "compute":

@@ -272,11 +272,12 @@ def _comparable(section: str, entry: Mapping[str, Any]) -> dict[str, Any]:
 
 def differences(want: Mapping[str, Any], held: Mapping[str, Any]) -> list[Difference]:
     """What differs between the document Neutron makes (`want`) and the one held, for the
-    sections Neutron owns (networks, routers, vms and external)."""
+    sections Neutron owns (networks, routers, vms, and external once it has one)."""
     out: list[Difference] = []
-    if want.get("external") != held.get("external"):
-        kind = ("missing" if "external" not in held else
-                "extra" if "external" not in want else "different")
+    # the provider network is Neutron's once Neutron has an external network; before, it
+    # is the operator's (registered with the nodes)
+    if "external" in want and want["external"] != held.get("external"):
+        kind = "missing" if "external" not in held else "different"
         out.append(Difference("external", "external", kind))
     for section in ("networks", "routers", "vms"):
         w, h = want.get(section, {}), held.get(section, {})
@@ -308,6 +309,4 @@ def repaired(want: Mapping[str, Any], held: Mapping[str, Any]) -> dict[str, Any]
             out[section][name] = entry
     if "external" in want:
         out["external"] = want["external"]
-    else:
-        out.pop("external", None)
     return out

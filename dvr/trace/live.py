@@ -206,12 +206,12 @@ class LiveTracer:
             if o.kind == "delivered" and o.to == "external host":
                 points["external host"] = (ext_ns, "ext0")
             elif o.kind == "delivered" and o.to:
-                points[f"vm {o.to}"] = (self.lab.vm_ns(o.to), "eth0")
+                points[f"vm {o.to}"] = (self.lab.vm_ns(self.lab.vm_label(o.to)), "eth0")
         dst = pkt.get("ipv4_dst") or pkt.get("arp_tpa")
         target = next((v.name for v in self.topo.vms.values() if str(v.ip) == dst
                        and v.name != report.sender), None)
         if target and f"vm {target}" not in points:
-            points[f"vm {target}"] = (self.lab.vm_ns(target), "eth0")
+            points[f"vm {target}"] = (self.lab.vm_ns(self.lab.vm_label(target)), "eth0")
         seen = self._capture(points, pkt, mark, seconds)
         return _differences(report, pkt, seen)
 
@@ -228,8 +228,9 @@ class LiveTracer:
                 assert proc.stdout is not None
                 if proc.stdout.readline().strip() != "READY":
                     raise LabError(f"cannot capture at {label}: {proc.stderr.read().strip()}")
-            sender_ns, iface = ((self.lab.ext_ns, "ext0") if self.packet_sender ==
-                                "ext" else (self.lab.vm_ns(self.packet_sender), "eth0"))
+            sender_ns, iface = (
+                (self.lab.ext_ns, "ext0") if self.packet_sender == "ext"
+                else (self.lab.vm_ns(self.lab.vm_label(self.packet_sender)), "eth0"))
             run.run(sender_ns, run.python("-m", "dvr.lab.capture", "send", iface),
                     env=env, input=json.dumps(pkt), timeout=30)
             sent_at = time.time()

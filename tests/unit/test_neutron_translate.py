@@ -141,3 +141,20 @@ def test_an_explicit_snat_candidacy_is_kept_by_the_repair():
     held["routers"][uid("r1")]["snat_nodes"] = ["net1"]
     assert tr.differences(want, held) == [
         tr.Difference("routers", uid("r1"), "different", "snat_nodes")]
+
+
+def test_the_provider_network_is_neutrons_only_once_it_has_an_external_network():
+    state = cloud()
+    state.networks = [n for n in state.networks if not n.get("router:external")]
+    state.routers[0]["external_gateway_info"] = None
+    state.floating_ips = []
+    want = tr.desired(state, NODES)
+    held = copy.deepcopy(want)
+    held["external"] = {"cidr": "203.0.113.0/24", "gateway_ip": "203.0.113.1",
+                        "remote_ip": "198.51.100.10", "gateway_mac": "02:00:00:00:00:01"}
+    assert tr.differences(want, held) == []
+    assert tr.repaired(want, held)["external"] == held["external"]
+    with_ext = tr.desired(cloud(), NODES, held["external"])
+    assert with_ext["external"]["gateway_mac"] == "02:00:00:00:00:01"  # the operator's, kept
+    assert tr.differences(with_ext, held) != []  # routers and VMs now differ, not external
+    assert all(d.section != "external" for d in tr.differences(with_ext, held))
