@@ -545,6 +545,9 @@ class StatusThread(threading.Thread):
                     else n_const.FLOATINGIP_STATUS_DOWN)
             if fip["status"] != want:
                 plugin.update_floatingip_status(ctx, fip["id"], want)
+                if fip.get("port_id"):  # its revision went up, and no event tells
+                    WRITER.apply(f"floating IP {fip['id']} {want}",
+                                 [port_edit(ctx, fip["port_id"])])
 
     def _agent(self, ctx: Any, node: str, row: dict[str, Any], alive: bool, role: str
                ) -> None:

@@ -79,6 +79,25 @@ def test_ports_and_floating_ip_active_and_dvr_agents_listed(lab: LabHandle, clou
         p1.revision_number)
     assert doc["networks"][p1.network_id]["vni"] == cloud.network.get_network(
         p1.network_id).provider_segmentation_id
+    # and after all that (bindings, status changes), the two databases agree
+    res = _sync(lab, "log")
+    assert res.returncode == 0 and "; 0 differences;" in res.stdout, res.stdout
+
+
+def test_trace_by_the_lab_names_verified_by_a_real_packet(lab: LabHandle, cloud: Any) -> None:
+    from dvr.lab.lab import Lab
+    from dvr.trace.live import LiveTracer
+
+    tracer = LiveTracer(Lab(lab.prefix))
+    vm1, vm2 = port(cloud, "vm1").id, port(cloud, "vm2").id
+    report = tracer.trace(Lab(lab.prefix).vm_id("vm1"), "icmp, ip.dst=10.2.0.12")
+    assert report.sender == vm1
+    assert [(o.kind, o.to) for o in report.outcomes] == [("delivered", vm2)]
+    assert tracer.verify(report) == []
+    from tests.lab.harness import dvr
+
+    out = dvr("trace", "--prefix", lab.prefix, "vm1", "icmp, ip.dst=10.2.0.12").stdout
+    assert vm2 in out
 
 
 def test_east_west_routed_on_the_source_node(lab: LabHandle) -> None:
