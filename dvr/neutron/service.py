@@ -14,9 +14,9 @@ point). `Neutron` keeps everything under one work directory:
 The API is served without Keystone (`auth_strategy = noauth`: every request is an admin
 request of project `fake_project_id`) and, unless given a `transport_url` (a RabbitMQ for
 Neutron's own agents, see dvr.neutron.l2agent), without a message broker
-(`transport_url = fake://`: messages to agents are dropped). Every process started here mentions the work directory on its
-command line, and `stop` signals only processes whose pid file is in the work directory and
-whose command line mentions it.
+(`transport_url = fake://`: messages to agents are dropped). Every process started here
+mentions the work directory on its command line, and `stop` signals only processes whose pid
+file is in the work directory and whose command line mentions it.
 """
 
 from __future__ import annotations
