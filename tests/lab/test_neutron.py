@@ -229,7 +229,7 @@ def test_bad_requests_get_neutrons_errors_and_write_nothing(lab: LabHandle, clou
 def test_router_interface_removed_then_everything_deleted(lab: LabHandle, cloud: Any) -> None:
     router = next(cloud.network.routers(name="r1"))
     red_subnet = next(cloud.network.subnets(name="red-v4"))
-    cloud.network.remove_interface_from_router(router, subnet_id=red_subnet.id)
+    cloud.network.remove_interface_from_router(router, subnet=red_subnet.id)
     until("east-west to red stops", lambda: not lab.ping("vm1", "10.2.0.12", wait=1))
     macs = {port(cloud, v).mac_address for v in ("vm1", "vm2", "vm3")}
     for fip in list(cloud.network.ips()):
@@ -237,7 +237,7 @@ def test_router_interface_removed_then_everything_deleted(lab: LabHandle, cloud:
     for vm in ("vm1", "vm2", "vm3"):
         cloud.network.delete_port(port(cloud, vm))
     blue_subnet = next(cloud.network.subnets(name="blue-v4"))
-    cloud.network.remove_interface_from_router(router, subnet_id=blue_subnet.id)
+    cloud.network.remove_interface_from_router(router, subnet=blue_subnet.id)
     cloud.network.update_router(router, external_gateway_info={})
     cloud.network.delete_router(router)
     for name in ("blue", "red"):
