@@ -35,6 +35,17 @@ def _lab_parser(sub: argparse._SubParsersAction) -> None:
                     help="also run a Neutron API (MariaDB, noauth, the dvr driver and L3 "
                          "plugin) on the lab's northbound database, and create the topology's "
                          "objects through it (installs Neutron in its own venv if needed)")
+    up.add_argument("--l2-agent", metavar="NODE[,NODE]", default="",
+                    help="with --neutron: also run Neutron's own neutron-openvswitch-agent on "
+                         "these compute nodes beside dvr's (its own bridge br-l2, RabbitMQ and "
+                         "neutron-rpc-server in the namespace <prefix>-ctl), and ML2's "
+                         "openvswitch driver for VLAN networks on physnet1")
+    pl = cmds.add_parser("plug", help="with --neutron: plug a VM on a Neutron port as Nova "
+                         "would (on the port's host, on the bridge it is bound to)")
+    pl.add_argument("name", help="the VM's name (and the port's, unless --port)")
+    pl.add_argument("--port", help="the Neutron port's id")
+    rl = cmds.add_parser("restart-l2-agent", help="restart Neutron's OVS agent on a node")
+    rl.add_argument("node")
     ap = cmds.add_parser("apply", help="change the desired state of a running lab")
     ap.add_argument("topology")
     ap.add_argument("--timeout", type=float, default=60.0)
@@ -288,7 +299,8 @@ def lab_main(args: argparse.Namespace) -> int:
     if cmd == "up":
         t0 = time.monotonic()
         lab.up(args.topology, timeout=args.timeout, nb_cluster=args.nb_cluster,
-               bfd_interval=args.bfd_interval, neutron=args.neutron)
+               bfd_interval=args.bfd_interval, neutron=args.neutron,
+               l2_agents=[n for n in args.l2_agent.split(",") if n])
         st = lab.status()
         print(f"lab {lab.prefix} up: {len(st['nodes'])} nodes, {len(st['vms'])} VMs, "
               f"converged in {time.monotonic() - t0:.2f}s"
@@ -299,6 +311,12 @@ def lab_main(args: argparse.Namespace) -> int:
         print(f"lab {lab.prefix}: applied, converged in {time.monotonic() - t0:.2f}s")
     elif cmd == "down":
         lab.down()
+    elif cmd == "plug":
+        port = lab.plug(args.name, args.port)
+        print(f"{args.name}: plugged on port {port['id']} on {port['binding:host_id']} "
+              f"({port['binding:vif_details'].get('bridge_name', 'br-int')})")
+    elif cmd == "restart-l2-agent":
+        lab.restart_l2_agent(args.node)
     elif cmd == "status":
         st = lab.status()
         if args.json:

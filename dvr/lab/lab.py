@@ -37,7 +37,15 @@ import yaml
 from dvr.lab import LabError, run
 from dvr.lab.netlink import NetlinkError, Netns, delete_namespace, ensure_namespace, list_namespaces
 from flows import northbound
-from flows.model import VM, Topology, TopologyError, load_topology, parse_topology, to_dict
+from flows.model import (
+    NAME_RE,
+    VM,
+    Topology,
+    TopologyError,
+    load_topology,
+    parse_topology,
+    to_dict,
+)
 
 LOG = logging.getLogger(__name__)
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
@@ -305,13 +313,18 @@ class Lab:
     # --- commands -------------------------------------------------------------------------
     def up(self, topology: str | Path | None = None, timeout: float = CONVERGE_TIMEOUT,
            nb_cluster: int | None = None, bfd_interval: int | None = None,
-           neutron: bool = False) -> None:
+           neutron: bool = False, l2_agents: list[str] | None = None) -> None:
         """Build the lab (its northbound database standalone, or a RAFT cluster of
         `nb_cluster` members; with `neutron`, driven by a Neutron API that holds the
         topology's objects), or apply `topology` to the running lab."""
         path = Path(topology) if topology else DEFAULT_TOPOLOGY
         topo = load_topology(path)  # validate before anything is created
         raw = yaml.safe_load(path.read_text())
+        for node in l2_agents or []:
+            if not neutron:
+                raise LabError("--l2-agent needs --neutron")
+            if node not in topo.nodes or topo.nodes[node].is_network:
+                raise LabError(f"--l2-agent {node}: not a compute node of the topology")
         if nb_cluster is not None and not 1 <= nb_cluster <= MAX_NB_MEMBERS:
             raise LabError(f"--nb-cluster: between 1 and {MAX_NB_MEMBERS} members")
         with self.locked():
@@ -330,7 +343,7 @@ class Lab:
             try:
                 self._create(topo, raw, path, timeout, nb_cluster or 0,
                              BFD_INTERVAL if bfd_interval is None else bfd_interval,
-                             neutron)
+                             neutron, sorted(set(l2_agents or [])))
             except BaseException:
                 if os.environ.get("DVR_LAB_KEEP"):  # for a post-mortem; `down` removes it
                     LOG.error("lab %s: up failed; kept as it is (DVR_LAB_KEEP)", self.prefix)
@@ -390,7 +403,8 @@ class Lab:
         os.replace(tmp, self.topology_file)
 
     def _create(self, topo: Topology, raw: dict[str, Any], path: Path, timeout: float,
-                nb_cluster: int = 0, bfd_interval: int = 0, neutron: bool = False) -> None:
+                nb_cluster: int = 0, bfd_interval: int = 0, neutron: bool = False,
+                l2_agents: list[str] | None = None) -> None:
         for cmd in ("ovsdb-server", "ovs-vswitchd", "ovs-vsctl", "ovsdb-tool", "ethtool"):
             if shutil.which(cmd) is None:
                 raise LabError(f"{cmd} not found: install openvswitch-switch and ethtool")
@@ -425,7 +439,7 @@ class Lab:
                           sorted(eff.nodes)))
         self._warm_underlay(underlay)
         if neutron:
-            self._create_through_neutron(eff, raw, state, timeout)
+            self._create_through_neutron(eff, raw, state, timeout, l2_agents or [])
             return
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda vm: self._plug_vm(eff, vm), eff.vms.values()))
@@ -434,8 +448,10 @@ class Lab:
         self.wait_converged(eff, timeout)
 
     def _create_through_neutron(self, eff: Topology, raw: dict[str, Any],
-                                state: dict[str, Any], timeout: float) -> None:
-        """Start Neutron with the dvr driver on the lab's northbound database, create the
+                                state: dict[str, Any], timeout: float,
+                                l2_agents: list[str]) -> None:
+        """Start Neutron with the dvr driver on the lab's northbound database (and, on
+        `l2_agents`, Neutron's own OVS agent with ML2's openvswitch driver), create the
         topology's objects through its API, and plug each VM on its port, as Nova would."""
         from dvr.lab import neutron as lab_neutron
         from dvr.neutron import service
@@ -444,7 +460,9 @@ class Lab:
         workdir = self.dir / "neutron"
         try:
             service.ensure_venv(log=self.dir / "neutron-install.log")
-            api = service.Neutron(workdir, self.nb_connection(), extra_config={
+            drivers = ("dvr", "openvswitch") if l2_agents else ("dvr",)
+            api = service.Neutron(workdir, self.nb_connection(), mechanism_drivers=drivers,
+                                  extra_config={
                 "dvr": {"agent_down_time": str(AGENT_DOWN_TIME + 2)},
                 # a lab is one operator's: no quota stops its tests and benchmarks
                 "quotas": {f"quota_{r}": "-1" for r in ("network", "subnet", "port",
@@ -453,10 +471,13 @@ class Lab:
                 # security groups); without it Neutron 29 fails every bulk port create
                 "securitygroup": {"enable_security_group": "true"}})
             url = api.start()
+            state["neutron"] = {"url": url, "workdir": str(workdir), "ids": {},
+                                "l2_agents": l2_agents}
+            self._save_state(state)
+            if l2_agents:
+                self._start_l2_agents(api, l2_agents, state)
         except service.NeutronError as exc:
             raise LabError(f"Neutron: {exc}") from None
-        state["neutron"] = {"url": url, "workdir": str(workdir), "ids": {}}
-        self._save_state(state)
         ids = lab_neutron.create(lab_neutron.NeutronApi(url), eff, raw)
         state["neutron"]["ids"] = ids
         self._save_state(state)
@@ -470,6 +491,84 @@ class Lab:
         state["vms"] = {name: topo.vms[i].node for name, i in ids["vms"].items()}
         self._save_state(state)
         self.wait_converged(self.topology(), timeout)
+
+    # --- Neutron's own OVS agent beside dvr's ---------------------------------------------
+    def _start_l2_agents(self, api: Any, nodes: list[str], state: dict[str, Any]) -> None:
+        """RabbitMQ and neutron-rpc-server in the lab's controller namespace (on the
+        underlay), and neutron-openvswitch-agent on each of `nodes` (its own integration
+        bridge br-l2, the provider bridge as physnet1)."""
+        from dvr.neutron import l2agent
+
+        ctl = l2agent.create_ctl_namespace(self.prefix)
+        rabbit = l2agent.RabbitMQ(self.dir / "rabbitmq", ctl, l2agent.CTL_ADDRESS)
+        url = rabbit.start()
+        state["neutron"]["transport_url"] = url
+        self._save_state(state)
+        l2agent.RpcServer(api, ctl, url).start()
+        for node in nodes:
+            self.l2_agent(node, api).start()
+
+    def l2_agent(self, node: str, api: Any = None) -> Any:
+        """The Neutron OVS agent of `node` (a lab started with `--l2-agent`)."""
+        from dvr.neutron import l2agent, service
+
+        st = self.state().get("neutron") or {}
+        if node not in (st.get("l2_agents") or []):
+            raise LabError(f"node {node} of lab {self.prefix} runs no Neutron OVS agent "
+                           "(`dvr lab up --neutron --l2-agent NODE`)")
+        api = api or service.Neutron.find(Path(st["workdir"]))
+        return l2agent.OvsAgent(self.node_dir(node) / "neutron-ovs-agent", self.node_ns(node),
+                                node, self.node_dir(node) / "db.sock", st["transport_url"], api)
+
+    def restart_l2_agent(self, node: str) -> None:
+        from dvr.neutron import service
+
+        try:
+            self.l2_agent(node).restart()
+        except service.NeutronError as exc:
+            raise LabError(f"Neutron OVS agent on {node}: {exc}") from None
+
+    def plug(self, name: str, port_id: str | None = None) -> dict[str, Any]:
+        """Plug a VM named `name` on a Neutron port (default: the port named `name`), as
+        Nova and os-vif do: a namespace whose eth0 has the port's MAC and address, its other
+        end on the bridge Neutron bound the port to, on the port's host. Returns the port."""
+        from dvr.lab import neutron as lab_neutron
+
+        url = self.neutron_url()
+        if not url:
+            raise LabError(f"lab {self.prefix} runs no Neutron (`dvr lab up --neutron`)")
+        api = lab_neutron.NeutronApi(url)
+        if port_id:
+            port = api.call("GET", f"ports/{port_id}")["port"]
+        else:
+            found = api.list("ports", name=name)
+            if len(found) != 1:
+                raise LabError(f"{len(found)} Neutron ports are named {name!r}: give --port")
+            port = found[0]
+        if port.get("binding:vif_type") != "ovs":
+            raise LabError(f"port {port['id']} is not bound to an OVS bridge "
+                           f"(vif_type {port.get('binding:vif_type')})")
+        if not NAME_RE.match(name) or name in self.state()["vms"]:
+            raise LabError(f"VM name {name!r}: taken, or not [a-z][a-z0-9-]{{0,11}}")
+        node = port["binding:host_id"]
+        self._need_node(node)
+        fixed = port["fixed_ips"][0]
+        subnet = api.call("GET", f"subnets/{fixed['subnet_id']}")["subnet"]
+        net = api.call("GET", f"networks/{port['network_id']}")["network"]
+        cidr = ipaddress.IPv4Network(subnet["cidr"])
+        self._plug_port(name, node, port["mac_address"], f"{fixed['ip_address']}/"
+                        f"{cidr.prefixlen}", int(net.get("mtu") or 1500),
+                        subnet.get("gateway_ip"),
+                        port["binding:vif_details"].get("bridge_name", "br-int"), port["id"])
+        with self.locked():
+            state = self.state()
+            state["vms"][name] = node
+            state["neutron"]["ids"].setdefault("vms", {})[name] = port["id"]
+            state["neutron"].setdefault("plugged", {})[name] = {
+                "port_id": port["id"], "node": node,
+                "bridge": port["binding:vif_details"].get("bridge_name", "br-int")}
+            self._save_state(state)
+        return port
 
     def wait_northbound(self, ready: Any, timeout: float, what: str) -> Topology:
         """Wait until the northbound's desired state satisfies `ready(topology)`."""
@@ -801,25 +900,32 @@ class Lab:
     # --- VMs (the lab plays Nova and os-vif) ----------------------------------------------
     def _plug_vm(self, topo: Topology, vm: VM, label: str | None = None) -> None:
         """Plug `vm` (in the namespace of its lab name `label`, default its name)."""
-        label = label or vm.name
         net = topo.networks[vm.network]
-        ns, node_ns, tap = self.vm_ns(label), self.node_ns(vm.node), f"tap{label}"
+        gateway = str(net.gateway_ip) if topo.router_of(vm.network) is not None else None
+        self._plug_port(label or vm.name, vm.node, vm.mac, f"{vm.ip}/{net.cidr.prefixlen}",
+                        net.mtu, gateway, "br-int", vm.port_id)
+
+    def _plug_port(self, label: str, node: str, mac: str, address: str, mtu: int,
+                   gateway: str | None, bridge: str, port_id: str) -> None:
+        """A VM namespace `label` with eth0 (`mac`, `address`, a default route via `gateway`)
+        whose other end is an OVS port of `bridge` on `node` carrying `port_id`."""
+        ns, node_ns, tap = self.vm_ns(label), self.node_ns(node), f"tap{label}"
         ensure_namespace(ns)
         with Netns(node_ns) as n:
             n.add_veth(tap, "eth0", ns)
-            n.set_link(tap, up=True, mtu=net.mtu)
+            n.set_link(tap, up=True, mtu=mtu)
         with Netns(ns) as v:
             v.up_loopback()
-            v.set_link("eth0", mac=vm.mac, mtu=net.mtu, up=True)
-            v.add_address("eth0", f"{vm.ip}/{net.cidr.prefixlen}")
-            if topo.router_of(vm.network) is not None:
-                v.add_route("0.0.0.0/0", str(net.gateway_ip))
+            v.set_link("eth0", mac=mac, mtu=mtu, up=True)
+            v.add_address("eth0", address)
+            if gateway:
+                v.add_route("0.0.0.0/0", gateway)
         # userspace datapath: checksums must be complete on the wire (see lab facts)
         self._sh(ns, ["ethtool", "-K", "eth0", "tx", "off"], check=False)
         self._sh(node_ns, ["ethtool", "-K", tap, "tx", "off"], check=False)
-        self._vsctl(vm.node, "--may-exist", "add-port", "br-int", tap, "--", "set",
-                    "Interface", tap, f"external_ids:iface-id={vm.port_id}",
-                    f"external_ids:attached-mac={vm.mac}", "external_ids:iface-status=active",
+        self._vsctl(node, "--may-exist", "add-port", bridge, tap, "--", "set",
+                    "Interface", tap, f"external_ids:iface-id={port_id}",
+                    f"external_ids:attached-mac={mac}", "external_ids:iface-status=active",
                     f"external_ids:vm-uuid={uuid.uuid5(uuid.NAMESPACE_DNS, label)}")
 
     def _unplug_vm(self, name: str, node: str) -> None:
@@ -1026,7 +1132,9 @@ class Lab:
             return self.ext_ns, None
         topo = topo or self.topology()
         if kind == "vm":
-            if self.vm_id(name) not in topo.vms:
+            plugged = ((self.state().get("neutron") or {}).get("plugged") or {}
+                       ) if self.is_up() else {}
+            if self.vm_id(name) not in topo.vms and name not in plugged:
                 raise LabError(f"unknown VM {name!r} in lab {self.prefix}")
             return self.vm_ns(self.vm_label(name)), None
         if kind == "node":
@@ -1072,7 +1180,12 @@ class Lab:
                 os.kill(pid, signal.SIGKILL)
         for pid in pids:
             _wait_dead(pid, 5.0)
-        pattern = re.compile(rf"^{re.escape(self.prefix)}-(n-|v-|ul$|ext$|nb\d+$)")
+        if f"{self.prefix}-ctl" in list_namespaces():  # Neutron's RabbitMQ and rpc-server
+            from dvr.neutron import l2agent
+
+            with contextlib.suppress(Exception):
+                l2agent.delete_ctl_namespace(self.prefix)
+        pattern = re.compile(rf"^{re.escape(self.prefix)}-(n-|v-|ul$|ext$|nb\d+$|ctl$)")
         for ns in list_namespaces():
             if pattern.match(ns):
                 delete_namespace(ns)
