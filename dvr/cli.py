@@ -44,6 +44,7 @@ def _lab_parser(sub: argparse._SubParsersAction) -> None:
                          "would (on the port's host, on the bridge it is bound to)")
     pl.add_argument("name", help="the VM's name (and the port's, unless --port)")
     pl.add_argument("--port", help="the Neutron port's id")
+    cmds.add_parser("restart-neutron", help="restart the Neutron API (its database stays)")
     rl = cmds.add_parser("restart-l2-agent", help="restart Neutron's OVS agent on a node")
     rl.add_argument("node")
     ap = cmds.add_parser("apply", help="change the desired state of a running lab")
@@ -317,6 +318,8 @@ def lab_main(args: argparse.Namespace) -> int:
               f"({port['binding:vif_details'].get('bridge_name', 'br-int')})")
     elif cmd == "restart-l2-agent":
         lab.restart_l2_agent(args.node)
+    elif cmd == "restart-neutron":
+        lab.restart_neutron()
     elif cmd == "status":
         st = lab.status()
         if args.json:

@@ -42,6 +42,7 @@ APT_PACKAGES=(
   nftables conntrack conntrackd tcpdump    # NAT namespaces, conntrack state, captures
   iperf3                                   # throughput figures
   mariadb-server                           # Neutron's database (dvr lab up --neutron)
+  rabbitmq-server                          # Neutron's agents' messaging (--l2-agent)
   python3 python3-venv python3-dev gcc     # the agent and its dependencies
 )
 apt_packages() {

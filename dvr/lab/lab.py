@@ -520,6 +520,19 @@ class Lab:
         return l2agent.OvsAgent(self.node_dir(node) / "neutron-ovs-agent", self.node_ns(node),
                                 node, self.node_dir(node) / "db.sock", st["transport_url"], api)
 
+    def restart_neutron(self, timeout: float = 120) -> None:
+        """Restart the Neutron API (neutron-server); its database keeps running."""
+        from dvr.neutron import service
+
+        st = self.state().get("neutron") or {}
+        found = service.Neutron.find(Path(st["workdir"])) if st else None
+        if found is None:
+            raise LabError(f"lab {self.prefix} runs no Neutron (`dvr lab up --neutron`)")
+        try:
+            found.restart_api(timeout)
+        except service.NeutronError as exc:
+            raise LabError(f"Neutron: {exc}") from None
+
     def restart_l2_agent(self, node: str) -> None:
         from dvr.neutron import service
 

@@ -620,14 +620,23 @@ class Neutron:
         if left:
             raise NeutronError(f"processes {left} of {self.workdir} survive SIGKILL")
 
-    def stop(self) -> None:
-        """Stop uWSGI (master and workers), then MariaDB: SIGTERM, SIGKILL after a grace time.
-        Only processes named by the pid files in workdir whose command line mentions workdir.
-        Safe to repeat; the work directory (database, logs) is kept."""
+    def stop_api(self) -> None:
+        """Stop the API alone (uWSGI, master and workers); the database keeps running."""
         master = self._pid("uwsgi")
         if master is not None:
             self._terminate([master, *self._workers(master)], grace=10.0)
         self._pid_file("uwsgi").unlink(missing_ok=True)
+
+    def restart_api(self, timeout: float = 120) -> str:
+        """Stop the API and start it again (neutron-server restarted); returns its URL."""
+        self.stop_api()
+        return self.start(timeout)
+
+    def stop(self) -> None:
+        """Stop uWSGI (master and workers), then MariaDB: SIGTERM, SIGKILL after a grace time.
+        Only processes named by the pid files in workdir whose command line mentions workdir.
+        Safe to repeat; the work directory (database, logs) is kept."""
+        self.stop_api()
         db = self._pid("mariadbd")
         if db is not None:
             self._terminate([db], grace=20.0)

@@ -198,6 +198,21 @@ def test_a_change_made_while_the_northbound_is_down_is_not_lost(lab: LabHandle,
           lambda: nb_doc(lab)["vms"][vm1.id].get("floating_ip") == FIP)
 
 
+def test_neutron_restarted_changes_nothing(lab: LabHandle, cloud: Any) -> None:
+    """neutron-server restarted mid-scenario: its repair at start finds nothing to do, the
+    desired state keeps its generation, traffic flows on, and the API serves again."""
+    generation = lab.status()["generation"]
+    ping = lab.background(lab.ns("vm1"), "ping", "10.2.0.12", "300", "0.02")
+    lab.dvr("restart-neutron")
+    assert next(cloud.network.ips(floating_ip_address=FIP)).status == "ACTIVE"
+    time.sleep(2)  # the new worker's status thread has looked, and repaired (nothing)
+    res = lab.result(ping)
+    assert res["received"] == res["sent"], f"traffic lost while Neutron restarted: {res}"
+    assert lab.status()["generation"] == generation, "the restart changed the desired state"
+    assert "0 differences repaired" in (lab.rundir / "neutron" / "neutron-api.log"
+                                        ).read_text().rsplit("dvr mechanism driver", 1)[-1]
+
+
 def test_bad_requests_get_neutrons_errors_and_write_nothing(lab: LabHandle, cloud: Any) -> None:
     import openstack
 
