@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,108 +80,96 @@ def by_name(api: NeutronApi, collection: str, name: str) -> dict[str, Any]:
     return found[0]
 
 
-def fip_moves(lb: Lab, api: NeutronApi, watches: dict[str, FlowWatch], moves: int
-              ) -> tuple[list[float], list[float], int]:
-    fip = api.list("floatingips", floating_ip_address=FIP)[0]
-    targets = [(by_name(api, "ports", "vm3")["id"], "compute2"),
-               (by_name(api, "ports", "vm1")["id"], "compute1")]
-    calls, flows, failed = [], [], 0
-    for i in range(moves):
-        port_id, node = targets[i % 2]
-        for w in watches.values():
+class Series:
+    """Changes timed from just before the call: the call alone, and to the first flow
+    added on a node whose line holds a needle (an address, a MAC)."""
+
+    def __init__(self, watches: dict[str, FlowWatch]):
+        self.watches = watches
+        self.calls: list[float] = []
+        self.flows: list[float] = []
+        self.failed = 0
+
+    def time(self, node: str, needle: Callable[[Any], str], change: Callable[[], Any]) -> Any:
+        for w in self.watches.values():
             w.drain()
         t0 = time.perf_counter()
-        api.call("PUT", f"floatingips/{fip['id']}", {"floatingip": {"port_id": port_id}})
-        calls.append(time.perf_counter() - t0)
-        seen = watches[node].wait_added(FIP, FLOW_TIMEOUT_S)
+        result = change()
+        self.calls.append(time.perf_counter() - t0)
+        seen = self.watches[node].wait_added(needle(result), FLOW_TIMEOUT_S)
         if seen is None:
-            failed += 1
+            self.failed += 1
         else:
-            flows.append(seen - t0)
+            self.flows.append(seen - t0)
         time.sleep(SETTLE_S)
-    if moves % 2:  # leave it on vm1
-        api.call("PUT", f"floatingips/{fip['id']}",
-                 {"floatingip": {"port_id": targets[1][0]}})
-    return calls, flows, failed
+        return result
+
+    def figures(self) -> tuple[list[float], list[float], int]:
+        return self.calls, self.flows, self.failed
 
 
-def nb_fip_moves(lb: Lab, watches: dict[str, FlowWatch], api: NeutronApi, moves: int
+def movers(api: NeutronApi) -> list[tuple[str, str]]:
+    """vm3's and vm1's ports and nodes: the floating IP goes back and forth between them."""
+    return [(by_name(api, "ports", "vm3")["id"], "compute2"),
+            (by_name(api, "ports", "vm1")["id"], "compute1")]
+
+
+def fip_moves(api: NeutronApi, watches: dict[str, FlowWatch], moves: int
+              ) -> tuple[list[float], list[float], int]:
+    fip = api.list("floatingips", floating_ip_address=FIP)[0]
+    targets, series = movers(api), Series(watches)
+    for i in range(moves):
+        port_id, node = targets[i % 2]
+        series.time(node, lambda _: FIP, lambda port_id=port_id: api.call(
+            "PUT", f"floatingips/{fip['id']}", {"floatingip": {"port_id": port_id}}))
+    api.call("PUT", f"floatingips/{fip['id']}", {"floatingip": {"port_id": targets[1][0]}})
+    return series.figures()
+
+
+def nb_fip_moves(lb: Lab, api: NeutronApi, watches: dict[str, FlowWatch], moves: int
                  ) -> tuple[list[float], list[float], int]:
-    targets = [(by_name(api, "ports", "vm3")["id"], "compute2"),
-               (by_name(api, "ports", "vm1")["id"], "compute1")]
+    targets, series = movers(api), Series(watches)
     db = nb.Northbound(lb.nb_connection())
-    calls, flows, failed = [], [], 0
     try:
         for i in range(moves):
             vm, node = targets[i % 2]
-            for w in watches.values():
-                w.drain()
-            t0 = time.perf_counter()
-            db.change(northbound.fip_set(vm, NB_FIP), effective=False)
-            calls.append(time.perf_counter() - t0)
-            seen = watches[node].wait_added(NB_FIP, FLOW_TIMEOUT_S)
-            if seen is None:
-                failed += 1
-            else:
-                flows.append(seen - t0)
-            time.sleep(SETTLE_S)
-        holder = targets[(moves - 1) % 2][0]
-        db.change(northbound.fip_del(holder), effective=False)
+            series.time(node, lambda _: NB_FIP, lambda vm=vm: db.change(
+                northbound.fip_set(vm, NB_FIP), effective=False))
+        db.change(northbound.fip_del(targets[(moves - 1) % 2][0]), effective=False)
     finally:
         db.close()
-    return calls, flows, failed
+    return series.figures()
 
 
 def port_creates(api: NeutronApi, watches: dict[str, FlowWatch], count: int
                  ) -> tuple[list[float], list[float], int]:
-    blue = by_name(api, "networks", "blue")
-    calls, flows, failed, made = [], [], 0, []
+    blue, series, made = by_name(api, "networks", "blue"), Series(watches), []
     for i in range(count):
-        for w in watches.values():
-            w.drain()
-        t0 = time.perf_counter()
-        p = api.create("port", network_id=blue["id"], name=f"bench{i}",
-                       fixed_ips=[{"ip_address": f"10.1.0.{100 + i}"}],
-                       device_owner="compute:nova", **{"binding:host_id": "compute1"})
-        calls.append(time.perf_counter() - t0)
+        p = series.time("compute2", lambda p: p["mac_address"], lambda i=i: api.create(
+            "port", network_id=blue["id"], name=f"bench{i}",
+            fixed_ips=[{"ip_address": f"10.1.0.{100 + i}"}], device_owner="compute:nova",
+            **{"binding:host_id": "compute1"}))
         made.append(p["id"])
-        seen = watches["compute2"].wait_added(p["mac_address"], FLOW_TIMEOUT_S)
-        if seen is None:
-            failed += 1
-        else:
-            flows.append(seen - t0)
-        time.sleep(SETTLE_S)
     for pid in made:
         api.call("DELETE", f"ports/{pid}")
-    return calls, flows, failed
+    return series.figures()
 
 
 def nb_port_adds(lb: Lab, api: NeutronApi, watches: dict[str, FlowWatch], count: int
                  ) -> tuple[list[float], list[float], int]:
-    blue = by_name(api, "networks", "blue")
+    blue, series = by_name(api, "networks", "blue"), Series(watches)
     db = nb.Northbound(lb.nb_connection())
-    calls, flows, failed = [], [], 0
     try:
         for i in range(count):
             mac = f"fa:16:3e:bb:00:{i:02x}"
-            name = f"nbbench{i}"
-            for w in watches.values():
-                w.drain()
-            t0 = time.perf_counter()
-            db.change(northbound.vm_add(name, "compute1", blue["id"], f"10.1.0.{150 + i}",
-                                        mac), effective=False)
-            calls.append(time.perf_counter() - t0)
-            seen = watches["compute2"].wait_added(mac, FLOW_TIMEOUT_S)
-            if seen is None:
-                failed += 1
-            else:
-                flows.append(seen - t0)
-            time.sleep(SETTLE_S)
+            series.time("compute2", lambda _, mac=mac: mac, lambda i=i, mac=mac: db.change(
+                northbound.vm_add(f"nbbench{i}", "compute1", blue["id"], f"10.1.0.{150 + i}",
+                                  mac), effective=False))
         for i in range(count):
             db.change(northbound.vm_del(f"nbbench{i}"), effective=False)
     finally:
         db.close()
-    return calls, flows, failed
+    return series.figures()
 
 
 def nb_vm_count(lb: Lab) -> int:
@@ -271,8 +260,8 @@ def main() -> int:
             watches[node].wait_ready()
         time.sleep(2.0)  # the floating IP ACTIVE, the first reports in
         print("1. floating-IP associate ...", flush=True)
-        fig["fip_api"] = fip_moves(lb, api, watches, args.moves)
-        fig["fip_nb"] = nb_fip_moves(lb, watches, api, args.moves)
+        fig["fip_api"] = fip_moves(api, watches, args.moves)
+        fig["fip_nb"] = nb_fip_moves(lb, api, watches, args.moves)
         print("2. port create ...", flush=True)
         fig["port_api"] = port_creates(api, watches, args.moves)
         fig["port_nb"] = nb_port_adds(lb, api, watches, args.moves)

@@ -499,7 +499,7 @@ class Lab:
         bridge br-l2, the provider bridge as physnet1)."""
         from dvr.neutron import l2agent
 
-        ctl = l2agent.create_ctl_namespace(self.prefix)
+        ctl = l2agent.create_ctl_namespace(self.prefix, UNDERLAY.prefixlen, UNDERLAY_MTU)
         rabbit = l2agent.RabbitMQ(self.dir / "rabbitmq", ctl, l2agent.CTL_ADDRESS)
         url = rabbit.start()
         state["neutron"]["transport_url"] = url

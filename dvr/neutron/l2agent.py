@@ -78,23 +78,21 @@ def ctl_namespace(prefix: str) -> str:
     return f"{prefix}-ctl"
 
 
-def create_ctl_namespace(prefix: str) -> str:
-    """The lab's controller namespace `<prefix>-ctl` on its underlay (CTL_ADDRESS on `eth0`,
-    its veth `u-ctl` enslaved to the bridge `ul` of `<prefix>-ul`); idempotent. Returns the
-    namespace's name."""
-    from dvr.lab.lab import UNDERLAY, UNDERLAY_MTU
-
+def create_ctl_namespace(prefix: str, prefixlen: int, mtu: int) -> str:
+    """The lab's controller namespace `<prefix>-ctl` on its underlay (CTL_ADDRESS/`prefixlen`
+    on `eth0`, its veth `u-ctl` enslaved to the bridge `ul` of `<prefix>-ul`, both `mtu`);
+    idempotent. Returns the namespace's name."""
     ns, ul_ns = ctl_namespace(prefix), f"{prefix}-ul"
     if ul_ns not in list_namespaces():
         raise NeutronError(f"no namespace {ul_ns}: the lab {prefix} is not up")
     ensure_namespace(ns)
     with Netns(ul_ns) as ul:
-        ul.add_veth(CTL_VETH, "eth0", ns, mtu=UNDERLAY_MTU)
-        ul.set_link(CTL_VETH, master="ul", up=True, mtu=UNDERLAY_MTU)
+        ul.add_veth(CTL_VETH, "eth0", ns, mtu=mtu)
+        ul.set_link(CTL_VETH, master="ul", up=True, mtu=mtu)
     with Netns(ns) as ctl:
         ctl.up_loopback()  # the Erlang node and its epmd talk over 127.0.0.1
-        ctl.set_link("eth0", up=True, mtu=UNDERLAY_MTU)
-        ctl.add_address("eth0", f"{CTL_ADDRESS}/{UNDERLAY.prefixlen}")
+        ctl.set_link("eth0", up=True, mtu=mtu)
+        ctl.add_address("eth0", f"{CTL_ADDRESS}/{prefixlen}")
     # TCP to the nodes crosses their userspace datapath: no partial checksums
     run.run(ns, ["ethtool", "-K", "eth0", "tx", "off"], check=False)
     return ns

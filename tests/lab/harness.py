@@ -299,6 +299,15 @@ def running_lab(topology: Path | None, *up_args: str) -> Iterator[LabHandle]:
         dvr("lab", "--prefix", lab.prefix, "down", check=False)
 
 
+def neutron_cloud(lab: LabHandle) -> Any:
+    """An openstacksdk connection to a lab's Neutron (`dvr lab up --neutron`, noauth)."""
+    import openstack
+
+    url = lab.status()["neutron"]["url"]
+    return openstack.connection.Connection(auth_type="none", auth={"endpoint": url},
+                                           network_endpoint_override=url)
+
+
 def nb_cli(db: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """`dvr nb --db DB ARGS`."""
     return dvr("nb", "--db", db, *args, check=check)

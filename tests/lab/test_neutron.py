@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.lab.harness import TOPOLOGIES, LabHandle, echo_requests, ext_ping, running_lab
+from tests.lab.harness import (
+    TOPOLOGIES,
+    LabHandle,
+    echo_requests,
+    ext_ping,
+    neutron_cloud,
+    running_lab,
+)
 
 REMOTE = "198.51.100.10"
 FIP = "203.0.113.50"
@@ -30,11 +37,7 @@ def lab() -> Iterator[LabHandle]:
 
 @pytest.fixture(scope="module")
 def cloud(lab: LabHandle) -> Any:
-    import openstack
-
-    url = lab.status()["neutron"]["url"]
-    return openstack.connection.Connection(auth_type="none", auth={"endpoint": url},
-                                           network_endpoint_override=url)
+    return neutron_cloud(lab)
 
 
 def until(what: str, check: Callable[[], Any], timeout: float = 15.0) -> Any:
@@ -129,6 +132,21 @@ def test_floating_ip_moved_with_the_api_and_traffic_follows(lab: LabHandle, clou
     until("floating IP ACTIVE again", lambda: cloud.network.get_ip(fip.id).status == "ACTIVE")
     cloud.network.update_ip(fip, port_id=port(cloud, "vm1").id)  # back where it was
     until("the floating IP back on vm1", lambda: ext_ping(lab, FIP, count=1, wait=1))
+
+
+def test_a_port_unplugged_turns_down_and_plugged_again_active(lab: LabHandle,
+                                                              cloud: Any) -> None:
+    """The VIF leaves br-int (the VM stopped): the agent stops reporting it wired and Neutron
+    shows the port DOWN; plugged again, ACTIVE, and the VM reachable again."""
+    p = port(cloud, "vm3")
+    lab.node("compute2", "ovs-vsctl", "--timeout=20", "del-port", "br-int", "tapvm3")
+    until("vm3 DOWN", lambda: cloud.network.get_port(p.id).status == "DOWN")
+    assert not lab.ping("vm1", "10.1.0.13", wait=1)
+    lab.node("compute2", "ovs-vsctl", "--timeout=20", "add-port", "br-int", "tapvm3", "--",
+             "set", "Interface", "tapvm3", f"external_ids:iface-id={p.id}",
+             f"external_ids:attached-mac={p.mac_address}", "external_ids:iface-status=active")
+    until("vm3 ACTIVE", lambda: cloud.network.get_port(p.id).status == "ACTIVE")
+    until("vm3 reachable", lambda: lab.ping("vm1", "10.1.0.13", wait=1))
 
 
 def test_a_stale_update_is_refused(lab: LabHandle, cloud: Any) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from dvr.neutron import l2agent
 from flows.ofp import OWNER_COOKIE
-from tests.lab.harness import TOPOLOGIES, LabHandle, ext_ping, running_lab
+from tests.lab.harness import TOPOLOGIES, LabHandle, ext_ping, neutron_cloud, running_lab
 from tests.lab.test_ha import gaps
 
 STATS = re.compile(r"\b(duration|n_packets|n_bytes|idle_age|hard_age)=[^,\s]+,?\s*")
@@ -41,11 +41,7 @@ def lab() -> Iterator[LabHandle]:
 
 @pytest.fixture(scope="module")
 def cloud(lab: LabHandle) -> Any:
-    import openstack
-
-    url = lab.status()["neutron"]["url"]
-    return openstack.connection.Connection(auth_type="none", auth={"endpoint": url},
-                                           network_endpoint_override=url)
+    return neutron_cloud(lab)
 
 
 @pytest.fixture(scope="module")
