@@ -7,10 +7,15 @@ agent passes plain values.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from oslo_config import cfg
 
 from agent.version import VERSION
+
+# what an operator installs beside the package: the systemd unit, the sample configuration
+# (made by oslo-config-generator from the options below) and the generator's configuration
+ETC = Path(__file__).with_name("etc")
 
 DEFAULT_OPTS = [
     cfg.StrOpt("node", required=True,
@@ -32,9 +37,11 @@ OVS_OPTS = [
                     "with its uplink); the agent patches it to the integration bridge and "
                     "resolves the upstream gateway's MAC through its own interface. "
                     "Empty: this node has no external network."),
-    cfg.StrOpt("datapath_type", default="system", choices=["system", "netdev"],
+    cfg.StrOpt("datapath_type", default="system",
+               choices=[("system", "the kernel datapath"), ("netdev", "userspace")],
                help="Datapath of the bridges the agent creates (netdev: userspace)."),
-    cfg.StrOpt("tunnel_type", default="vxlan", choices=["vxlan", "geneve"],
+    cfg.StrOpt("tunnel_type", default="vxlan",
+               choices=[("vxlan", "VXLAN, UDP 4789"), ("geneve", "Geneve, UDP 6081")],
                help="Overlay encapsulation between nodes."),
     cfg.StrOpt("local_ip", help="This node's tunnel endpoint address."),
     cfg.IntOpt("bfd_interval", default=100, min=0,
@@ -47,7 +54,8 @@ OVS_OPTS = [
 ]
 
 TOPOLOGY_OPTS = [
-    cfg.StrOpt("source", default="file", choices=["file", "nb"],
+    cfg.StrOpt("source", default="file",
+               choices=[("file", "a topology file"), ("nb", "the northbound database")],
                help="Where the desired state comes from: a topology file, or the "
                     "northbound database."),
     cfg.StrOpt("file", help="Topology file (YAML), for source=file."),
@@ -72,12 +80,28 @@ AGENT_OPTS = [
 ]
 
 
+METRICS_OPTS = [
+    cfg.StrOpt("bind_host", default="",
+               help="Address of the Prometheus text endpoint (/metrics); empty: no endpoint. "
+                    "127.0.0.1 keeps it on this host."),
+    cfg.PortOpt("port", default=9101, help="Port of the Prometheus text endpoint."),
+]
+
+LOGGING_OPTS = [
+    cfg.StrOpt("log_format", default="text",
+               choices=[("text", "one line of text a record"), ("json", "one JSON object a line")],
+               help="Log lines as text, or as one JSON object a line (time, level, logger, "
+                    "node, message) for a log pipeline."),
+]
+
+
 def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
     return [
-        (None, DEFAULT_OPTS),
+        (None, DEFAULT_OPTS + LOGGING_OPTS),
         ("ovs", OVS_OPTS),
         ("topology", TOPOLOGY_OPTS),
         ("agent", AGENT_OPTS),
+        ("metrics", METRICS_OPTS),
     ]
 
 

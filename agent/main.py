@@ -10,6 +10,7 @@ the dataplane as it is.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import Any
 from agent import arp, config
 from agent.conntrack import Conntrack, ConntrackError
 from agent.flowtables import Desired, Installed, diff, diff_groups
+from agent.metrics import Metrics
 from agent.ofswitch import OpenFlowError, Switch
 from agent.ovsdb import Ovsdb, OvsdbError
 from agent.source import FileSource, NbSource, Source
@@ -126,11 +128,17 @@ class DvrAgent:
         self._held: frozenset[Binding] = frozenset()  # what the serving nodes publish
         self._held_by_router: dict[str, tuple[float, frozenset[Binding]]] = {}
         self._nat_next = 0.0
+        self.metrics = Metrics(self.node, VERSION)
+        if conf.metrics.bind_host:
+            self.status["metrics"] = self.metrics.serve(conf.metrics.bind_host,
+                                                        conf.metrics.port)
 
     # --- status ---------------------------------------------------------------------------
     def report(self, **changes: Any) -> None:
         self.status.update(changes)
         self.status["heartbeat"] = time.time()
+        self.metrics.state(self.status["heartbeat"], self.source.connected(),
+                           self.status.get("bfd") or {}, self.status.get("snat") or [])
         publish = getattr(self.source, "report", None)
         if publish is not None:  # the northbound database has an Agent table
             try:
@@ -363,12 +371,25 @@ class DvrAgent:
             except OpenFlowError as exc:
                 LOG.warning("gratuitous ARP for %s failed: %s", ip, exc)
 
+    def _restore_done(self) -> None:
+        """After a sync that installed every flow: if ovs-vswitchd was started holding its
+        datapath (flow-restore-wait, an OVS restart or upgrade), let it forward. A failure
+        is retried after the next sync; the switch forwards nothing meanwhile, never half."""
+        assert self.ovsdb is not None
+        try:
+            if self.ovsdb.flow_restore_wait():
+                self.ovsdb.clear_flow_restore_wait()
+                LOG.info("node %s: every flow is back: flow-restore-wait cleared", self.node)
+        except OvsdbError as exc:
+            LOG.warning("cannot clear flow-restore-wait: %s", exc)
+
     # --- the loop -------------------------------------------------------------------------
     def _load(self) -> bool:
         try:
             topo = self.source.load()
         except TopologyError as exc:
             LOG.error("desired state refused, keeping the last one: %s", exc)
+            self.metrics.refused.inc()
             self.report(error=str(exc))
             return False
         if self.node not in topo.nodes:
@@ -411,11 +432,15 @@ class DvrAgent:
                     result = self.sync(full)
                 except (OpenFlowError, OvsdbError) as exc:
                     LOG.warning("sync failed: %s", exc)
+                    self.metrics.failed("bundle" if isinstance(exc, OpenFlowError) else "ovsdb")
                     self.report(converged=False, error=str(exc))
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
                     continue
                 backoff = 0.1
+                self.metrics.synced(full, result.flows, result.added, result.deleted,
+                                    result.timing)
+                self._restore_done()
                 if full:
                     next_resync = now + conf.agent.resync_interval
                 dirty = full = False
@@ -479,6 +504,23 @@ class DvrAgent:
         os.write(self._stop_w, b"!")
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time (ISO 8601, UTC), level, logger, node, pid, message."""
+
+    def __init__(self, node: str):
+        super().__init__()
+        self.node = node
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+               .isoformat(timespec="milliseconds"), "level": record.levelname,
+               "logger": record.name, "node": self.node, "pid": record.process,
+               "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
@@ -487,6 +529,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         conf = config.make_conf(argv)
+        if conf.log_format == "json":
+            for handler in logging.getLogger().handlers:
+                handler.setFormatter(JsonFormatter(conf.node))
         if conf.topology.source == "file" and not conf.topology.file:
             raise ValueError("[topology] file is required with source=file")
         if conf.topology.source == "nb" and not conf.topology.nb_connection:

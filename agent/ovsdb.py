@@ -99,6 +99,19 @@ class Ovsdb:
         except Exception as exc:
             raise OvsdbError(f"{what}: {exc}") from None
 
+    def flow_restore_wait(self) -> bool:
+        """Whether ovs-vswitchd holds its datapath still (`other_config:flow-restore-wait`,
+        set by whoever restarted it: it forwards nothing until the flows are back)."""
+        rows = list(self.api.tables["Open_vSwitch"].rows.values())
+        return bool(rows) and str(rows[0].other_config.get("flow-restore-wait", "")).lower() \
+            == "true"
+
+    def clear_flow_restore_wait(self) -> None:
+        """Let ovs-vswitchd forward again: every flow is installed."""
+        self._execute("clear flow-restore-wait", [
+            self.api.db_remove("Open_vSwitch", ".", "other_config", "flow-restore-wait",
+                               if_exists=True)])
+
     def ensure_bridge(self, bridge: str, datapath_type: str) -> None:
         """The integration bridge, secure fail mode (no NORMAL when no flows), may exist."""
         self._execute(f"create bridge {bridge}", [

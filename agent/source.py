@@ -65,6 +65,10 @@ class Source(ABC):
     def bindings(self, router: str, fresh_within: float) -> set[str]:
         return set()
 
+    def connected(self) -> bool | None:
+        """Whether the source's database is connected (None: a source without one)."""
+        return None
+
 
 class FileSource(Source):
     """A topology file, re-read when its size, mtime or inode change."""
@@ -246,6 +250,10 @@ class NbSource(Source):
         """Seconds since each other agent's row last changed."""
         now = time.monotonic()
         return {n: now - t for n, t in self.idl.agent_seen.items() if n != self.node}
+
+    def connected(self) -> bool | None:
+        session = getattr(self.idl, "_session", None)
+        return bool(session is not None and session.is_connected())
 
     def reports(self, fresh_within: float) -> dict[str, dict[str, str]]:
         """Each other agent's BFD sessions (peer -> state), for the agents whose row changed

@@ -179,46 +179,47 @@ for _ in $(seq 1 30); do   # a leader may still be being elected
 done
 [[ $loaded == yes ]] || die "cannot load the topology into the northbound database"
 
-log "agent configuration $ETC/agent.ini"
-cat >"$ETC/agent.ini" <<EOF
-# dvr-agent configuration (oslo.config), written by vagrant/provision.sh
-[DEFAULT]
-node = $NODE
-
-[ovs]
-ovsdb_connection = unix:/var/run/openvswitch/db.sock
-integration_bridge = $BRIDGE
-datapath_type = system
-tunnel_type = vxlan
-local_ip = $LOCAL_IP
-
-[topology]
+log "agent configuration $ETC/agent.ini (from the package's sample)"
+# the sample oslo-config-generator made of the agent's options, each value set in place
+install -m 0644 "$SRC/agent/etc/agent.ini.sample" "$ETC/agent.ini.sample"
+cp "$ETC/agent.ini.sample" "$ETC/agent.ini"
+set_opt() {  # SECTION KEY VALUE: uncomment and set KEY in SECTION of agent.ini
+  "$VENV/bin/python" - "$ETC/agent.ini" "$@" <<'PY'
+import re, sys
+path, section, key, value = sys.argv[1:]
+out, current, done = [], None, False
+for line in open(path).read().split("\n"):
+    m = re.match(r"^\[(.+)\]$", line)
+    if m:
+        current = m.group(1)
+    if current == section and not done and re.match(rf"^#?{re.escape(key)} =", line):
+        line, done = f"{key} = {value}", True
+    out.append(line)
+if not done:
+    sys.exit(f"agent.ini.sample has no option [{section}] {key}")
+open(path, "w").write("\n".join(out))
+PY
+}
+set_opt DEFAULT node "$NODE"
+set_opt ovs ovsdb_connection unix:/var/run/openvswitch/db.sock
+set_opt ovs integration_bridge "$BRIDGE"
+set_opt ovs datapath_type system
+set_opt ovs tunnel_type vxlan
+set_opt ovs local_ip "$LOCAL_IP"
 # the desired state: the northbound database's members (the file is what was loaded there)
-source = nb
-nb_connection = $NB_REMOTES
-file = $ETC/topology.yaml
+set_opt topology source nb
+set_opt topology nb_connection "$NB_REMOTES"
+set_opt topology file "$ETC/topology.yaml"
+set_opt agent status_file "$STATE/agent-status.json"
+set_opt metrics bind_host 127.0.0.1
 
-[agent]
-status_file = $STATE/agent-status.json
-EOF
-
-log "dvr-agent.service"
-cat >/etc/systemd/system/dvr-agent.service <<EOF
+log "dvr-agent.service (the package's unit)"
+install -m 0644 "$SRC/agent/etc/dvr-agent.service" /etc/systemd/system/dvr-agent.service
+mkdir -p /etc/systemd/system/dvr-agent.service.d
+cat >/etc/systemd/system/dvr-agent.service.d/lab.conf <<EOF
+# this lab's northbound database member runs on the node: start after it
 [Unit]
-Description=dvr-agent: Distributed Virtual Router dataplane of this node
-Documentation=file://$SRC/vagrant/README.md
-# the agent reconnects by itself when Open vSwitch restarts: order, do not bind
-Wants=openvswitch-switch.service network-online.target
-After=openvswitch-switch.service ovs-vswitchd.service network-online.target dvr-nb.service
-
-[Service]
-Type=simple
-ExecStart=$VENV/bin/dvr-agent --config-file $ETC/agent.ini
-Restart=on-failure
-RestartSec=2
-
-[Install]
-WantedBy=multi-user.target
+After=dvr-nb.service
 EOF
 
 log "VM plugging (dvr-vms.service)"

@@ -66,6 +66,7 @@ NB_CLUSTER_TIMEOUT = 20.0
 BFD_INTERVAL = 100  # ms between BFD packets on the tunnels to and between network nodes
 CUT_TABLE = "dvrcut"  # the nftables table of `dvr lab cut`, on the underlay bridge
 AGENT_DOWN_TIME = 3.0  # s after its last report that an agent counts as dead
+METRICS_HOST, METRICS_PORT = "127.0.0.1", 9101  # each agent's /metrics, inside its node
 
 
 def rundir() -> Path:
@@ -714,6 +715,9 @@ class Lab:
             "source = nb\n"
             f"nb_connection = {self.nb_connection(agents=True)}\n"
             f"file = {self.topology_file}\n"
+            "[metrics]\n"  # on the node's own loopback: `dvr lab node NODE -- curl ...`
+            f"bind_host = {METRICS_HOST}\n"
+            f"port = {METRICS_PORT}\n"
             "[agent]\n"
             f"status_file = {d}/agent-status.json\n"
             "resync_interval = 5\n"
@@ -858,6 +862,10 @@ class Lab:
         self._need_node(node)
         syncs = (self.agent_status(node) or {}).get("syncs", 0)
         _kill_pidfile(self._procs(node)["ovs-vswitchd"], signal.SIGKILL)
+        # as an OVS upgrade does (ovs-ctl --restart): the new ovs-vswitchd forwards nothing
+        # until the agent has put every flow back and cleared it
+        self._vsctl(node, "--no-wait", "set", "Open_vSwitch", ".",
+                    "other_config:flow-restore-wait=true")
         self._restart_vswitchd(node)
         # converged again only once the agent has synced with the new ovs-vswitchd
         deadline = time.monotonic() + timeout
@@ -1071,6 +1079,7 @@ class Lab:
                 "agent": {
                     "alive": alive,
                     "pid": _read_pid(self._procs(name)["agent"]),
+                    "metrics": f"http://{METRICS_HOST}:{METRICS_PORT}/metrics",
                     # alive since it started, dead since its last report
                     "since": st.get("started") if alive else st.get("heartbeat"),
                     "bfd": st.get("bfd", {}),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.version import VERSION
 from tests.lab.harness import LabHandle, dvr, leftovers, nb_cli, running_lab, unique_prefix
 
 BROKEN = """
@@ -168,11 +169,17 @@ def test_agent_restart_does_not_flush_or_rewrite_flows(default_lab: LabHandle) -
 
 
 def test_restart_ovs_recovers_flows(default_lab: LabHandle) -> None:
+    """ovs-vswitchd restarted as an upgrade restarts it (flow-restore-wait=true): it forwards
+    nothing until the agent has put every flow back in one bundle and cleared the flag."""
     lab = default_lab
     cookies = _cookies(_dump(lab, "compute2"))
     lab.dvr("restart-ovs", "compute2")
     assert _wait_for(lambda: _cookies(_dump(lab, "compute2")) == cookies)
     assert _wait_for(lambda: lab.ping("vm1", "10.2.0.12", wait=1), timeout=10)
+    other = lab.node("compute2", "ovs-vsctl", "get", "Open_vSwitch", ".", "other_config")
+    assert "flow-restore-wait" not in other, other
+    log = (lab.rundir / "nodes" / "compute2" / "agent.log").read_text()
+    assert "flow-restore-wait cleared" in log
 
 
 def test_apply_refuses_a_broken_topology_and_keeps_the_lab(
@@ -267,3 +274,39 @@ def test_kill_and_start_a_node(default_lab: LabHandle) -> None:
     node = lab.status()["nodes"]["compute2"]
     assert node["ovs_vswitchd"] and node["agent"]["converged"], node
     assert _wait_for(lambda: lab.ping("vm1", "10.2.0.12", wait=1), timeout=10)
+
+
+def _scrape(lab: LabHandle, node: str) -> dict[str, float]:
+    """The agent's /metrics, fetched from inside its node (the URL the lab's status gives)."""
+    import sys
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = lab.status()["nodes"][node]["agent"]["metrics"]
+    text = lab.node(node, sys.executable, "-c",
+                    f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=5)"
+                    ".read().decode())")
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def test_metrics_endpoint_on_every_node(default_lab: LabHandle) -> None:
+    lab = default_lab
+    st = lab.status()
+    for node, info in st["nodes"].items():
+        agent = info["agent"]
+        assert agent["metrics"] == "http://127.0.0.1:9101/metrics" and agent["pid"]
+        got = _scrape(lab, node)
+        assert got["dvr_agent_flows_installed"] == agent["flows"], node
+        assert got["dvr_agent_converged"] == 1
+        assert got["dvr_agent_northbound_connected"] == 1
+        assert got["dvr_agent_syncs_total{kind=full}"] >= 1
+        assert got["dvr_agent_sync_seconds_count"] >= 1
+        assert got[f"dvr_agent_info{{node={node},version={VERSION}}}"] == 1
+    net1 = _scrape(lab, "net1")
+    assert net1["dvr_agent_snat_active{router=r1}"] == 1  # the built-in lab's one router
+    assert net1["dvr_agent_bfd_session_up{peer=compute1}"] == 1

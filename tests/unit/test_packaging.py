@@ -173,3 +173,35 @@ def test_the_installed_wheel_runs_alone_and_finds_its_files(
     found = {entry.split(": ", 1)[1] for entry in out["found"]}
     assert "flows/nb.ovsschema" in found, out["found"]
     assert out["version"] == wheel_metadata(wheel)["Version"]
+
+
+def test_the_sample_configuration_is_in_step_with_the_options(tmp_path: Path) -> None:
+    """agent/etc/agent.ini.sample is what oslo-config-generator makes of the options now:
+    an option added, renamed or documented anew without regenerating it fails here."""
+    from agent.config import ETC
+
+    out = tmp_path / "agent.ini.sample"
+    gen = Path(sys.executable).with_name("oslo-config-generator")
+    run = subprocess.run([str(gen), "--namespace", "dvr-agent", "--wrap-width", "79",
+                          "--output-file", str(out)], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert out.read_text() == (ETC / "agent.ini.sample").read_text(), (
+        "regenerate: oslo-config-generator --config-file "
+        "agent/etc/dvr-agent-config-generator.conf")
+    assert "#bind_host =" in out.read_text() and "[metrics]" in out.read_text()
+
+
+def test_the_systemd_unit_restarts_the_agent_after_open_vswitch() -> None:
+    import configparser
+
+    from agent.config import ETC
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(ETC / "dvr-agent.service")
+    assert unit["Service"]["Restart"] == "always"
+    assert "openvswitch-switch.service" in unit["Unit"]["After"].split()
+    exe, *args = unit["Service"]["ExecStart"].split()
+    assert exe.endswith("/dvr-agent") and args == ["--config-file", "/etc/dvr/agent.ini"]
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
