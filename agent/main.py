@@ -434,7 +434,9 @@ class DvrAgent:
                     LOG.warning("sync failed: %s", exc)
                     self.metrics.failed("bundle" if isinstance(exc, OpenFlowError) else "ovsdb")
                     self.report(converged=False, error=str(exc))
-                    time.sleep(backoff)
+                    # back off, but try again at once when OVSDB changes: a restarted
+                    # ovs-vswitchd numbering its ports is ready for the flows
+                    self._pause(backoff)
                     backoff = min(backoff * 2, 2.0)
                     continue
                 backoff = 0.1
@@ -466,6 +468,17 @@ class DvrAgent:
             self.ovsdb.close()
         self.switch.close()
         return 0
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or until OVSDB reports a change or the agent is stopped."""
+        import ovs.poller
+
+        poller = ovs.poller.Poller()
+        if self.ovsdb is not None:
+            poller.fd_wait(self.ovsdb.changed.fd, select.POLLIN)
+        poller.fd_wait(self._stop_r, select.POLLIN)
+        poller.timer_wait(int(seconds * 1000))
+        poller.block()
 
     def _wait(self, next_resync: float, retry: float | None) -> None:
         """Sleep until something may need doing: the northbound database or OVSDB

@@ -2,7 +2,7 @@
 """Operability benchmark of dvr-agent: prints figures, asserts nothing.
 
     python3 bench/operability.py [--prefix bop] [--restarts 5] [--ovs-restarts 3]
-                                 [--ports 6000]
+                                 [--ports 9000]
 
 On the built-in lab (compute1, compute2, net1), one UDP datagram every 10 ms from vm1
 (compute1) to vm2 (compute2), routed east-west, counted on arrival:
@@ -17,8 +17,9 @@ On the built-in lab (compute1, compute2, net1), one UDP datagram every 10 ms fro
    ovs-vswitchd on the same node in the same run (from its start to its bridges' ports
    numbered, flows not counted). Target: gap <= bare start + 100 ms;
 3. metrics: the time to scrape compute1's /metrics (from inside its node) with the small
-   lab, then with a generated cloud loaded (--ports ports, dvr/lab/generate.py) that puts
-   about 10,000 flows on compute1; median of 20 scrapes each.
+   lab, then with a generated cloud loaded (--ports ports, dvr/lab/generate.py, and a VM of
+   compute1 on each of its networks) that puts about 10,000 flows on compute1; median of
+   20 scrapes each.
 
 Needs root; the lab always goes down at the end.
 """
@@ -45,7 +46,7 @@ from bench.nb import cloud, wait_agents  # noqa: E402
 from dvr import nb  # noqa: E402
 from dvr.lab import run  # noqa: E402
 from dvr.lab.lab import Lab, _kill_pidfile, _read_pid  # noqa: E402
-from flows.model import build_topology  # noqa: E402
+from flows.model import build_topology, port_id_for  # noqa: E402
 
 INTERVAL = 0.01
 PORT = 7300
@@ -144,6 +145,22 @@ def ovs_restarts(lb: Lab, count: int) -> tuple[list[float], list[float], list[in
     return gaps, bares, lost
 
 
+def plug(lb: Lab, node: str, count: int) -> None:
+    """Plug VMs c0.. on the node's br-int as internal ports with their iface-id, as
+    bench/nb.py plugs its bound ports (an agent plans the networks of its plugged VMs)."""
+    cmd = ["ovs-vsctl", "--timeout=60"]
+    for i in range(count):
+        name = f"c{i}"
+        cmd += ["--", "--may-exist", "add-port", "br-int", f"bop-{name}", "--", "set",
+                "Interface", f"bop-{name}", "type=internal",
+                f"external_ids:iface-id={port_id_for(name)}",
+                f"external_ids:attached-mac=02:c0:00:00:{i // 256:02x}:{i % 256:02x}",
+                "external_ids:iface-status=active"]
+    res = run.run(lb.node_ns(node), cmd, env=lb.ovs_env(node), check=False)
+    if res.returncode != 0:
+        raise BenchError(f"plugging {count} ports on {node}: {res.stderr.strip()[-200:]}")
+
+
 def scrape_times(lb: Lab, node: str, n: int = 20) -> tuple[float, int]:
     url = lb.status()["nodes"][node]["agent"]["metrics"]
     code = ("import sys, time, urllib.request\n"
@@ -164,7 +181,7 @@ def main() -> int:
     ap.add_argument("--prefix", default="bop")
     ap.add_argument("--restarts", type=int, default=5)
     ap.add_argument("--ovs-restarts", type=int, default=3)
-    ap.add_argument("--ports", type=int, default=6000)
+    ap.add_argument("--ports", type=int, default=9000)
     args = ap.parse_args()
     lb = Lab(args.prefix)
     fig: dict[str, Any] = {}
@@ -181,10 +198,16 @@ def main() -> int:
         fig["flows_small"] = lb.status()["nodes"]["compute1"]["agent"]["flows"]
         db = nb.Northbound(lb.nb_connection())
         try:
-            doc = cloud(db.dump(), args.ports, "compute1")
+            doc = cloud(db.dump(), args.ports, "compute1", bound=0)
+            # a VM of compute1 on every generated network: it plans them all
+            hosted = [n for n in doc["networks"] if n.startswith("gn")]
+            for i, net in enumerate(hosted):
+                doc["vms"][f"c{i}"] = {"node": "compute1", "network": net,
+                                       "mac": f"02:c0:00:00:{i // 256:02x}:{i % 256:02x}"}
             generation = db.load(build_topology(doc, "<generated>"))
         finally:
             db.close()
+        plug(lb, "compute1", len(hosted))
         wait_agents(lb, ["compute1"], generation, 600)
         fig["flows_big"] = lb.status()["nodes"]["compute1"]["agent"]["flows"]
         fig["scrape_big"] = scrape_times(lb, "compute1")
