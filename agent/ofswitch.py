@@ -481,9 +481,21 @@ class Bundle:
             raise OpenFlowError(f"{sw.target}: bundle discarded: {errors[0]}"
                                 + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
         commit = self._ctrl(ofp.ONF_BCT_COMMIT_REQUEST)
-        msg = sw._reply_to(commit)
+        # a message the switch refuses at commit (a table full, say) gets its own error
+        # before the commit's: name its flow
+        refused: list[str] = []
+        while True:
+            msg = sw._recv()
+            if msg.xid == commit:
+                break
+            if msg.msg_type == ofp.OFPT_ERROR and msg.xid in self.sent:
+                refused.append(f"{_describe(self.sent[msg.xid])}: {_error(msg)}")
         if msg.msg_type == ofp.OFPT_ERROR:
-            raise OpenFlowError(f"{sw.target}: bundle commit failed: {_error(msg)}")
+            self.id = 0  # the switch discarded it
+            raise OpenFlowError(f"{sw.target}: bundle commit failed: {_error(msg)}"
+                                + (f"; refused: {refused[0]}" if refused else "")
+                                + (f" (and {len(refused) - 1} more)" if len(refused) > 1
+                                   else ""))
         if getattr(msg, "type", None) != ofp.ONF_BCT_COMMIT_REPLY:
             raise OpenFlowError(f"{sw.target}: bundle commit: unexpected reply {msg}")
         self.id = 0

@@ -341,3 +341,155 @@ def test_agent_restarts_and_crashes_lose_no_packet(default_lab: LabHandle) -> No
     for node, cookies in before.items():
         assert _wait_for(lambda node=node, cookies=cookies: _cookies(_dump(lab, node))
                          == cookies), node
+
+
+FOREIGN = [  # another controller's flows: its own cookie, tables dvr does not use, and a
+    # table-miss of its own in one of them
+    "cookie=0x5ca1ab1e00000001,table=60,priority=0,actions=drop",
+    "cookie=0x5ca1ab1e00000001,table=60,priority=10,ip,nw_dst=10.77.0.0/16,actions=goto_table:61",
+    "cookie=0x5ca1ab1e00000001,table=61,priority=5,ip,nw_dst=10.77.1.1,actions=drop",
+    "cookie=0x5ca1ab1e00000001,table=62,priority=1,actions=drop",
+]
+
+
+def _foreign(lab: LabHandle, node: str) -> list[str]:
+    out = lab.node(node, "ovs-ofctl", "-O", "OpenFlow13", "dump-flows", "br-int",
+                   "cookie=0x5ca1ab1e00000001/-1")
+    return sorted(re.sub(r"\b(duration|n_packets|n_bytes)=[^,\s]+,?\s*", "", ln.strip())
+                  for ln in out.splitlines() if ln.strip().startswith("cookie="))
+
+
+def _dvrs(lab: LabHandle, node: str) -> set[str]:
+    """The cookies of dvr's flows (its owner bits) on the node's br-int."""
+    return {c for c in _cookies(_dump(lab, node)) if c.startswith("0xd7a5")}
+
+
+def test_another_controllers_flows_are_never_touched(default_lab: LabHandle) -> None:
+    """Another controller adds its flows (several tables, its own table-miss, its own
+    cookie), flushes and reinstalls them in bundles, while dvr's agent syncs changes,
+    restarts and crashes: its flows are exactly as it left them, dvr's exactly as planned,
+    and dvr's traffic flows."""
+    import os
+    import signal
+
+    lab, node = default_lab, "compute1"
+    path = lab.rundir / "foreign.txt"
+    path.write_text("\n".join(FOREIGN) + "\n")
+    ours = _dvrs(lab, node)
+    lab.node(node, "ovs-ofctl", "-O", "OpenFlow13", "--bundle", "add-flows", "br-int",
+             str(path))
+    try:
+        mine = _foreign(lab, node)
+        assert len(mine) == len(FOREIGN)
+        lab.dvr_nb("vm-add", "vm8", "--node", "compute2", "--network", "red")  # a sync
+        # the other controller flushes its own and reinstalls them, in one bundle each
+        lab.node(node, "ovs-ofctl", "-O", "OpenFlow13", "del-flows", "br-int",
+                 "cookie=0x5ca1ab1e00000001/-1")
+        lab.node(node, "ovs-ofctl", "-O", "OpenFlow13", "--bundle", "add-flows", "br-int",
+                 str(path))
+        lab.dvr("restart-agent", node)
+        os.kill(int((lab.rundir / "nodes" / node / "agent.pid").read_text()), signal.SIGKILL)
+        lab.dvr("restart-agent", node)
+        lab.dvr_nb("vm-del", "vm8")
+        assert _wait_for(lambda: _dvrs(lab, node) == ours), "dvr's flows differ"
+        time.sleep(5.5)  # past a full resync, which reads every flow back
+        assert _foreign(lab, node) == mine, "another controller's flows were touched"
+        assert _dvrs(lab, node) == ours
+        assert lab.ping("vm1", "10.2.0.12")
+    finally:
+        lab.node(node, "ovs-ofctl", "del-flows", "br-int", "cookie=0x5ca1ab1e00000001/-1")
+
+
+def _table_flows(lab: LabHandle, node: str, table: int) -> list[str]:
+    out = lab.node(node, "ovs-ofctl", "-O", "OpenFlow13", "dump-flows", "br-int",
+                   f"table={table}")
+    return sorted(re.sub(r"\b(duration|n_packets|n_bytes)=[^,\s]+,?\s*", "", ln.strip())
+                  for ln in out.splitlines() if ln.strip().startswith("cookie="))
+
+
+def test_a_bundle_the_switch_refuses_changes_nothing_and_is_retried(
+        default_lab: LabHandle) -> None:
+    """compute2's ls_out_remote table is made full (an OVS flow limit that refuses): a new
+    remote VM's bundle is refused by the switch. The bundle is discarded whole (not one of
+    its flows lands, in any table), the agent logs it, counts it, keeps forwarding with its
+    previous flows, retries; once the table has room it converges."""
+    lab, node = default_lab, "compute2"
+    full = {t: _table_flows(lab, node, t) for t in (30, 40, 45)}
+    ours = _dvrs(lab, node)
+    errors = _scrape(lab, node)["dvr_agent_sync_errors_total{kind=bundle}"]
+    lab.node(node, "ovs-vsctl", "--", "--id=@ft", "create", "Flow_Table",
+             f"flow_limit={len(full[40])}", "overflow_policy=refuse", "--", "set", "Bridge",
+             "br-int", "flow_tables:40=@ft")
+    try:
+        lab.dvr_nb("vm-add", "vm7", "--node", "compute1", "--network", "red",
+                   "--ip", "10.2.0.77")
+        assert _wait_for(lambda: _scrape(lab, node)[
+            "dvr_agent_sync_errors_total{kind=bundle}"] > errors), "no refused bundle counted"
+        assert "TABLE_FULL" in (lab.rundir / "nodes" / node / "agent.log").read_text()
+        assert _dvrs(lab, node) == ours, "a refused bundle changed flows"
+        assert {t: _table_flows(lab, node, t) for t in full} == full
+        assert lab.ping("vm1", "10.2.0.12"), "traffic stopped with the refused bundle"
+        assert lab.status()["nodes"][node]["agent"]["converged"] is False
+    finally:
+        lab.node(node, "ovs-vsctl", "clear", "Bridge", "br-int", "flow_tables")
+    # room again: the retry lands the whole change
+    assert _wait_for(lambda: "reg0=0xa02004d" in _dump(lab, node), timeout=10)
+    lab.dvr_nb("vm-del", "vm7")
+    assert _wait_for(lambda: _dvrs(lab, node) == ours)
+
+
+def test_the_nodes_ovsdb_server_dies_and_comes_back(default_lab: LabHandle) -> None:
+    """The node's ovsdb-server killed: the agent keeps running (and the userspace switch
+    stops: ovs-vswitchd processes nothing without its database lock, docs/operations.md);
+    back, the agent reconnects and applies the change made meanwhile, and traffic flows."""
+    import os
+    import signal
+
+    from dvr.lab.lab import Lab
+
+    lab, node = default_lab, "compute2"
+    pid_file = lab.rundir / "nodes" / node / "ovsdb-server.pid"
+    agent = int((lab.rundir / "nodes" / node / "agent.pid").read_text())
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    try:
+        lab.dvr_nb("vm-add", "vm6", "--node", "compute1", "--network", "red",
+                   "--ip", "10.2.0.66")
+        time.sleep(1)
+        assert Path(f"/proc/{agent}").exists(), "the agent exited"
+    finally:
+        Lab(lab.prefix)._start_ovsdb(node)
+    assert _wait_for(lambda: "reg0=0xa020042" in _dump(lab, node), timeout=20), (
+        "the change made meanwhile did not land after ovsdb-server came back")
+    assert int((lab.rundir / "nodes" / node / "agent.pid").read_text()) == agent
+    lab.dvr_nb("vm-del", "vm6")
+    assert _wait_for(lambda: lab.ping("vm1", "10.2.0.12", wait=1), timeout=10)
+
+
+@pytest.mark.timeout(240)
+def test_the_northbound_down_for_a_minute_costs_no_packet(default_lab: LabHandle) -> None:
+    """The northbound database down for 60 s: every node forwards on with its flows (a
+    datagram every 10 ms, none lost), the agents say they are disconnected (metrics), and
+    reconnect by themselves: a change made after the database is back lands at once."""
+    lab = default_lab
+    sink = lab.background(lab.ns("vm2"), "udp-sink", "7500", "--seconds", "66", ready=True)
+    source = lab.background(lab.ns("vm1"), "udp-stream", "10.2.0.12", "7500", "--interval",
+                            "0.01", "--seconds", "64")
+    time.sleep(1)
+    lab.dvr("kill-nb")
+    try:
+        assert _wait_for(lambda: _scrape(lab, "compute1")[
+            "dvr_agent_northbound_connected"] == 0, timeout=10)
+        time.sleep(60)
+    finally:
+        lab.dvr("start-nb")
+    sent = lab.result(source, timeout=90)["sent"]
+    got = lab.result(sink, timeout=90)
+    lost = sent - len({g[0] for g in got})
+    assert lost == 0, f"{lost} of {sent} datagrams lost while the northbound was down"
+    assert _wait_for(lambda: _scrape(lab, "compute1")["dvr_agent_northbound_connected"] == 1,
+                     timeout=20)
+    lab.dvr_nb("vm-add", "vm5", "--node", "compute2", "--network", "red", "--ip", "10.2.0.55")
+    try:
+        assert _wait_for(lambda: "reg0=0xa020037" in _dump(lab, "compute1"), timeout=5)
+    finally:
+        lab.dvr_nb("vm-del", "vm5")
