@@ -367,24 +367,28 @@ def bound_mac(b: int) -> str:
     return f"02:b0:00:00:{b // 256:02x}:{b % 256:02x}"
 
 
-def plug_bound(lb: Lab, node: str, bound: int = BOUND) -> float:
-    """Plug ports b0.. into the node's br-int as Nova/os-vif would (internal ports here),
-    iface-id = the port's id in the model. Returns the seconds it took."""
+def plug_internal(lb: Lab, node: str, ports: list[tuple[str, str]], tag: str) -> float:
+    """Plug (name, mac) ports into the node's br-int as Nova/os-vif would (internal ports
+    here, `<tag>-<name>`), iface-id = the port's id in the model. Returns the seconds it
+    took."""
     cmd = ["ovs-vsctl", "--timeout=60"]
-    for b in range(bound):
-        name = f"b{b}"
-        cmd += ["--", "--may-exist", "add-port", "br-int", f"bnb-{name}", "--", "set",
-                "Interface", f"bnb-{name}", "type=internal",
+    for name, mac in ports:
+        cmd += ["--", "--may-exist", "add-port", "br-int", f"{tag}-{name}", "--", "set",
+                "Interface", f"{tag}-{name}", "type=internal",
                 f"external_ids:iface-id={port_id_for(name)}",
-                f"external_ids:attached-mac={bound_mac(b)}",
-                "external_ids:iface-status=active"]
+                f"external_ids:attached-mac={mac}", "external_ids:iface-status=active"]
     argv, env = lb.exec_argv("node", node, cmd)
     t0 = time.perf_counter()
     res = subprocess.run(argv, env=env, text=True, capture_output=True,
                          stdin=subprocess.DEVNULL, timeout=120)
     if res.returncode != 0:
-        raise BenchError(f"plugging {bound} ports on {node}: {last_line(res)}")
+        raise BenchError(f"plugging {len(ports)} ports on {node}: {last_line(res)}")
     return time.perf_counter() - t0
+
+
+def plug_bound(lb: Lab, node: str, bound: int = BOUND) -> float:
+    """Plug ports b0.. into the node's br-int (see plug_internal)."""
+    return plug_internal(lb, node, [(f"b{b}", bound_mac(b)) for b in range(bound)], "bnb")
 
 
 @dataclass

@@ -42,11 +42,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.east_west import BenchError, lab, lab_down, last_line, verdict  # noqa: E402
-from bench.nb import cloud, wait_agents  # noqa: E402
+from bench.nb import cloud, plug_internal, wait_agents  # noqa: E402
 from dvr import nb  # noqa: E402
 from dvr.lab import run  # noqa: E402
 from dvr.lab.lab import Lab, _kill_pidfile, _read_pid  # noqa: E402
-from flows.model import build_topology, port_id_for  # noqa: E402
+from flows.model import build_topology  # noqa: E402
 
 INTERVAL = 0.01
 PORT = 7300
@@ -145,20 +145,9 @@ def ovs_restarts(lb: Lab, count: int) -> tuple[list[float], list[float], list[in
     return gaps, bares, lost
 
 
-def plug(lb: Lab, node: str, count: int) -> None:
-    """Plug VMs c0.. on the node's br-int as internal ports with their iface-id, as
-    bench/nb.py plugs its bound ports (an agent plans the networks of its plugged VMs)."""
-    cmd = ["ovs-vsctl", "--timeout=60"]
-    for i in range(count):
-        name = f"c{i}"
-        cmd += ["--", "--may-exist", "add-port", "br-int", f"bop-{name}", "--", "set",
-                "Interface", f"bop-{name}", "type=internal",
-                f"external_ids:iface-id={port_id_for(name)}",
-                f"external_ids:attached-mac=02:c0:00:00:{i // 256:02x}:{i % 256:02x}",
-                "external_ids:iface-status=active"]
-    res = run.run(lb.node_ns(node), cmd, env=lb.ovs_env(node), check=False)
-    if res.returncode != 0:
-        raise BenchError(f"plugging {count} ports on {node}: {res.stderr.strip()[-200:]}")
+def c_mac(i: int) -> str:
+    """The MAC of generated VM c{i} of compute1."""
+    return f"02:c0:00:00:{i // 256:02x}:{i % 256:02x}"
 
 
 def scrape_times(lb: Lab, node: str, n: int = 20) -> tuple[float, int]:
@@ -202,12 +191,12 @@ def main() -> int:
             # a VM of compute1 on every generated network: it plans them all
             hosted = [n for n in doc["networks"] if n.startswith("gn")]
             for i, net in enumerate(hosted):
-                doc["vms"][f"c{i}"] = {"node": "compute1", "network": net,
-                                       "mac": f"02:c0:00:00:{i // 256:02x}:{i % 256:02x}"}
+                doc["vms"][f"c{i}"] = {"node": "compute1", "network": net, "mac": c_mac(i)}
             generation = db.load(build_topology(doc, "<generated>"))
         finally:
             db.close()
-        plug(lb, "compute1", len(hosted))
+        plug_internal(lb, "compute1", [(f"c{i}", c_mac(i)) for i in range(len(hosted))],
+                      "bop")
         wait_agents(lb, ["compute1"], generation, 600)
         fig["flows_big"] = lb.status()["nodes"]["compute1"]["agent"]["flows"]
         fig["scrape_big"] = scrape_times(lb, "compute1")

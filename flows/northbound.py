@@ -41,6 +41,13 @@ def dump_ops() -> list[dict[str, Any]]:
     return [{"op": "select", "table": t, "where": []} for t in DESIRED_TABLES]
 
 
+def members(value: Any) -> list[Any]:
+    """A set column's members in OVSDB's JSON form (a lone member comes as itself)."""
+    if isinstance(value, list) and value and value[0] == "set":
+        return list(value[1])
+    return [value]
+
+
 def _one(value: Any) -> Any:
     """An optional column's value, or None."""
     if isinstance(value, list) and value and value[0] == "set":

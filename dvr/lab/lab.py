@@ -278,14 +278,15 @@ class Lab:
                 conn.close()
         except nb.NbError:
             return {}
+        members = northbound.members
         out = {}
         for r in rows.get("rows", []):
             out[r["node"]] = {
                 "heartbeat": r["heartbeat"] / 1000, "generation": r["generation"],
                 "converged": r["converged"], "flows": r["flows"], "version": r["version"],
-                "snat": sorted(_set(r["snat"])), "vms": sorted(_set(r["vms"])),
-                "error": (_set(r["error"]) or [None])[0],
-                "gateway_mac": (_set(r["gateway_mac"]) or [None])[0], "source": "northbound",
+                "snat": sorted(members(r["snat"])), "vms": sorted(members(r["vms"])),
+                "error": (members(r["error"]) or [None])[0],
+                "gateway_mac": (members(r["gateway_mac"]) or [None])[0], "source": "northbound",
                 "started": r["started"] / 1000, "bfd": dict(_map(r["bfd"]))}
         return out
 
@@ -599,16 +600,20 @@ class Lab:
     def neutron_url(self) -> str | None:
         return (self.state().get("neutron") or {}).get("url") if self.is_up() else None
 
+    @staticmethod
+    def _neutron_vms(state: dict[str, Any]) -> dict[str, str]:
+        """A Neutron lab's VMs: lab name -> Neutron port id ({} without Neutron)."""
+        return ((state.get("neutron") or {}).get("ids") or {}).get("vms", {})
+
     def vm_label(self, vm: str) -> str:
         """The lab's name of a VM (its namespace's): the topology's name, also for a VM
         Neutron holds by its port id."""
-        ids = ((self.state().get("neutron") or {}).get("ids") or {}).get("vms", {})
+        ids = self._neutron_vms(self.state())
         return next((name for name, i in ids.items() if i == vm), vm)
 
     def vm_id(self, name: str) -> str:
         """The desired state's name of a lab VM: its Neutron port id with Neutron."""
-        ids = ((self.state().get("neutron") or {}).get("ids") or {}).get("vms", {})
-        return ids.get(name, name)
+        return self._neutron_vms(self.state()).get(name, name)
 
     def _create_external(self, topo: Topology) -> None:
         ensure_namespace(self.ext_ns)
@@ -1093,11 +1098,12 @@ class Lab:
                     "reported_to": st.get("source", "status file"),
                 },
             }
+        labels = {i: name for name, i in self._neutron_vms(state).items()}
         vms = {
-            self.vm_label(vm.name): {
+            labels.get(vm.name, vm.name): {
                 "node": vm.node, "network": vm.network, "ip": str(vm.ip), "mac": vm.mac,
                 "floating_ip": str(vm.floating_ip) if vm.floating_ip else None,
-                "namespace": self.vm_ns(self.vm_label(vm.name)), "port_id": vm.port_id}
+                "namespace": self.vm_ns(labels.get(vm.name, vm.name)), "port_id": vm.port_id}
             for vm in sorted(topo.vms.values(), key=lambda v: v.name)
         }
         routers = {
@@ -1132,9 +1138,9 @@ class Lab:
             from dvr.neutron import service
 
             found = service.Neutron.find(Path(state["neutron"]["workdir"]))
+            probe = found.status() if found else {}
             neutron = {"url": state["neutron"]["url"], "ids": state["neutron"].get("ids", {}),
-                       **({"api": found.status().get("api"), "db": found.status().get("db")}
-                          if found else {})}
+                       **{k: probe[k] for k in ("api", "db") if k in probe}}
         return {"prefix": self.prefix, "topology": state.get("source"), "neutron": neutron,
                 "cuts": [list(c) for c in self.cuts()], "schedulers": self.schedulers(),
                 "generation": topo.digest, "northbound": northbound, "nodes": nodes,
@@ -1219,13 +1225,6 @@ def _map(value: Any) -> list[tuple[Any, Any]]:
     if isinstance(value, list) and value and value[0] == "map":
         return [tuple(p) for p in value[1]]
     return []
-
-
-def _set(value: Any) -> list[Any]:
-    """An OVSDB set column's members (a lone member comes as itself)."""
-    if isinstance(value, list) and value and value[0] == "set":
-        return list(value[1])
-    return [value]
 
 
 def _nodes_only(topo: Topology) -> Topology:

@@ -34,6 +34,7 @@ from oslo_log import log as logging
 
 from dvr import nb
 from dvr.neutron import translate as tr
+from flows import northbound
 from flows.model import TopologyError
 
 LOG = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class NbWriter:
 WRITER = NbWriter()
 
 
-def _put(section: str, name: str, entry: dict[str, Any] | None,
+def put_entry(section: str, name: str, entry: dict[str, Any] | None,
          revisions: tuple[str, ...] = (tr.REVISION,)) -> Edit:
     def edit(doc: dict[str, Any]) -> None:
         try:
@@ -194,7 +195,7 @@ def network_edit(ctx: Any, network_id: str) -> Edit:
     try:
         network = core().get_network(ctx, network_id)
     except n_exc.NetworkNotFound:
-        return _put("networks", network_id, None)
+        return put_entry("networks", network_id, None)
     subnets = core().get_subnets(ctx, filters={"network_id": [network_id]})
     if tr.is_external(network):
         def external(doc: dict[str, Any]) -> None:
@@ -210,21 +211,21 @@ def network_edit(ctx: Any, network_id: str) -> Edit:
                       sorted((p.get("created_at") or "", tr.first_ipv4(p)) for p in itfs)
                       if ip), None)
     entry = tr.network_entry(network, subnets, router_ip)
-    return _put("networks", network_id, entry, (tr.REVISION, "neutron:subnet_revision"))
+    return put_entry("networks", network_id, entry, (tr.REVISION, "neutron:subnet_revision"))
 
 
 def port_edit(ctx: Any, port_id: str) -> Edit:
     try:
         port = core().get_port(ctx, port_id)
     except n_exc.PortNotFound:
-        return _put("vms", port_id, None)
+        return put_entry("vms", port_id, None)
     fips = l3().get_floatingips(ctx, filters={"port_id": [port_id]}) if l3() else []
 
     def edit(doc: dict[str, Any]) -> None:
         entry = None
         if port["network_id"] in doc.get("networks", {}):
             entry = tr.vm_entry(port, fips[0] if fips else None, doc.get("nodes", {}))
-        _put("vms", port_id, entry, (tr.REVISION, "neutron:fip_revision"))(doc)
+        put_entry("vms", port_id, entry, (tr.REVISION, "neutron:fip_revision"))(doc)
     return edit
 
 
@@ -234,7 +235,7 @@ def router_edit(ctx: Any, router_id: str) -> Edit:
     try:
         router = l3().get_router(ctx, router_id)
     except l3_exc.RouterNotFound:
-        return _put("routers", router_id, None)
+        return put_entry("routers", router_id, None)
     ports = core().get_ports(ctx, filters={"device_id": [router_id],
                                            "device_owner": list(INTERFACE_OWNERS)})
     nets = [n for n, _ in tr.router_interfaces(ports).get(router_id, [])]
@@ -245,7 +246,7 @@ def router_edit(ctx: Any, router_id: str) -> Edit:
         held = doc.get("routers", {}).get(router_id)
         if held and held.get("snat_nodes") and entry.get("external_gateway"):
             entry["snat_nodes"] = held["snat_nodes"]  # an operator's explicit candidates
-        _put("routers", router_id, entry)(doc)
+        put_entry("routers", router_id, entry)(doc)
     return edit
 
 
@@ -283,7 +284,7 @@ class DvrMechanismDriver(api.MechanismDriver):
             WRITER.apply(f"external network {net['id']} deleted",
                          [lambda doc: doc.pop("external", None)])
         else:
-            WRITER.apply(f"network {net['id']} deleted", [_put("networks", net["id"], None)])
+            WRITER.apply(f"network {net['id']} deleted", [put_entry("networks", net["id"], None)])
 
     def _network(self, ctx: Any, network_id: str) -> None:
         self.start_status()
@@ -343,7 +344,7 @@ class DvrMechanismDriver(api.MechanismDriver):
     def delete_port_postcommit(self, context: Any) -> None:
         port = context.current
         if tr.is_vm_port(port):
-            WRITER.apply(f"port {port['id']} deleted", [_put("vms", port["id"], None)])
+            WRITER.apply(f"port {port['id']} deleted", [put_entry("vms", port["id"], None)])
 
     def _port(self, ctx: Any, port: dict[str, Any]) -> None:
         self.start_status()
@@ -393,8 +394,7 @@ def read_agents(conn: nb.Northbound) -> tuple[dict[str, dict[str, Any]], dict[st
     for r in agents.get("rows", []):
         r = dict(r)
         for col in ("vms", "floating_ips", "snat"):
-            v = r.get(col)
-            r[col] = (set(v[1]) if isinstance(v, list) and v and v[0] == "set" else {v})
+            r[col] = set(northbound.members(r.get(col)))
         out[r["node"]] = r
     return out, {n["name"]: n["role"] for n in nodes.get("rows", [])}
 

@@ -86,7 +86,7 @@ class DvrL3Plugin(service_base.ServicePluginBase,
     @registry.receives(resources.ROUTER, [events.AFTER_DELETE])
     def _router_deleted(self, resource: Any, event: Any, trigger: Any, payload: Any) -> None:
         WRITER.apply(f"router {payload.resource_id} deleted",
-                     [driver._put("routers", payload.resource_id, None)])
+                     [driver.put_entry("routers", payload.resource_id, None)])
 
     @registry.receives(resources.ROUTER_INTERFACE, [events.AFTER_CREATE, events.AFTER_DELETE])
     def _interface(self, resource: Any, event: Any, trigger: Any, payload: Any) -> None:

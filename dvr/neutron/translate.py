@@ -25,10 +25,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flows.model import DEFAULT_MTU, DEFAULT_REMOTE_IP
+
 REVISION = "neutron:revision_number"
 OWNER = "neutron:owner"  # which Neutron resource kind an entry mirrors
-DEFAULT_MTU = 1450
-DEFAULT_REMOTE_IP = "198.51.100.10"  # flows.model.DEFAULT_REMOTE_IP
 
 
 class Stale(Exception):
