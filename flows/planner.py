@@ -161,17 +161,9 @@ def plan(topo: Topology, node: str, ports: NodePorts,
 
     flows += _defaults(ports)
     for peer, ofport in sorted(ports.tunnels.items()):
-        flows.append(_flow(
-            "phy_in_classify", 100, Match.of(in_port=ofport), [Goto("phy_in_tunnel")],
-            Hint(Purpose.TUNNEL, "node", peer, f"arrived through the tunnel from {peer}"),
-        ))
+        flows.append(_tunnel(peer, ofport))
     for net_name in sorted(local_nets):
-        net = topo.networks[net_name]
-        flows.append(_flow(
-            "phy_in_tunnel", 100, Match.of(tunnel_id=net.vni),
-            [SetField("metadata", net.vni), SetField("reg1", 1), Goto("ls_in_dst_key")],
-            Hint(Purpose.TUNNEL, "network", net.name, f"VNI {net.vni} is network {net.name}"),
-        ))
+        flows.append(_local_network(topo.networks[net_name]))
     for name, vm in sorted(local.items()):
         flows += _local_vm(topo.networks[vm.network], vm, ports.vms[name])
     routers = {r.name: r for r in (topo.router_of(n) for n in local_nets) if r}
@@ -188,11 +180,7 @@ def plan(topo: Topology, node: str, ports: NodePorts,
         for vm in sorted(local.values(), key=lambda v: v.name):
             router = topo.router_of(vm.network)
             if vm.floating_ip and router and router.external_gateway:
-                flows.append(_flow(
-                    "lr_out_redirect", 100,
-                    Match.of(metadata=router.key, eth_type=ETH_IP, ipv4_src=str(vm.ip)), [],
-                    Hint(Purpose.FLOATING_IP, "vm", vm.name,
-                         f"drop: no provider network on this node for {vm.floating_ip}")))
+                flows.append(_no_provider(vm, router))
     if only is None:
         remote: Iterable[VM] = topo.vms.values()
     else:
@@ -203,13 +191,44 @@ def plan(topo: Topology, node: str, ports: NodePorts,
         tunnel = ports.tunnels.get(vm.node)
         if tunnel is None:
             continue
-        net = topo.networks[vm.network]
-        flows.append(_flow(
-            "ls_out_remote", 100, Match.of(metadata=net.vni, reg0=int(vm.ip)),
-            [SetField("eth_dst", vm.mac), SetField("tunnel_id", net.vni), Output(tunnel)],
-            Hint(Purpose.DELIVERY_REMOTE, "vm", vm.name, f"to {vm.name} on {vm.node}"),
-        ))
+        flows.append(_remote_vm(topo.networks[vm.network], vm, tunnel))
     return frozenset(flows)
+
+
+# --- the builders, one model object each (flows.incremental keys its plan by them) ----------
+
+def _tunnel(peer: str, ofport: int) -> Flow:
+    return _flow(
+        "phy_in_classify", 100, Match.of(in_port=ofport), [Goto("phy_in_tunnel")],
+        Hint(Purpose.TUNNEL, "node", peer, f"arrived through the tunnel from {peer}"),
+    )
+
+
+def _local_network(net: Network) -> Flow:
+    """A network with a VM bound here: its VNI arriving from a tunnel."""
+    return _flow(
+        "phy_in_tunnel", 100, Match.of(tunnel_id=net.vni),
+        [SetField("metadata", net.vni), SetField("reg1", 1), Goto("ls_in_dst_key")],
+        Hint(Purpose.TUNNEL, "network", net.name, f"VNI {net.vni} is network {net.name}"),
+    )
+
+
+def _no_provider(vm: VM, router: Router) -> Flow:
+    """A floating IP bound on a node without a provider network: dropped, never SNATed."""
+    return _flow(
+        "lr_out_redirect", 100,
+        Match.of(metadata=router.key, eth_type=ETH_IP, ipv4_src=str(vm.ip)), [],
+        Hint(Purpose.FLOATING_IP, "vm", vm.name,
+             f"drop: no provider network on this node for {vm.floating_ip}"))
+
+
+def _remote_vm(net: Network, vm: VM, tunnel: int) -> Flow:
+    """A VM on another node, on a network reachable from here: one flow."""
+    return _flow(
+        "ls_out_remote", 100, Match.of(metadata=net.vni, reg0=int(vm.ip)),
+        [SetField("eth_dst", vm.mac), SetField("tunnel_id", net.vni), Output(tunnel)],
+        Hint(Purpose.DELIVERY_REMOTE, "vm", vm.name, f"to {vm.name} on {vm.node}"),
+    )
 
 
 def _defaults(ports: NodePorts) -> list[Flow]:
@@ -506,8 +525,7 @@ def _provider(topo: Topology, node: str, ports: NodePorts, local: Mapping[str, V
               only: frozenset[str] | None = None) -> list[Flow]:
     """The provider network side: what comes in from it, and where NATed traffic goes."""
     assert ports.provider is not None
-    out = [_flow("phy_in_classify", 100, Match.of(in_port=ports.provider), [Goto("lr_in_provider")],
-                 Hint(Purpose.EXTERNAL, note="arrived from the provider network"))]
+    out = [_provider_in(ports.provider)]
     fip_vms = [vm for _, vm in sorted(local.items())
                if vm.floating_ip and (r := topo.router_of(vm.network)) and r.external_gateway]
     natting = {r.name: r for r in snat.values()}
@@ -528,35 +546,55 @@ def _provider(topo: Topology, node: str, ports: NodePorts, local: Mapping[str, V
         router = topo.router_of(vm.network)
         if router is None or not router.external_gateway:
             continue
-        if vm.name in local:
-            # after the SNAT zone on the way out, the way in starts at the DNAT zone
-            out.append(_flow(
-                "lr_out_delivery", 110, Match.of(eth_type=ETH_IP, reg3=1, ipv4_dst=str(fip)),
-                [SetField("in_port", ports.provider), SetField("metadata", router.key),
-                 CT(router.dnat_zone, "lr_in_dnat", nat=NAT())],
-                Hint(Purpose.EXTERNAL, "vm", vm.name,
-                     f"hairpin to floating IP {fip} of {vm.name}, on this node")))
-            # (as if from the provider port: the VM's own floating IP may lead back to it)
-            actions: list[Action] = [SetField("in_port", ports.provider),
-                                     SetField("metadata", router.key),
-                                     CT(router.snat_zone, "lr_in_unsnat", nat=NAT())]
-            note = f"hairpin to floating IP {fip} of {vm.name}, on this node"
-        else:
-            actions = [SetField("eth_dst", topo.nodes[vm.node].external_mac),
-                       Output(ports.provider)]
-            note = f"to floating IP {fip} of {vm.name}, straight to {vm.node}"
-        out.append(_flow("lr_out_delivery", 100, Match.of(eth_type=ETH_IP, ipv4_dst=str(fip)),
-                         actions, Hint(Purpose.EXTERNAL, "vm", vm.name, note)))
+        out += _fip_delivery(vm, router, vm.name in local,
+                             topo.nodes[vm.node].external_mac, ports.provider)
     for router in topo.routers.values():
         if only is not None and str(router.external_ip) not in only:
             continue
         if router.external_gateway and router.name not in snat and snat_node(router):
-            out.append(_flow(
-                "lr_out_delivery", 100, Match.of(eth_type=ETH_IP, ipv4_dst=str(router.external_ip)),
-                [SetField("eth_dst", str(router.external_mac)), Output(ports.provider)],
-                Hint(Purpose.EXTERNAL, "router", router.name,
-                     f"to {router.name}'s external IP on {snat_node(router)}")))
+            out.append(_external_delivery(router, ports.provider))
     return out
+
+
+def _provider_in(provider: int) -> Flow:
+    return _flow("phy_in_classify", 100, Match.of(in_port=provider), [Goto("lr_in_provider")],
+                 Hint(Purpose.EXTERNAL, note="arrived from the provider network"))
+
+
+def _fip_delivery(vm: VM, router: Router, local: bool, node_mac: str, provider: int
+                  ) -> list[Flow]:
+    """Where traffic NATed here goes for a floating IP of the cloud: hairpinned when its
+    VM is bound here (`local`), else straight to its node's MAC (`node_mac`)."""
+    fip = vm.floating_ip
+    out: list[Flow] = []
+    if local:
+        # after the SNAT zone on the way out, the way in starts at the DNAT zone
+        out.append(_flow(
+            "lr_out_delivery", 110, Match.of(eth_type=ETH_IP, reg3=1, ipv4_dst=str(fip)),
+            [SetField("in_port", provider), SetField("metadata", router.key),
+             CT(router.dnat_zone, "lr_in_dnat", nat=NAT())],
+            Hint(Purpose.EXTERNAL, "vm", vm.name,
+                 f"hairpin to floating IP {fip} of {vm.name}, on this node")))
+        # (as if from the provider port: the VM's own floating IP may lead back to it)
+        actions: list[Action] = [SetField("in_port", provider),
+                                 SetField("metadata", router.key),
+                                 CT(router.snat_zone, "lr_in_unsnat", nat=NAT())]
+        note = f"hairpin to floating IP {fip} of {vm.name}, on this node"
+    else:
+        actions = [SetField("eth_dst", node_mac), Output(provider)]
+        note = f"to floating IP {fip} of {vm.name}, straight to {vm.node}"
+    out.append(_flow("lr_out_delivery", 100, Match.of(eth_type=ETH_IP, ipv4_dst=str(fip)),
+                     actions, Hint(Purpose.EXTERNAL, "vm", vm.name, note)))
+    return out
+
+
+def _external_delivery(router: Router, provider: int) -> Flow:
+    """To a router's external IP, SNATed on another node."""
+    return _flow(
+        "lr_out_delivery", 100, Match.of(eth_type=ETH_IP, ipv4_dst=str(router.external_ip)),
+        [SetField("eth_dst", str(router.external_mac)), Output(provider)],
+        Hint(Purpose.EXTERNAL, "router", router.name,
+             f"to {router.name}'s external IP on {snat_node(router)}"))
 
 
 # --- scope: which VMs a node's plan can depend on ---------------------------------------------
