@@ -61,8 +61,10 @@ FIELDS: dict[str, tuple[str, int]] = {
 
 # conntrack state bits (ct_state)
 CT_NEW, CT_EST, CT_REL, CT_RPL, CT_INV, CT_TRK = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+# the packet's addresses were translated by the connection's NAT (source, destination)
+CT_SNAT, CT_DNAT = 0x40, 0x80
 CT_STATE_NAMES = {CT_NEW: "new", CT_EST: "est", CT_REL: "rel", CT_RPL: "rpl", CT_INV: "inv",
-                  CT_TRK: "trk"}
+                  CT_TRK: "trk", CT_SNAT: "snat", CT_DNAT: "dnat"}
 
 
 def ct_state(*, on: int = 0, off: int = 0) -> tuple[int, int]:

@@ -29,10 +29,12 @@ from flows.model import VM, Network, Router, Topology
 from flows.nat import Binding
 from flows.ofp import (
     CT,
+    CT_DNAT,
     CT_EST,
     CT_INV,
     CT_NEW,
     CT_REL,
+    CT_SNAT,
     CT_TRK,
     ETH_ARP,
     ETH_IP,
@@ -387,6 +389,19 @@ def _conntrack_states(router: Router, dnat: bool) -> list[Flow]:
         if dnat:
             out.append(_flow("lr_in_dnat", 100, m, [Goto("lr_in_routing")], hint))
             out.append(_flow("lr_out_undnat", 100, m, [Goto("lr_out_src_mac")], hint))
+    # a connection not answered yet (one-way UDP): its later packets are still +new, but the
+    # zone's lookup has translated them already; they pass as well (not translated twice)
+    for table, bit, goto, name in (("lr_out_snat", CT_SNAT, "lr_out_src_mac", "SNATed"),
+                                   ("lr_in_dnat", CT_DNAT, "lr_in_routing", "DNATed")):
+        if table == "lr_in_dnat" and not dnat:
+            continue
+        out.append(_flow(
+            table, 100,
+            Match.of(metadata=router.key, ct_state=ct_state(on=CT_TRK | CT_NEW | bit,
+                                                            off=CT_INV)),
+            [Goto(goto)], Hint(Purpose.SNAT if bit == CT_SNAT else Purpose.FLOATING_IP,
+                               "router", router.name,
+                               f"not answered yet, already {name}")))
     if dnat:
         out.append(_flow(
             "lr_out_undnat", 50,

@@ -28,9 +28,11 @@ from typing import Any, Literal
 from flows.model import Topology
 from flows.ofp import (
     CT,
+    CT_DNAT,
     CT_EST,
     CT_NEW,
     CT_RPL,
+    CT_SNAT,
     CT_TRK,
     ETH_ARP,
     ETH_IP,
@@ -62,6 +64,9 @@ Tuple5 = tuple[Any, Any, Any, Any, Any]
 class Conn:
     orig: Tuple5  # as first seen
     xlat: Tuple5  # the original direction after NAT
+    # a reply has been seen: until then, later packets of the original direction are still
+    # +new (as OVS's conntrack has it for UDP and other connectionless protocols)
+    replied: bool = True
 
 
 def _tuple(pkt: Packet) -> Tuple5:
@@ -390,15 +395,23 @@ class Cloud:
                     xlat[3] = ct.nat.port
             elif ct.nat is not None and ct.nat.kind == "dst":
                 xlat[1] = ct.nat.ip
-            found = Conn(key, tuple(xlat))  # type: ignore[arg-type]
+            found = Conn(key, tuple(xlat), replied=False)  # type: ignore[arg-type]
             conns.append(found)
             state = CT_TRK | CT_NEW
         elif found is None:
             state = CT_TRK | CT_NEW
         else:
-            state = CT_TRK | CT_EST | (CT_RPL if reply else 0)
+            if reply:
+                found.replied = True
+            if found.replied or found.orig[2] == 6:  # TCP: the handshake is not modelled
+                state = CT_TRK | CT_EST | (CT_RPL if reply else 0)
+            else:
+                state = CT_TRK | CT_NEW
         if found is not None and ct.nat is not None:
             want = _reverse(found.orig) if reply else found.xlat
+            # what the translation changes on this packet, as ct_state tells it
+            state |= (CT_SNAT if want[0] != pkt.get("ipv4_src") else 0) | (
+                CT_DNAT if want[1] != pkt.get("ipv4_dst") else 0)
             _set(pkt, step, "ipv4_src", want[0])
             _set(pkt, step, "ipv4_dst", want[1])
             l4 = {6: "tcp", 17: "udp"}.get(key[2])

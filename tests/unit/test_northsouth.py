@@ -60,6 +60,31 @@ def test_floating_ip_inbound_new_connection_is_dnatted(topo, cloud, sim) -> None
     assert reply.external and reply.packet["ipv4_src"] == "203.0.113.50"
 
 
+def test_one_way_udp_through_nat_keeps_flowing(topo, cloud, sim) -> None:
+    """Datagrams that get no answer (a log or telemetry stream): conntrack keeps their
+    connection +new, already translated by the zone's lookup. The second and later ones
+    pass like the first, in both directions of a floating IP and through the SNAT node."""
+    c1, r1 = topo.nodes["compute1"].external_mac, topo.routers["r1"]
+    for _ in range(3):
+        inbound = sim.only(cloud.send_from_external(packet(
+            udp=True, eth_dst=c1, ipv4_src=sim.REMOTE, ipv4_dst="203.0.113.50",
+            udp_src=40000, udp_dst=514)))
+        assert (inbound.vm, inbound.packet["ipv4_dst"]) == ("vm1", "10.1.0.11")
+        v1 = topo.vms["vm1"]
+        outbound = sim.only(cloud.send_from_vm("vm1", packet(
+            udp=True, eth_src=v1.mac, eth_dst=sim.router_mac(topo, v1.network),
+            ipv4_src=str(v1.ip), ipv4_dst=sim.REMOTE, udp_src=40001, udp_dst=514)))
+        assert outbound.external and outbound.packet["ipv4_src"] == "203.0.113.50"
+        v4 = topo.vms["vm4"]
+        snat = cloud.send_from_vm("vm4", packet(
+            udp=True, eth_src=v4.mac, eth_dst=sim.router_mac(topo, v4.network),
+            ipv4_src=str(v4.ip), ipv4_dst=sim.REMOTE, udp_src=40002, udp_dst=514))
+        end = sim.only(snat)
+        assert end.external and end.packet["ipv4_src"] == str(r1.external_ip)
+    later = [s for s in snat.steps if s.table == "lr_out_snat"]
+    assert later and "already SNATed" in later[0].flow.hint.note
+
+
 def test_centralized_snat_crosses_to_the_active_network_node(topo, cloud, sim) -> None:
     trace = sim.tcp_from_vm(topo, cloud, "vm4", sim.REMOTE, tcp_src=4001, tcp_dst=80)
     end = sim.only(trace)
