@@ -24,16 +24,24 @@ from typing import Any
 
 from agent import arp, config
 from agent.conntrack import Conntrack, ConntrackError
-from agent.flowtables import Desired, Installed, diff, diff_groups
+from agent.flowtables import (
+    Desired,
+    Installed,
+    diff,
+    diff_groups,
+    diff_touched,
+    diff_touched_groups,
+)
 from agent.metrics import Metrics
 from agent.ofswitch import OpenFlowError, Switch
 from agent.ovsdb import Ovsdb, OvsdbError
 from agent.source import FileSource, NbSource, Source
 from agent.version import VERSION
 from flows import ha, nat, northbound
+from flows.incremental import Change, IncrementalPlan
 from flows.model import Topology, TopologyError
 from flows.nat import Binding
-from flows.planner import announcements, plan
+from flows.planner import announcements
 from flows.ports import bfd_config, needs_bfd, node_ports
 
 LOG = logging.getLogger(__name__)
@@ -114,6 +122,14 @@ class DvrAgent:
         self._gateway_next = 0.0
         # the flows we own on the switch, as last known (see agent/flowtables.py)
         self.installed = Installed()
+        # the node's plan, indexed by object and updated by what changed (flows.incremental);
+        # what changed in the topology since its last update (None: unknown, compared); the
+        # cookies and group ids it touched since the last committed bundle (None: unknown,
+        # every flow is diffed)
+        self.planner: IncrementalPlan | None = None
+        self._change: Change | None = Change()
+        self._touched: set[int] | None = None
+        self._touched_groups: set[int] = set()
         # SNAT claims (flows.ha): this node's BFD sessions as the last sync read them, the
         # peers whose session has been up since the start, the claims in force
         self.started = time.monotonic()
@@ -155,9 +171,11 @@ class DvrAgent:
 
     # --- one reconciliation ---------------------------------------------------------------
     def sync(self, full: bool = True) -> SyncResult:
-        """One reconciliation. `full` reads back the flows we own from the switch; else
-        the flows the last successful sync left are taken as installed (a change of the
-        desired state alone: the switch and its ports did not change meanwhile)."""
+        """One reconciliation. `full` reads back the flows we own from the switch and
+        diffs them all; else the flows the last successful sync left are taken as
+        installed (a change of the desired state alone: the switch and its ports did not
+        change meanwhile) and only the flows the plan's update touched are diffed. The
+        plan itself is updated incrementally (flows.incremental), planned whole at start."""
         assert self.topo is not None and self.ovsdb is not None
         topo = self.topo
         clock = _Clock()
@@ -183,30 +201,43 @@ class DvrAgent:
             node_ports(topo, self.node, plugged, self.gateway_mac(), self._claims),
             held=self._held)
         clock.lap("ovsdb")
-        desired = Desired(plan(topo, self.node, ports))
+        desired = self._plan(topo, ports)
         clock.lap("plan")
         # the connection what is installed is true of: a reconnection during the bundle (a
         # switch restarted meanwhile) makes the next sync read the flows back
         connection = self.switch.connections
-        current = None if full else self.installed.known(connection)
-        groups = None if full else self.installed.groups(connection)
-        if current is None or groups is None:
-            current = self.switch.dump_owned()
-            groups = self.switch.dump_groups()
-            connection = self.switch.connections
-            self.installed.read(current, connection, groups)
-            clock.lap("dump")
-        stale, missing = diff(desired, current)
-        new_groups, changed_groups, stale_groups = diff_groups(desired.groups, groups)
-        self.installed.forget()  # unknown until the bundle is committed
-        with self.switch.bundle() as bundle:
-            bundle.add_groups(new_groups)  # groups before the flows that apply them
-            bundle.add_groups(changed_groups, modify=True)
-            bundle.delete(stale)
-            bundle.add(missing)
-            bundle.delete_groups(stale_groups)  # and after the flows that applied them
-        clock.lap("apply")
-        self.installed.applied(current, stale, missing, connection, desired.groups)
+        known = None if full else self.installed.by_cookie(connection)
+        known_groups = None if full else self.installed.groups_by_id(connection)
+        if known is not None and known_groups is not None and self._touched is not None:
+            # a change of the desired state alone: the flows the plan touched, O(change)
+            stale, missing = diff_touched(desired, known, self._touched)
+            new_groups, changed_groups, stale_groups = diff_touched_groups(
+                desired.groups, known_groups, self._touched_groups)
+            clock.lap("diff")
+            self.installed.forget()  # unknown until the bundle is committed
+            self._bundle(new_groups, changed_groups, stale, missing, stale_groups)
+            clock.lap("apply")
+            self.installed.changed(known, stale, missing, {
+                **{g.group_id: g for g in (*new_groups, *changed_groups)},
+                **dict.fromkeys(stale_groups)}, connection)
+        else:
+            current = None if full else self.installed.known(connection)
+            groups = None if full else self.installed.groups(connection)
+            if current is None or groups is None:
+                current = self.switch.dump_owned()
+                groups = self.switch.dump_groups()
+                connection = self.switch.connections
+                self.installed.read(current, connection, groups)
+                clock.lap("dump")
+            stale, missing = diff(desired, current)
+            new_groups, changed_groups, stale_groups = diff_groups(dict(desired.groups),
+                                                                   groups)
+            clock.lap("diff")
+            self.installed.forget()  # unknown until the bundle is committed
+            self._bundle(new_groups, changed_groups, stale, missing, stale_groups)
+            clock.lap("apply")
+            self.installed.applied(current, stale, missing, connection, dict(desired.groups))
+        self._touched, self._touched_groups = set(), set()  # the switch has the plan
         if stale or missing or new_groups or changed_groups or stale_groups:
             LOG.info("node %s: +%d -%d flows (%d desired), groups +%d ~%d -%d in %s",
                      self.node, len(missing), len(stale), len(desired), len(new_groups),
@@ -214,6 +245,30 @@ class DvrAgent:
         return SyncResult(len(missing), len(stale), len(desired), sorted(ports.vms),
                           sorted(ports.snat), announcements(topo, self.node, ports),
                           ports.provider, clock.laps)
+
+    def _plan(self, topo: Topology, ports: Any) -> Desired:
+        """The node's desired flows: the plan updated by what changed since its last
+        update (planned whole the first time), the flows it touched noted for the diff."""
+        if self.planner is None:
+            self.planner = IncrementalPlan(topo, self.node, ports)
+            self._touched = None  # diff every flow once
+        else:
+            delta = self.planner.update(topo, ports, self._change)
+            if self._touched is not None:
+                self._touched.update(delta.added)
+                self._touched.update(delta.removed)
+            self._touched_groups |= delta.groups
+        self._change = Change()
+        return Desired.of(self.planner.by_cookie, self.planner.groups)
+
+    def _bundle(self, new_groups: list[Any], changed_groups: list[Any], stale: list[Any],
+                missing: list[Any], stale_groups: list[int]) -> None:
+        with self.switch.bundle() as bundle:
+            bundle.add_groups(new_groups)  # groups before the flows that apply them
+            bundle.add_groups(changed_groups, modify=True)
+            bundle.delete(stale)
+            bundle.add(missing)
+            bundle.delete_groups(stale_groups)  # and after the flows that applied them
 
     # --- SNAT claims ------------------------------------------------------------------------
     def claims(self) -> frozenset[str]:
@@ -392,6 +447,10 @@ class DvrAgent:
             self.metrics.refused.inc()
             self.report(error=str(exc))
             return False
+        # what changed since the topology last handed out, for the planner (the source
+        # handed this one out: merged even if the agent keeps its last state)
+        change = self.source.delta()
+        self._change = None if change is None or self._change is None else self._change | change
         if self.node not in topo.nodes:
             LOG.error("node %s is not in the topology; keeping the last state", self.node)
             self.report(error=f"node {self.node} is not in the topology")

@@ -30,6 +30,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from flows import northbound
+from flows.incremental import Change
 from flows.model import Topology, TopologyError, build_topology, load_topology
 from flows.northbound import split_remotes
 from flows.planner import Scope, scope
@@ -47,6 +48,11 @@ class Source(ABC):
     @abstractmethod
     def load(self) -> Topology:
         """The current desired state; raises on an invalid one (the agent keeps the last)."""
+
+    def delta(self) -> Change | None:
+        """What changed between the topology the previous successful `load()` returned and
+        the one the last returned (None: unknown; the planner compares the two)."""
+        return None
 
     def wait(self, poller: Any) -> bool:
         """Arrange for `poller` (an `ovs.poller.Poller`) to wake when `poll()` may have news.
