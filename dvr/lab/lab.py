@@ -872,6 +872,8 @@ class Lab:
         self._vsctl(node, "--no-wait", "set", "Open_vSwitch", ".",
                     "other_config:flow-restore-wait=true")
         self._restart_vswitchd(node)
+        if not _alive(_read_pid(self._procs(node)["agent"])):
+            return  # no agent to put the flows back: the switch forwards nothing meanwhile
         # converged again only once the agent has synced with the new ovs-vswitchd
         deadline = time.monotonic() + timeout
         while (self.agent_status(node) or {}).get("syncs", 0) <= syncs:

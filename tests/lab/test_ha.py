@@ -183,6 +183,62 @@ def test_the_killed_node_comes_back_without_a_second_interruption(lab: LabHandle
     assert arp_answers(lab, R1_EXT) == [topo.routers["r1"].external_mac]
 
 
+def test_the_serving_nodes_ovs_restarts_and_draws_nothing_before_its_flows_are_back(
+        lab: LabHandle) -> None:
+    """net1's ovs-vswitchd restarts (as an upgrade restarts it: flow-restore-wait) while
+    its agent is down, so that the new switch stays without flows for seconds: net1's BFD
+    sessions stay down meanwhile (the switch answers none before the flag is cleared), so
+    no node steers r1's traffic to it: r1 moves to net2 once, as when net1 dies, and r2 (on
+    net2), east-west and the floating IPs lose nothing. Its agent back, net1 gets its flows,
+    clears the flag, its sessions come up, and it stays standby: no second interruption."""
+    import os
+    import signal
+
+    assert claims(lab) == {"net1": ["r1"], "net2": ["r2"]}
+    seconds = 12
+    r1 = Stream(lab, "vm2", 7007, seconds=seconds)
+    r2 = Stream(lab, "vm5", 7008, seconds=seconds)
+    count = int(seconds / INTERVAL)
+    east_west = lab.background(lab.ns("vm3"), "ping", "10.1.0.14", str(count), str(INTERVAL))
+    fip = lab.background(lab.ns("ext"), "ping", "203.0.113.50", str(count), str(INTERVAL))
+    time.sleep(1.5)
+    os.kill(lab.status()["nodes"]["net1"]["agent"]["pid"], signal.SIGKILL)
+    restarted_at = time.time()
+    lab.dvr("restart-ovs", "net1")
+    other = lab.node("net1", "ovs-vsctl", "get", "Open_vSwitch", ".", "other_config")
+    assert 'flow-restore-wait="true"' in other, other
+    wait_for("net2 to serve r1", lambda: claims(lab)["net2"] == ["r1", "r2"], timeout=8)
+    for _ in range(20):  # no session to the switch without flows comes up
+        nodes = lab.status()["nodes"]
+        for node in ("compute1", "compute2", "net2"):
+            assert nodes[node]["agent"]["bfd"]["net1"] != "up", (node, nodes[node]["agent"])
+        time.sleep(0.1)
+    lab.dvr("restart-agent", "net1")  # what Restart=always does
+    back_at = time.time()
+    wait_for("net1's sessions up", lambda: all(
+        n["agent"]["bfd"].get("net1") == "up"
+        for name, n in lab.status()["nodes"].items() if name != "net1"))
+    assert "flow-restore-wait" not in lab.node("net1", "ovs-vsctl", "get", "Open_vSwitch",
+                                                ".", "other_config")
+    sent, got = r1.finish()
+    lost, gap = gaps(got)
+    print(f"r1 across net1's OVS restart: {lost} of {sent} lost, longest gap "
+          f"{gap * 1e3:.0f} ms")
+    assert {g[2] for g in got} == {R1_EXT}
+    assert gap < 3.0
+    # one interruption only: from net1's return on, every datagram arrived
+    later = sorted(g[0] for g in got if g[1] > back_at)
+    assert later and later[-1] - later[0] + 1 == len(later), "r1 interrupted again"
+    assert min(g[1] for g in got if g[1] > restarted_at) - restarted_at < 3.0
+    sent2, got2 = r2.finish()
+    assert len({g[0] for g in got2}) == sent2, "r2's SNAT on net2 lost datagrams"
+    for name, proc in (("east-west", east_west), ("floating IP", fip)):
+        res = lab.result(proc)
+        assert res["received"] == res["sent"], f"{name} traffic lost packets: {res}"
+    assert claims(lab) == {"net1": [], "net2": ["r1", "r2"]}
+    assert chains(lab)["r1"] == ["net2", "net1"]
+
+
 def test_the_acting_scheduler_dies_and_another_takes_its_place(lab: LabHandle) -> None:
     holder = [n for n, s in lab.status()["schedulers"].items() if s["has_lock"]]
     assert len(holder) == 1, lab.status()["schedulers"]

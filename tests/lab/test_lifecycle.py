@@ -3,14 +3,16 @@ nothing, the agent never touches a flow it does not own and never flushes."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.version import VERSION
-from tests.lab.harness import LabHandle, dvr, leftovers, nb_cli, running_lab, unique_prefix
+from tests.lab.harness import ROOT, LabHandle, dvr, leftovers, nb_cli, running_lab, unique_prefix
 
 BROKEN = """
 nodes:
@@ -168,13 +170,59 @@ def test_agent_restart_does_not_flush_or_rewrite_flows(default_lab: LabHandle) -
     assert lab.ping("vm1", "10.2.0.12")
 
 
+@pytest.mark.timeout(120)
 def test_restart_ovs_recovers_flows(default_lab: LabHandle) -> None:
-    """ovs-vswitchd restarted as an upgrade restarts it (flow-restore-wait=true): it forwards
-    nothing until the agent has put every flow back in one bundle and cleared the flag."""
+    """compute2's ovs-vswitchd restarted as an upgrade restarts it (flow-restore-wait=true):
+    it forwards nothing until the agent has put every flow back in one bundle and cleared
+    the flag; another controller puts its own flows back meanwhile, as soon as the new
+    switch takes them (as Neutron's agent does), and they stay as it left them. compute1's
+    other traffic (routed on the node, SNAT through net1) loses nothing; the traffic to
+    compute2 is back after a gap (recorded)."""
+    import os
+    import subprocess
+    import sys
+
     lab = default_lab
-    cookies = _cookies(_dump(lab, "compute2"))
-    lab.dvr("restart-ovs", "compute2")
-    assert _wait_for(lambda: _cookies(_dump(lab, "compute2")) == cookies)
+    cookies = _dvrs(lab, "compute2")
+    seconds, interval = 8, 0.01
+    count = int(seconds / interval)
+    with foreign_flows(lab, ("compute1", "compute2")):
+        to_compute2 = lab.background(lab.ns("vm1"), "ping", "10.2.0.12", str(count),
+                                     str(interval))
+        on_compute1 = lab.background(lab.ns("vm1"), "ping", "10.2.0.13", str(count),
+                                     str(interval))
+        sink = lab.background(lab.ns("ext"), "udp-sink", "7403", "--seconds",
+                              str(seconds + 2), ready=True)
+        snat = lab.background(lab.ns("vm3"), "udp-stream", "198.51.100.10", "7403",
+                              "--interval", str(interval), "--seconds", str(seconds))
+        time.sleep(1.5)
+        old = int((lab.rundir / "nodes" / "compute2" / "ovs-vswitchd.pid").read_text())
+        restart = subprocess.Popen(
+            [sys.executable, "-m", "dvr.cli", "lab", "--prefix", lab.prefix, "restart-ovs",
+             "compute2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        # the other controller: reconnects and puts its flows back as soon as it can
+        reinstall = ["ip", "netns", "exec", lab.node_ns("compute2"), "ovs-ofctl", "-O",
+                     "OpenFlow13", "--bundle", "add-flows", "br-int",
+                     str(lab.rundir / "foreign.txt")]
+        env = {**os.environ, "OVS_RUNDIR": str(lab.rundir / "nodes" / "compute2")}
+        assert _wait_for(lambda: not Path(f"/proc/{old}").exists(), timeout=20)
+        while subprocess.run(reinstall, capture_output=True, env=env).returncode != 0:
+            assert restart.poll() is None or restart.returncode == 0, restart.stderr
+            time.sleep(0.01)
+        _, err = restart.communicate(timeout=60)
+        assert restart.returncode == 0, err
+        assert _dvrs(lab, "compute2") == cookies
+        gap = lab.result(to_compute2, timeout=seconds + 20)
+        lost = gap["sent"] - gap["received"]
+        print(f"restart-ovs compute2: {lost} of {gap['sent']} pings lost "
+              f"(about {lost * interval * 1e3:.0f} ms)")
+        assert 0 < gap["received"] and lost * interval < 2.0, gap
+        local = lab.result(on_compute1, timeout=seconds + 20)
+        assert local["received"] == local["sent"], f"compute1's routed traffic lost {local}"
+        sent = lab.result(snat, timeout=seconds + 20)["sent"]
+        got = lab.result(sink, timeout=seconds + 20)
+        assert sent - len({g[0] for g in got}) == 0, "compute1's SNAT traffic lost datagrams"
     assert _wait_for(lambda: lab.ping("vm1", "10.2.0.12", wait=1), timeout=10)
     other = lab.node("compute2", "ovs-vsctl", "get", "Open_vSwitch", ".", "other_config")
     assert "flow-restore-wait" not in other, other
@@ -312,35 +360,74 @@ def test_metrics_endpoint_on_every_node(default_lab: LabHandle) -> None:
     assert net1["dvr_agent_bfd_session_up{peer=compute1}"] == 1
 
 
-def test_agent_restarts_and_crashes_lose_no_packet(default_lab: LabHandle) -> None:
-    """A UDP datagram every 10 ms vm1 -> vm2 (compute1 -> compute2, routed) across graceful
-    restarts and kill -9 of both compute nodes' agents, some landing in a sync (a change of
-    the desired state just before): not one datagram lost, and the flows as before."""
+FIP = "203.0.113.50"  # given to vm1 (compute1) for the restart tests
+
+
+def _restart(lab: LabHandle, node: str, crash: bool) -> None:
+    """A graceful restart of the node's agent, or a kill -9 and the start that systemd's
+    Restart=always makes."""
     import os
     import signal
 
+    if crash:
+        os.kill(int((lab.rundir / "nodes" / node / "agent.pid").read_text()), signal.SIGKILL)
+    lab.dvr("restart-agent", node)
+
+
+@pytest.mark.timeout(240)
+def test_agent_restarts_and_crashes_lose_no_packet(default_lab: LabHandle) -> None:
+    """Five restarts of each compute node's agent, graceful and kill -9 in turn, some landing
+    in a sync (a change of the desired state just before): a ping every 10 ms between VMs
+    on the two nodes (routed), a TCP transfer between them that never stalls over 100 ms,
+    and a floating IP's traffic from the external host: not one packet lost, another
+    controller's flows intact, dvr's flows as before."""
     lab = default_lab
-    before = {n: _cookies(_dump(lab, n)) for n in ("compute1", "compute2")}
-    sink = lab.background(lab.ns("vm2"), "udp-sink", "7400", "--seconds", "16", ready=True)
-    source = lab.background(lab.ns("vm1"), "udp-stream", "10.2.0.12", "7400", "--interval",
-                            "0.01", "--seconds", "14")
-    time.sleep(1)
-    for i, node in enumerate(("compute1", "compute2", "compute1", "compute2")):
-        if i % 2:  # a change the agent is syncing when it dies (a VM on the other node)
-            lab.dvr_nb("vm-add", f"tmp{i}", "--node", "compute1", "--network", "red")
-        pid = int((lab.rundir / "nodes" / node / "agent.pid").read_text())
-        os.kill(pid, signal.SIGKILL)
-        lab.dvr("restart-agent", node)  # what Restart=always does
-        lab.dvr("restart-agent", node)  # and a graceful one
-        if i % 2:
-            lab.dvr_nb("vm-del", f"tmp{i}")
-    sent = lab.result(source)["sent"]
-    got = lab.result(sink)
-    lost = sent - len({g[0] for g in got})
-    assert lost == 0, f"{lost} of {sent} datagrams lost across agent restarts and crashes"
-    for node, cookies in before.items():
-        assert _wait_for(lambda node=node, cookies=cookies: _cookies(_dump(lab, node))
-                         == cookies), node
+    lab.dvr_nb("fip-set", "vm1", FIP)
+    try:
+        with foreign_flows(lab, ("compute1", "compute2")):
+            before = {n: _dvrs(lab, n) for n in ("compute1", "compute2")}
+            seconds, interval = 30, 0.01
+            count = int(seconds / interval)
+            ping = lab.background(lab.ns("vm1"), "ping", "10.2.0.12", str(count),
+                                  str(interval))
+            fip_sink = lab.background(lab.ns("vm1"), "udp-sink", "7401", "--seconds",
+                                      str(seconds + 2), ready=True)
+            fip = lab.background(lab.ns("ext"), "udp-stream", FIP, "7401", "--interval",
+                                 str(interval), "--seconds", str(seconds))
+            tcp_server = lab.background(lab.ns("vm4"), "tcp-server", "7402", ready=True)
+            # 1400 bytes every 5 ms, for longer than the restarts take
+            tcp = lab.background(lab.ns("vm3"), "tcp-client", "10.1.0.14", "7402",
+                                 str(1400 * int(seconds / 0.005)), "--pace", "0.005")
+            time.sleep(1)
+            started = time.monotonic()
+            for i in range(10):
+                node, crash = ("compute1", "compute2")[i % 2], (i // 2) % 2 == 0
+                if i % 3 == 2:  # a change the agent is syncing when it stops (a VM on
+                    # the other node, which the lab does not plug)
+                    lab.dvr_nb("vm-add", f"tmp{i}", "--node",
+                               "compute2" if node == "compute1" else "compute1",
+                               "--network", "red")
+                _restart(lab, node, crash)
+                if i % 3 == 2:
+                    lab.dvr_nb("vm-del", f"tmp{i}")
+            took = time.monotonic() - started
+            assert took < seconds - 2, f"the restarts took {took:.1f}s, longer than the traffic"
+            pings = lab.result(ping, timeout=seconds + 30)
+            assert pings["received"] == pings["sent"] == count, (
+                f"{pings['sent'] - pings['received']} of {pings['sent']} pings lost")
+            sent = lab.result(fip, timeout=seconds + 30)["sent"]
+            got = lab.result(fip_sink, timeout=seconds + 30)
+            assert sent - len({g[0] for g in got}) == 0, "floating-IP datagrams lost"
+            lab.result(tcp, timeout=seconds + 60)
+            received = lab.result(tcp_server, timeout=60)
+            assert received["bytes"] == 1400 * int(seconds / 0.005)
+            assert received["max_gap"] < 0.1, (
+                f"the TCP transfer stalled {received['max_gap'] * 1e3:.0f} ms")
+            for node, cookies in before.items():
+                assert _wait_for(lambda node=node, cookies=cookies: _dvrs(lab, node)
+                                 == cookies), node
+    finally:
+        lab.dvr_nb("fip-del", "vm1")
 
 
 FOREIGN = [  # another controller's flows: its own cookie, tables dvr does not use, and a
@@ -362,6 +449,26 @@ def _foreign(lab: LabHandle, node: str) -> list[str]:
 def _dvrs(lab: LabHandle, node: str) -> set[str]:
     """The cookies of dvr's flows (its owner bits) on the node's br-int."""
     return {c for c in _cookies(_dump(lab, node)) if c.startswith("0xd7a5")}
+
+
+@contextlib.contextmanager
+def foreign_flows(lab: LabHandle, nodes: tuple[str, ...]) -> Iterator[None]:
+    """Another controller's flows on each node's br-int (FOREIGN) for the time of a test,
+    checked to be exactly as it left them at the end."""
+    path = lab.rundir / "foreign.txt"
+    path.write_text("\n".join(FOREIGN) + "\n")
+    for node in nodes:
+        lab.node(node, "ovs-ofctl", "-O", "OpenFlow13", "--bundle", "add-flows", "br-int",
+                 str(path))
+    mine = {node: _foreign(lab, node) for node in nodes}
+    assert all(len(flows) == len(FOREIGN) for flows in mine.values())
+    try:
+        yield
+        for node in nodes:
+            assert _foreign(lab, node) == mine[node], f"{node}: another controller's flows"
+    finally:
+        for node in nodes:
+            lab.node(node, "ovs-ofctl", "del-flows", "br-int", "cookie=0x5ca1ab1e00000001/-1")
 
 
 def test_another_controllers_flows_are_never_touched(default_lab: LabHandle) -> None:
@@ -414,28 +521,29 @@ def test_a_bundle_the_switch_refuses_changes_nothing_and_is_retried(
     its flows lands, in any table), the agent logs it, counts it, keeps forwarding with its
     previous flows, retries; once the table has room it converges."""
     lab, node = default_lab, "compute2"
-    full = {t: _table_flows(lab, node, t) for t in (30, 40, 45)}
-    ours = _dvrs(lab, node)
-    errors = _scrape(lab, node)["dvr_agent_sync_errors_total{kind=bundle}"]
-    lab.node(node, "ovs-vsctl", "--", "--id=@ft", "create", "Flow_Table",
-             f"flow_limit={len(full[40])}", "overflow_policy=refuse", "--", "set", "Bridge",
-             "br-int", "flow_tables:40=@ft")
-    try:
-        lab.dvr_nb("vm-add", "vm7", "--node", "compute1", "--network", "red",
-                   "--ip", "10.2.0.77")
-        assert _wait_for(lambda: _scrape(lab, node)[
-            "dvr_agent_sync_errors_total{kind=bundle}"] > errors), "no refused bundle counted"
-        assert "TABLE_FULL" in (lab.rundir / "nodes" / node / "agent.log").read_text()
-        assert _dvrs(lab, node) == ours, "a refused bundle changed flows"
-        assert {t: _table_flows(lab, node, t) for t in full} == full
-        assert lab.ping("vm1", "10.2.0.12"), "traffic stopped with the refused bundle"
-        assert lab.status()["nodes"][node]["agent"]["converged"] is False
-    finally:
-        lab.node(node, "ovs-vsctl", "clear", "Bridge", "br-int", "flow_tables")
-    # room again: the retry lands the whole change
-    assert _wait_for(lambda: "reg0=0xa02004d" in _dump(lab, node), timeout=10)
-    lab.dvr_nb("vm-del", "vm7")
-    assert _wait_for(lambda: _dvrs(lab, node) == ours)
+    with foreign_flows(lab, ("compute2",)):
+        full = {t: _table_flows(lab, node, t) for t in (30, 40, 45)}
+        ours = _dvrs(lab, node)
+        errors = _scrape(lab, node)["dvr_agent_sync_errors_total{kind=bundle}"]
+        lab.node(node, "ovs-vsctl", "--", "--id=@ft", "create", "Flow_Table",
+                 f"flow_limit={len(full[40])}", "overflow_policy=refuse", "--", "set", "Bridge",
+                 "br-int", "flow_tables:40=@ft")
+        try:
+            lab.dvr_nb("vm-add", "vm7", "--node", "compute1", "--network", "red",
+                       "--ip", "10.2.0.77")
+            assert _wait_for(lambda: _scrape(lab, node)[
+                "dvr_agent_sync_errors_total{kind=bundle}"] > errors), "no refused bundle counted"
+            assert "TABLE_FULL" in (lab.rundir / "nodes" / node / "agent.log").read_text()
+            assert _dvrs(lab, node) == ours, "a refused bundle changed flows"
+            assert {t: _table_flows(lab, node, t) for t in full} == full
+            assert lab.ping("vm1", "10.2.0.12"), "traffic stopped with the refused bundle"
+            assert lab.status()["nodes"][node]["agent"]["converged"] is False
+        finally:
+            lab.node(node, "ovs-vsctl", "clear", "Bridge", "br-int", "flow_tables")
+        # room again: the retry lands the whole change
+        assert _wait_for(lambda: "reg0=0xa02004d" in _dump(lab, node), timeout=10)
+        lab.dvr_nb("vm-del", "vm7")
+        assert _wait_for(lambda: _dvrs(lab, node) == ours)
 
 
 def test_the_nodes_ovsdb_server_dies_and_comes_back(default_lab: LabHandle) -> None:
@@ -448,21 +556,24 @@ def test_the_nodes_ovsdb_server_dies_and_comes_back(default_lab: LabHandle) -> N
     from dvr.lab.lab import Lab
 
     lab, node = default_lab, "compute2"
-    pid_file = lab.rundir / "nodes" / node / "ovsdb-server.pid"
-    agent = int((lab.rundir / "nodes" / node / "agent.pid").read_text())
-    os.kill(int(pid_file.read_text()), signal.SIGKILL)
-    try:
-        lab.dvr_nb("vm-add", "vm6", "--node", "compute1", "--network", "red",
-                   "--ip", "10.2.0.66")
-        time.sleep(1)
-        assert Path(f"/proc/{agent}").exists(), "the agent exited"
-    finally:
-        Lab(lab.prefix)._start_ovsdb(node)
-    assert _wait_for(lambda: "reg0=0xa020042" in _dump(lab, node), timeout=20), (
-        "the change made meanwhile did not land after ovsdb-server came back")
-    assert int((lab.rundir / "nodes" / node / "agent.pid").read_text()) == agent
-    lab.dvr_nb("vm-del", "vm6")
-    assert _wait_for(lambda: lab.ping("vm1", "10.2.0.12", wait=1), timeout=10)
+    with foreign_flows(lab, ("compute2",)):
+        pid_file = lab.rundir / "nodes" / node / "ovsdb-server.pid"
+        agent = int((lab.rundir / "nodes" / node / "agent.pid").read_text())
+        errors = _scrape(lab, node)["dvr_agent_sync_errors_total{kind=ovsdb}"]
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        try:
+            lab.dvr_nb("vm-add", "vm6", "--node", "compute1", "--network", "red",
+                       "--ip", "10.2.0.66")
+            assert _wait_for(lambda: _scrape(lab, node)[
+                "dvr_agent_sync_errors_total{kind=ovsdb}"] > errors), "no failed sync counted"
+            assert Path(f"/proc/{agent}").exists(), "the agent exited"
+        finally:
+            Lab(lab.prefix)._start_ovsdb(node)
+        assert _wait_for(lambda: "reg0=0xa020042" in _dump(lab, node), timeout=20), (
+            "the change made meanwhile did not land after ovsdb-server came back")
+        assert int((lab.rundir / "nodes" / node / "agent.pid").read_text()) == agent
+        lab.dvr_nb("vm-del", "vm6")
+        assert _wait_for(lambda: lab.ping("vm1", "10.2.0.12", wait=1), timeout=10)
 
 
 @pytest.mark.timeout(240)
@@ -471,25 +582,26 @@ def test_the_northbound_down_for_a_minute_costs_no_packet(default_lab: LabHandle
     datagram every 10 ms, none lost), the agents say they are disconnected (metrics), and
     reconnect by themselves: a change made after the database is back lands at once."""
     lab = default_lab
-    sink = lab.background(lab.ns("vm2"), "udp-sink", "7500", "--seconds", "66", ready=True)
-    source = lab.background(lab.ns("vm1"), "udp-stream", "10.2.0.12", "7500", "--interval",
-                            "0.01", "--seconds", "64")
-    time.sleep(1)
-    lab.dvr("kill-nb")
-    try:
-        assert _wait_for(lambda: _scrape(lab, "compute1")[
-            "dvr_agent_northbound_connected"] == 0, timeout=10)
-        time.sleep(60)
-    finally:
-        lab.dvr("start-nb")
-    sent = lab.result(source, timeout=90)["sent"]
-    got = lab.result(sink, timeout=90)
-    lost = sent - len({g[0] for g in got})
-    assert lost == 0, f"{lost} of {sent} datagrams lost while the northbound was down"
-    assert _wait_for(lambda: _scrape(lab, "compute1")["dvr_agent_northbound_connected"] == 1,
-                     timeout=20)
-    lab.dvr_nb("vm-add", "vm5", "--node", "compute2", "--network", "red", "--ip", "10.2.0.55")
-    try:
-        assert _wait_for(lambda: "reg0=0xa020037" in _dump(lab, "compute1"), timeout=5)
-    finally:
-        lab.dvr_nb("vm-del", "vm5")
+    with foreign_flows(lab, ("compute1", "compute2")):
+        sink = lab.background(lab.ns("vm2"), "udp-sink", "7500", "--seconds", "66", ready=True)
+        source = lab.background(lab.ns("vm1"), "udp-stream", "10.2.0.12", "7500", "--interval",
+                                "0.01", "--seconds", "64")
+        time.sleep(1)
+        lab.dvr("kill-nb")
+        try:
+            assert _wait_for(lambda: _scrape(lab, "compute1")[
+                "dvr_agent_northbound_connected"] == 0, timeout=10)
+            time.sleep(60)
+        finally:
+            lab.dvr("start-nb")
+        sent = lab.result(source, timeout=90)["sent"]
+        got = lab.result(sink, timeout=90)
+        lost = sent - len({g[0] for g in got})
+        assert lost == 0, f"{lost} of {sent} datagrams lost while the northbound was down"
+        assert _wait_for(lambda: _scrape(lab, "compute1")["dvr_agent_northbound_connected"] == 1,
+                         timeout=20)
+        lab.dvr_nb("vm-add", "vm5", "--node", "compute2", "--network", "red", "--ip", "10.2.0.55")
+        try:
+            assert _wait_for(lambda: "reg0=0xa020037" in _dump(lab, "compute1"), timeout=5)
+        finally:
+            lab.dvr_nb("vm-del", "vm5")
