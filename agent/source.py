@@ -31,9 +31,10 @@ from typing import Any
 
 from flows import northbound
 from flows.incremental import Change
-from flows.model import Topology, TopologyError, build_topology, load_topology
+from flows.live import LiveTopology
+from flows.model import Topology, TopologyError, load_topology
 from flows.northbound import split_remotes
-from flows.planner import Scope, scope
+from flows.planner import Scope
 
 LOG = logging.getLogger(__name__)
 
@@ -119,10 +120,13 @@ def _replica_class() -> type:
             # node -> when (this host's monotonic clock) its Agent row last changed: how
             # fresh a report is, whatever the other hosts' clocks say
             self.agent_seen: dict[str, float] = {}
+            # the rows of the desired state changed since the model last read them
+            self.dirty: set[tuple[str, Any]] = set()
 
         def notify(self, event: Any, row: Any, updates: Any = None) -> None:
             if row._table.name != "Agent":
                 self.desired_changes += 1
+                self.dirty.add((row._table.name, row.uuid))
                 return
             node = getattr(row, "node", None)
             if not isinstance(node, str):
@@ -172,6 +176,17 @@ class NbSource(Source):
             session.reconnect.set_backoff(RECONNECT_MIN_MS, RECONNECT_MAX_MS)
         self._built = -1  # the copy's `desired_changes` when `_state` was built
         self._state: Topology | TopologyError | None = None
+        # the model of the copy, updated row by row (flows.live); the rows' JSON of the
+        # small tables and the Port rows' names, by UUID, as the model last read them
+        self.live = LiveTopology("northbound")
+        self._json: dict[str, dict[Any, dict[str, Any]]] = {}
+        self._port_names: dict[Any, str] = {}
+        self.rebuilds = 0  # models built from the whole copy (at start, after a refill)
+        self._scope: Scope | None = None
+        self._names_changed = True  # Node or Network rows changed since the condition
+        # what changed since the last load() (None: unknown), and what that load changed
+        self._pending: Change | None = None
+        self._delta: Change | None = None
         self._seen = -1  # ... when `load()` last handed it out
         self._pending_since: float | None = None
         self._report: Any = None  # the report transaction in flight (ovs.db.idl.Transaction)
@@ -208,7 +223,11 @@ class NbSource(Source):
         if isinstance(state, TopologyError):
             raise state
         assert state is not None
+        self._delta, self._pending = self._pending, Change()
         return state
+
+    def delta(self) -> Change | None:
+        return self._delta
 
     # --- the copy and its condition ---------------------------------------------------------
     def _current(self) -> Topology | TopologyError | None:
@@ -217,22 +236,108 @@ class NbSource(Source):
         if self.idl.desired_changes == self._built:
             return self._state
         self._built = self.idl.desired_changes
+        dirty, self.idl.dirty = self.idl.dirty, set()
         glob = list(self.idl.tables["NB_Global"].rows.values())
         try:
             if not glob:
                 raise TopologyError("northbound", [("(database)", "holds no desired state yet")])
-            topo = build_topology(document_of(self.idl), "northbound")
+            topo = self._model(dirty)
             self._state = _with_digest(topo, glob[0].generation)
+            change = self.live.change
+            self._pending = (None if self._pending is None or change is None
+                             else self._pending | change)
         except TopologyError as exc:  # keep the condition; the agent keeps its last state
             self._state = exc
             return exc
         if self.node is not None:
-            self.idl.cond_change("Port", self._port_condition(scope(self._state, self.node)))
+            sc = self.live.scope(self.node)
+            # the condition anew when the scope changed, or the rows it names did
+            if sc != self._scope or self._names_changed:
+                self._scope, self._names_changed = sc, False
+                self.idl.cond_change("Port", self._port_condition(sc))
             # a network node decides on its SNAT claims by what the others see (flows.ha)
             me = self._state.nodes.get(self.node)
             self.idl.cond_change("Agent", [True] if me is not None and me.is_network
                                  else [["node", "==", self.node]])
         return self._state
+
+    def _model(self, dirty: set[tuple[str, Any]]) -> Topology:
+        """The copy's model, updated by the rows changed (`dirty`): a Port row changed is
+        one VM checked and made anew; a row of the small tables changed builds those anew
+        (flows.live). Built from the whole copy at first, and when the copy no longer
+        matches what the model read (a refill after a reconnection drops rows unseen)."""
+        t = self.idl.tables
+        try:
+            if self.live.topology is None and not self._json:
+                raise _Whole
+            vms: dict[str, Any] = {}
+            infra = False
+            for table, uuid in dirty:
+                if table == "Port":
+                    self._port_change(uuid, vms)
+                    continue
+                self._row_json(table, uuid)
+                infra |= table != "NB_Global"
+                self._names_changed |= table in ("Node", "Network")
+            if len(self._port_names) != len(t["Port"].rows) or any(
+                    len(self._json.get(name, {})) != len(t[name].rows)
+                    for name in INFRA_TABLES):
+                raise _Whole
+            return self.live.update(vms, self._infra_doc() if infra else None)
+        except _Whole:
+            return self._whole()
+
+    def _whole(self) -> Topology:
+        t = self.idl.tables
+        self.rebuilds += 1
+        self._names_changed = True
+        self._json = {name: {u: _row(t[name], r) for u, r in t[name].rows.items()}
+                      for name in INFRA_TABLES}
+        self._port_names = {u: r.name for u, r in t["Port"].rows.items()}
+        return self.live.load(document_of(self.idl))
+
+    def _row_json(self, table: str, uuid: Any) -> None:
+        """The row's JSON, kept for `_infra_doc()` (a row renamed: every Port naming it
+        changes, so the whole copy is read again)."""
+        rows = self._json.setdefault(table, {})
+        row = self.idl.tables[table].rows.get(uuid)
+        before = rows.pop(uuid, None)
+        if row is not None:
+            rows[uuid] = _row(self.idl.tables[table], row)
+        if table in ("Node", "Network") and before is not None and (
+                row is None or rows[uuid]["name"] != before["name"]):
+            named = (self.live.by_node if table == "Node" else self.live.by_net).get(
+                before["name"])
+            if named or not self.live.valid:  # Port rows read with the old name
+                raise _Whole
+
+    def _infra_doc(self) -> dict[str, Any]:
+        results = [{"rows": list(self._json.get(name, {}).values())} if name != "Port"
+                   else {"rows": []} for name in northbound.DESIRED_TABLES]
+        doc = northbound.document(results, live=True)
+        doc.pop("vms", None)
+        return doc
+
+    def _port_change(self, uuid: Any, vms: dict[str, Any]) -> None:
+        """A Port row's VM spec (None: removed) into `vms`, by the same reading as the
+        whole copy's (`northbound.document()`, given the row and the two it names)."""
+        t = self.idl.tables
+        before = self._port_names.pop(uuid, None)
+        if before is not None:
+            vms.setdefault(before, None)  # gone, unless a row (this one) still has the name
+        row = t["Port"].rows.get(uuid)
+        if row is None:
+            return
+        port = _row(t["Port"], row)
+        node = t["Node"].rows.get(_uuid(port["node"]))
+        net = t["Network"].rows.get(_uuid(port["network"]))
+        if node is None or net is None:
+            raise _Whole
+        doc = northbound.document(
+            [{"rows": []}, {"rows": [_row(t["Node"], node)]}, {"rows": []},
+             {"rows": [_row(t["Network"], net)]}, {"rows": []}, {"rows": [port]}], live=True)
+        vms[row.name] = doc["vms"][row.name]
+        self._port_names[uuid] = row.name
 
     # --- what the other agents report ---------------------------------------------------------
     @property
@@ -364,20 +469,36 @@ class NbSource(Source):
         self.idl.close()
 
 
+# the tables of the desired state but Port (small ones: read whole when one of them changes)
+INFRA_TABLES = tuple(t for t in northbound.DESIRED_TABLES if t != "Port")
+
+
+class _Whole(Exception):
+    """The model must be built from the whole copy."""
+
+
+def _row(table: Any, r: Any) -> dict[str, Any]:
+    """One IDL row in OVSDB's JSON form (a column at its default may be absent)."""
+    from ovs.db.data import Datum
+
+    out: dict[str, Any] = {"_uuid": ["uuid", str(r.uuid)]}
+    for name, column in table.columns.items():
+        datum = r._data.get(name) or Datum.default(column.type)
+        out[name] = datum.to_json()
+    return out
+
+
+def _uuid(ref: Any) -> Any:
+    import uuid
+
+    return uuid.UUID(ref[1]) if isinstance(ref, list) and ref and ref[0] == "uuid" else None
+
+
 def document_of(idl: Any) -> dict[str, Any]:
     """The topology document the IDL's copy of the northbound database holds: its rows in
     OVSDB's JSON form, read by the same `flows.northbound.document()` as a `dvr nb dump`."""
-    from ovs.db.data import Datum
-
-    def row(table: Any, r: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {"_uuid": ["uuid", str(r.uuid)]}
-        for name, column in table.columns.items():  # a column at its default may be absent
-            datum = r._data.get(name) or Datum.default(column.type)
-            out[name] = datum.to_json()
-        return out
-
     return northbound.document([
-        {"rows": [row(idl.tables[t], r) for r in idl.tables[t].rows.values()]}
+        {"rows": [_row(idl.tables[t], r) for r in idl.tables[t].rows.values()]}
         for t in northbound.DESIRED_TABLES], live=True)
 
 

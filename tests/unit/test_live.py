@@ -1,0 +1,100 @@
+"""The topology an agent keeps up to date object by object (flows.live) against
+`build_topology()` of the same document, over random sequences of changes (every allocated
+value written out, as the northbound database holds them): the same model after every
+change, the same refusals (a refused change leaves the last model), a change that names at
+least what differs, unchanged VMs kept as they were, and the same scope as the planner's."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from flows.incremental import Change
+from flows.live import LiveTopology
+from flows.model import Topology, TopologyError, build_topology
+from flows.planner import scope
+from tests.unit.changes import Cloud, copy, shapes
+
+SHAPES = shapes()
+
+
+def edits(before: dict, after: dict) -> tuple[dict, dict | None]:
+    """What the agent's source hands over: the VMs whose rows changed, and the document
+    without VMs when any other row changed."""
+    vms = {n: after["vms"].get(n) for n in before["vms"].keys() | after["vms"].keys()
+           if before["vms"].get(n) != after["vms"].get(n)}
+    infra_b = {k: v for k, v in before.items() if k != "vms"}
+    infra_a = {k: v for k, v in after.items() if k != "vms"}
+    return vms, (copy(infra_a) if infra_a != infra_b else None)
+
+
+def covers(change: Change | None, old: Topology, new: Topology) -> bool:
+    if change is None:
+        return True
+    real = Change.between(old, new)
+    return (real.vms <= change.vms and real.networks <= change.networks
+            and real.routers <= change.routers and (change.nodes or not real.nodes)
+            and (change.external or not real.external))
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_live_model_is_the_whole_build_after_every_change(shape: str, seed: int) -> None:
+    rng = random.Random(seed)
+    cloud = Cloud(copy(SHAPES[shape]), rng)
+    live = LiveTopology(shape)
+    topo = live.load(copy(cloud.doc))
+    assert topo == build_topology(cloud.doc, shape)
+    refused = incremental = 0
+    valid = copy(cloud.doc)
+    for i in range(150):
+        before = copy(cloud.doc)
+        step = cloud.mutate()
+        try:
+            want: Topology | None = build_topology(cloud.doc, shape)
+        except TopologyError:
+            want = None
+        vms, infra = edits(before, cloud.doc)
+        last = live.topology
+        try:
+            got = live.update({n: copy(s) if s else None for n, s in vms.items()}, infra)
+        except TopologyError:
+            assert want is None, f"step {i} ({step}): refused, yet valid"
+            assert live.topology is last  # the last valid model stays
+            refused += 1
+            if rng.random() < 0.7:  # mostly undone, back to the last valid document
+                vms, infra = edits(cloud.doc, valid)
+                cloud.doc = copy(valid)
+                got = live.update({n: copy(s) if s else None for n, s in vms.items()}, infra)
+                assert got == build_topology(valid, shape)
+            continue
+        valid = copy(cloud.doc)
+        assert want is not None, f"step {i} ({step}): accepted, yet refused by the model"
+        assert got == want, f"step {i} ({step})"
+        assert last is not None and covers(live.change, last, got), f"step {i} ({step})"
+        if live.change is not None and not live.change.nodes:
+            incremental += 1
+            # the VMs not changed are the previous objects
+            assert all(got.vms[n] is last.vms[n] for n in got.vms
+                       if n in last.vms and n not in live.change.vms)
+        for node in sorted(got.nodes)[:6]:
+            assert live.scope(node) == scope(got, node), f"step {i} ({step}): {node}"
+    assert refused > 5 and incremental > 50
+    assert live.builds < 1 + 2 * refused  # a whole build only for what was refused
+
+
+def test_a_vm_changed_is_checked_alone() -> None:
+    doc = copy(SHAPES["mixed"])
+    live = LiveTopology()
+    topo = live.load(doc)
+    vm = next(iter(doc["vms"]))
+    spec = dict(doc["vms"][vm], mac="fa:16:3e:aa:bb:cc")
+    new = live.update({vm: spec})
+    assert live.change == Change(vms=frozenset({vm}))
+    assert new.vms[vm].mac == "fa:16:3e:aa:bb:cc"
+    assert new.networks is topo.networks and new.routers is topo.routers
+    other = next(n for n in doc["vms"] if n != vm)
+    with pytest.raises(TopologyError, match="already used"):  # the model's own words
+        live.update({other: dict(doc["vms"][other], mac="fa:16:3e:aa:bb:cc")})
+    assert live.topology is new
