@@ -16,10 +16,17 @@ On the built-in lab (compute1, compute2, net1), one UDP datagram every 10 ms fro
    back in one bundle and clears it): the longest silence; against the bare start of
    ovs-vswitchd on the same node in the same run (from its start to its bridges' ports
    numbered, flows not counted). Target: gap <= bare start + 100 ms;
+   The agent restarts of 1 also carry a paced TCP transfer vm3 (compute1) -> vm4 (compute2):
+   its longest stall (target < 100 ms), against the same transfer without restarts;
+   and compute2's own SNAT traffic (vm2 -> the external host) across restart-ovs: its gap;
 3. metrics: the time to scrape compute1's /metrics (from inside its node) with the small
    lab, then with a generated cloud loaded (--ports ports, dvr/lab/generate.py, and a VM of
    compute1 on each of its networks) that puts about 10,000 flows on compute1; median of
-   20 scrapes each.
+   20 scrapes each;
+4. on the HA lab (tests/lab/topologies/ha.yaml), r1's SNAT stream across --ovs-restarts
+   `restart-ovs net1` of its serving node (its BFD sessions stay down until its flows are
+   back, so the compute nodes steer r1 to net2 meanwhile), against `kill net1` (the
+   failover) in the same run.
 
 Needs root; the lab always goes down at the end.
 """
@@ -57,21 +64,23 @@ def row(label: str, value: str, target: str = "", ok: bool | None = None) -> Non
 
 
 class Stream:
-    """vm1 -> vm2 UDP, one datagram every INTERVAL, for `seconds`."""
+    """A numbered UDP stream, one datagram every INTERVAL, for `seconds`: by default vm1 ->
+    vm2 (routed east-west), or from VM `src` to `ip` received in namespace `sink_ns`."""
 
-    def __init__(self, lb: Lab, seconds: float):
+    def __init__(self, lb: Lab, seconds: float, src: str = "vm1", ip: str = "10.2.0.12",
+                 sink_ns: str | None = None, port: int = PORT):
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         py = [sys.executable, "-m", "tests.lab.pkttool"]
         self.sink = subprocess.Popen(
-            run.argv(lb.vm_ns("vm2"), [*py, "udp-sink", str(PORT), "--seconds",
-                                       str(seconds + 2)]),
+            run.argv(sink_ns or lb.vm_ns("vm2"), [*py, "udp-sink", str(port), "--seconds",
+                                                  str(seconds + 2)]),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
         assert self.sink.stdout is not None
         if self.sink.stdout.readline().strip() != "READY":
-            raise BenchError("the UDP sink in vm2 did not start")
+            raise BenchError("the UDP sink did not start")
         self.source = subprocess.Popen(
-            run.argv(lb.vm_ns("vm1"), [*py, "udp-stream", "10.2.0.12", str(PORT),
-                                       "--interval", str(INTERVAL), "--seconds", str(seconds)]),
+            run.argv(lb.vm_ns(src), [*py, "udp-stream", ip, str(port), "--interval",
+                                     str(INTERVAL), "--seconds", str(seconds)]),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
 
     def finish(self) -> tuple[int, int, float]:
@@ -88,10 +97,40 @@ class Stream:
         return sent, sent - len(seqs), gap
 
 
+class Transfer:
+    """A paced TCP transfer vm3 (compute1) -> vm4 (compute2), 1400 bytes every 5 ms for
+    `seconds`: the receiver reports the longest wait between two arrivals of data."""
+
+    def __init__(self, lb: Lab, seconds: float, port: int = PORT + 1):
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        py = [sys.executable, "-m", "tests.lab.pkttool"]
+        self.size = 1400 * int(seconds / 0.005)
+        self.server = subprocess.Popen(
+            run.argv(lb.vm_ns("vm4"), [*py, "tcp-server", str(port)]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        assert self.server.stdout is not None
+        if self.server.stdout.readline().strip() != "READY":
+            raise BenchError("the TCP server in vm4 did not start")
+        self.client = subprocess.Popen(
+            run.argv(lb.vm_ns("vm3"), [*py, "tcp-client", "10.1.0.14", str(port),
+                                       str(self.size), "--pace", "0.005"]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+
+    def finish(self) -> tuple[bool, float]:
+        """Whether every byte arrived, and the longest stall (s)."""
+        import json
+
+        self.client.communicate(timeout=180)
+        out, _ = self.server.communicate(timeout=60)
+        got = json.loads(out.strip().splitlines()[-1])
+        return got["bytes"] == self.size, got["max_gap"]
+
+
 def agent_restarts(lb: Lab, restarts: int) -> dict[str, tuple[int, int, float]]:
-    out = {}
+    out: dict[str, Any] = {}
     per = 1.5  # s between two restarts
     s = Stream(lb, 2 + 4 * restarts * per)
+    tcp = Transfer(lb, 2 + 4 * restarts * per)
     time.sleep(1)
     for _ in range(restarts):
         for node in ("compute1", "compute2"):
@@ -110,8 +149,10 @@ def agent_restarts(lb: Lab, restarts: int) -> dict[str, tuple[int, int, float]]:
                 raise BenchError(f"start after kill -9 {node}: {last_line(res)}")
             time.sleep(per / 2)
     out["restarts"] = s.finish()
-    quiet = Stream(lb, 4)
+    out["tcp"] = tcp.finish()
+    quiet, quiet_tcp = Stream(lb, 4), Transfer(lb, 4)
     out["baseline"] = quiet.finish()
+    out["tcp_baseline"] = quiet_tcp.finish()
     return out
 
 
@@ -129,12 +170,17 @@ def bare_start(lb: Lab, node: str) -> float:
     return took
 
 
-def ovs_restarts(lb: Lab, count: int) -> tuple[list[float], list[float], list[int]]:
-    gaps, bares, lost = [], [], []
+def ovs_restarts(lb: Lab, count: int) -> tuple[list[float], list[float], list[int],
+                                                list[float]]:
+    """restart-ovs compute2: the east-west gap to compute2, and the gap of compute2's own
+    SNAT traffic (vm2 -> the external host through net1), which must also wait for its BFD
+    sessions to come up again once the flag is cleared."""
+    gaps, bares, lost, snat = [], [], [], []
     for _ in range(count):
         bares.append(bare_start(lb, "compute2"))
         time.sleep(1)
         s = Stream(lb, 6)
+        out = Stream(lb, 6, src="vm2", ip="198.51.100.10", sink_ns=lb.ext_ns, port=PORT + 2)
         time.sleep(1.5)
         res = lab(lb.prefix, "restart-ovs", "compute2")
         if res.returncode != 0:
@@ -142,7 +188,65 @@ def ovs_restarts(lb: Lab, count: int) -> tuple[list[float], list[float], list[in
         _, n_lost, gap = s.finish()
         gaps.append(gap)
         lost.append(n_lost)
-    return gaps, bares, lost
+        snat.append(out.finish()[2])
+    return gaps, bares, lost, snat
+
+
+def network_node_restarts(prefix: str, count: int) -> dict[str, list[float]]:
+    """On the HA lab (tests/lab/topologies/ha.yaml: r1 served by net1, standby net2): r1's
+    SNAT stream (vm2 -> the external host) across `restart-ovs net1`, against the same
+    stream across `kill net1` (the failover) in the same run: the longest gap, and whether
+    net2 took r1 over (a restart shorter than the claim moves nothing for good: the compute
+    nodes steer to net2 while net1's sessions are down and back once they are up). After
+    each, net1 is brought back and r1 moved back to it when it had moved (`snat-move`)."""
+    lb = Lab(prefix)
+    out: dict[str, list[float]] = {"restart-ovs": [], "kill": [], "restart-ovs moved": [],
+                                   "kill moved": []}
+    res = lab(prefix, "up", str(ROOT / "tests" / "lab" / "topologies" / "ha.yaml"))
+    if res.returncode != 0:
+        raise BenchError(f"the HA lab could not be built: {last_line(res)}")
+    for _ in range(count):
+        for how in ("restart-ovs", "kill"):
+            s = Stream(lb, 5, src="vm2", ip="198.51.100.10", sink_ns=lb.ext_ns)
+            time.sleep(1.5)
+            res = lab(prefix, how, "net1")
+            if res.returncode != 0:
+                raise BenchError(f"{how} net1: {last_line(res)}")
+            out[how].append(s.finish()[2])
+            if how == "kill":
+                res = lab(prefix, "start", "net1")
+                if res.returncode != 0:
+                    raise BenchError(f"start net1: {last_line(res)}")
+            out[f"{how} moved"].append(float(_move_back(lb)))
+    return out
+
+
+def _move_back(lb: Lab) -> bool:
+    """r1 back on net1 (the operator's failback), once net2 has taken it over; and
+    whether it had moved."""
+    deadline = time.monotonic() + 30
+
+    def r1() -> dict[str, Any]:
+        return lb.status()["snat"]["r1"]
+
+    time.sleep(3)  # a short restart may end before anything moved
+    if r1()["chain"][0] == "net1" and r1()["active"] == ["net1"]:
+        return False
+    while r1()["active"] != ["net2"] or r1()["chain"] != ["net2", "net1"]:
+        if time.monotonic() > deadline:
+            raise BenchError(f"net2 did not take r1 over: {r1()}")
+        time.sleep(0.2)
+    db = nb.Northbound(lb.nb_connection())
+    try:
+        db.snat_move("r1", "net1")
+    finally:
+        db.close()
+    while r1()["active"] != ["net1"]:
+        if time.monotonic() > deadline:
+            raise BenchError(f"r1 did not move back to net1: {r1()}")
+        time.sleep(0.2)
+    time.sleep(1)
+    return True
 
 
 def c_mac(i: int) -> str:
@@ -200,6 +304,9 @@ def main() -> int:
         wait_agents(lb, ["compute1"], generation, 600)
         fig["flows_big"] = lb.status()["nodes"]["compute1"]["agent"]["flows"]
         fig["scrape_big"] = scrape_times(lb, "compute1")
+        lab_down(args.prefix)
+        print("4. network node OVS restarts (HA lab) ...", flush=True)
+        fig["net"] = network_node_restarts(args.prefix, args.ovs_restarts)
     except BenchError as exc:
         print(f"bench/operability.py: {exc}", file=sys.stderr)
         return 1
@@ -212,13 +319,31 @@ def main() -> int:
         f"gap {gap * 1000:.0f} ms", "0 lost", lost == 0)
     row("  no restarts (baseline)", f"{b_lost} of {b_sent} lost, longest gap "
         f"{b_gap * 1000:.0f} ms")
-    gaps, bares, lost_ovs = fig["ovs"]
+    ok, stall = fig["agents"]["tcp"]
+    b_ok, b_stall = fig["agents"]["tcp_baseline"]
+    row("  TCP vm3 -> vm4 across them", f"longest stall {stall * 1000:.0f} ms"
+        + ("" if ok else ", BYTES MISSING"), "< 100 ms", ok and stall < 0.1)
+    row("  TCP without restarts (baseline)", f"longest stall {b_stall * 1000:.0f} ms"
+        + ("" if b_ok else ", BYTES MISSING"))
+    gaps, bares, lost_ovs, snat_gaps = fig["ovs"]
     gap_m, bare_m = statistics.median(gaps), statistics.median(bares)
     row(f"restart-ovs gap ({len(gaps)})", f"median {gap_m * 1000:.0f} ms ("
         + ", ".join(f"{g * 1000:.0f}" for g in gaps) + f"), {sum(lost_ovs)} lost in all",
         "<= bare start + 100 ms", gap_m <= bare_m + 0.1)
     row("  bare ovs-vswitchd start", f"median {bare_m * 1000:.0f} ms ("
         + ", ".join(f"{b * 1000:.0f}" for b in bares) + ")")
+    row("  compute2's own SNAT traffic", f"median {statistics.median(snat_gaps) * 1000:.0f} ms ("
+        + ", ".join(f"{g * 1000:.0f}" for g in snat_gaps) + "): its BFD sessions come up "
+        "after the flag is cleared")
+    net = fig["net"]
+    row(f"restart-ovs of r1's SNAT node ({len(net['restart-ovs'])})",
+        f"median gap {statistics.median(net['restart-ovs']) * 1000:.0f} ms ("
+        + ", ".join(f"{g * 1000:.0f}" for g in net["restart-ovs"]) + f"); r1 taken over by "
+        f"net2 in {sum(net['restart-ovs moved']):.0f}")
+    row("  kill of that node (the failover)", f"median gap "
+        f"{statistics.median(net['kill']) * 1000:.0f} ms ("
+        + ", ".join(f"{g * 1000:.0f}" for g in net["kill"]) + f"); taken over in "
+        f"{sum(net['kill moved']):.0f}")
     small, size_small = fig["scrape_small"]
     big, size_big = fig["scrape_big"]
     row(f"metrics scrape, {fig['flows_big']} flows", f"median {big * 1000:.2f} ms "
