@@ -605,3 +605,37 @@ def test_the_northbound_down_for_a_minute_costs_no_packet(default_lab: LabHandle
             assert _wait_for(lambda: "reg0=0xa020037" in _dump(lab, "compute1"), timeout=5)
         finally:
             lab.dvr_nb("vm-del", "vm5")
+
+
+def test_the_switch_drops_the_openflow_connection(default_lab: LabHandle) -> None:
+    """compute2's switch closes the agent's OpenFlow connection (its bridge's protocols
+    reconfigured, which resets every connection to it): the flows stay and forward (a
+    datagram every 10 ms, none lost), the failed sync is counted, the agent reconnects by
+    itself and the next change lands; another controller's flows stay as they were."""
+    lab, node = default_lab, "compute2"
+    with foreign_flows(lab, (node,)):
+        errors = _scrape(lab, node)["dvr_agent_sync_errors_total{kind=bundle}"]
+        sink = lab.background(lab.ns("vm2"), "udp-sink", "7404", "--seconds", "6",
+                              ready=True)
+        source = lab.background(lab.ns("vm1"), "udp-stream", "10.2.0.12", "7404",
+                                "--interval", "0.01", "--seconds", "4")
+        time.sleep(1)
+        try:
+            lab.node(node, "ovs-vsctl", "set", "Bridge", "br-int",
+                     "protocols=OpenFlow13,OpenFlow14")
+            assert _wait_for(lambda: _scrape(lab, node)[
+                "dvr_agent_sync_errors_total{kind=bundle}"] > errors, timeout=10), (
+                "no failed sync counted")
+        finally:
+            lab.node(node, "ovs-vsctl", "clear", "Bridge", "br-int", "protocols")
+        sent = lab.result(source)["sent"]
+        got = lab.result(sink)
+        assert sent - len({g[0] for g in got}) == 0, "datagrams lost"
+        lab.dvr_nb("vm-add", "vm9", "--node", "compute1", "--network", "red",
+                   "--ip", "10.2.0.99")
+        try:
+            assert _wait_for(lambda: "reg0=0xa020063" in _dump(lab, node), timeout=10), (
+                "the agent did not reconnect")
+            assert lab.status()["nodes"][node]["agent"]["converged"] is True
+        finally:
+            lab.dvr_nb("vm-del", "vm9")
