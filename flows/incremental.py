@@ -426,7 +426,7 @@ class IncrementalPlan:
             router = topo.router_of(vm.network)
             if not (vm.floating_ip and router and router.external_gateway):
                 return None
-            return (vm, router), lambda: (_no_provider(vm, router),)
+            return (vm, _nat(router)), lambda: (_no_provider(vm, router),)
         if not provider_side:
             return None
         provider = ports.provider
@@ -441,13 +441,13 @@ class IncrementalPlan:
             if not (vm.floating_ip and router and router.external_gateway):
                 return None
             mac = topo.nodes[node].external_mac
-            return (vm, router, mac), lambda: _floating_ip(topo, node, vm, router)
+            return (vm, _nat(router), mac), lambda: _floating_ip(topo, node, vm, router)
         if kind == "conntrack":
             if name not in d.natting:
                 return None
             router = topo.routers[name]
             dnat = name in d.dnatting
-            return (router, dnat), lambda: _conntrack_states(router, dnat)
+            return (_nat(router), dnat), lambda: _conntrack_states(router, dnat)
         if not d.natting:
             return None
         if kind == "fip-out":
@@ -459,7 +459,7 @@ class IncrementalPlan:
                 return None
             local = name in d.local
             mac = topo.nodes[vm.node].external_mac
-            return ((vm, router, local, mac, provider),
+            return ((vm, _nat(router), local, mac, provider),
                     lambda: _fip_delivery(vm, router, local, mac, provider))
         if kind == "external-out":
             router = topo.routers.get(name)  # type: ignore[assignment]
@@ -515,6 +515,12 @@ def _network_of(old: Topology, new: Topology, vm: str) -> set[str]:
 
 def _routers_of(old: Topology, new: Topology, net: str) -> set[str]:
     return {r.name for t in (old, new) if (r := t.router_of(net)) is not None}
+
+
+def _nat(router: Router) -> tuple[Any, ...]:
+    """What the NAT builders read of a router (not its interfaces)."""
+    return (router.name, router.key, router.snat_zone, router.dnat_zone,
+            router.external_gateway)
 
 
 def _used_nets(router: Router, local_nets: frozenset[str]) -> frozenset[str]:
