@@ -215,17 +215,17 @@ def nb_main(args: argparse.Namespace) -> int:
             elif args.nb_cmd == "snat-move":
                 print(f"router {args.router}: HA chain "
                       f"{', '.join(db.snat_move(args.router, args.node))}")
-            else:
-                edit = {
-                    "vm-add": lambda: northbound.vm_add(args.name, args.node, args.network, args.ip,
+            else:  # a daily change: reads and writes only the rows it concerns
+                change = {
+                    "vm-add": lambda: db.vm_add(args.name, args.node, args.network, args.ip,
                                                 args.mac, args.floating_ip),
-                    "vm-del": lambda: northbound.vm_del(args.name),
-                    "fip-set": lambda: northbound.fip_set(args.vm, args.floating_ip),
-                    "fip-del": lambda: northbound.fip_del(args.vm),
-                    "router-if-add": lambda: northbound.router_if(args.router, args.network, True),
-                    "router-if-del": lambda: northbound.router_if(args.router, args.network, False),
-                }[args.nb_cmd]()
-                print(f"generation {db.change(edit)}")
+                    "vm-del": lambda: db.vm_del(args.name),
+                    "fip-set": lambda: db.fip_set(args.vm, args.floating_ip),
+                    "fip-del": lambda: db.fip_del(args.vm),
+                    "router-if-add": lambda: db.router_if(args.router, args.network, True),
+                    "router-if-del": lambda: db.router_if(args.router, args.network, False),
+                }[args.nb_cmd]
+                print(f"generation {change()}")
         finally:
             db.close()
     except (nb.NbError, northbound.ChangeError) as exc:

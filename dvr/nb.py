@@ -18,13 +18,23 @@ from dvr import jsonrpc
 from flows.model import Topology, build_topology, to_dict
 from flows.northbound import (
     DB,
+    GLOBAL_SELECT,
     ChangeError,
+    Command,
+    Refusal,
+    Write,
     diff_ops,
     document,
     dump_ops,
+    fip_del_change,
+    fip_set_change,
+    fresh_generation,
     generation_of,
+    router_if_change,
     split_remotes,
     uuids_of,
+    vm_add_change,
+    vm_del_change,
 )
 
 
@@ -41,6 +51,15 @@ class NbLost(NbError):
 
 class NbConflict(NbError):
     """A transaction's guard failed: the desired state changed since it was read."""
+
+
+class NbRefused(NbError):
+    """The database refused a transaction at commit (an index would hold a value twice,
+    a reference would dangle): `refusal` holds its error and details."""
+
+    def __init__(self, message: str, refusal: Refusal):
+        super().__init__(message)
+        self.refusal = refusal
 
 
 # OVSDB error tags (RFC 7047 names an error by its "error" member) that mean the server let
@@ -110,6 +129,7 @@ class Northbound:
         self.timeout = timeout
         self.remote = ""
         self.conn: jsonrpc.Connection | None = None
+        self._first: list[dict[str, Any]] = []  # the first read's results (apply())
         self._connect()
 
     def _connect(self) -> None:
@@ -168,7 +188,9 @@ class Northbound:
             err = f"{results[-1]['error']}: {results[-1].get('details', '')}"
             if _tag(results[-1]) in LOST_TAGS:
                 raise NbLost(f"{self.remote}: {err}")
-            raise NbError(f"transaction refused: {err}")
+            raise NbRefused(f"transaction refused: {err}",
+                            Refusal(str(results[-1]["error"]),
+                                    str(results[-1].get("details", ""))))
         return results
 
     def _reconnect(self) -> None:
@@ -178,12 +200,15 @@ class Northbound:
 
     def load(self, topo: Topology) -> str:
         """Replace the desired state with `topo`, changing only the rows that differ, in
-        one transaction. Returns the new generation."""
+        one transaction. Returns the new generation: the hash of the whole document
+        (`generation_of`), also when only the generation differs (after changes made in
+        O(change), which give fresh ones), so that a loaded document always has the same."""
         doc = to_dict(topo)
-        return self.change(lambda _: doc, validate=False)  # a Topology is valid already
+        # a Topology is valid already
+        return self.change(lambda _: doc, validate=False, relabel=True)
 
     def change(self, edit: Any, retries: int = 5, validate: bool = True,
-               effective: bool = True) -> str:
+               effective: bool = True, relabel: bool = False) -> str:
         """Read the desired state, `edit` its document, validate the result (a
         TopologyError writes nothing), write the difference in one transaction guarded by
         the generation read; a concurrent change makes it start over. What is written is
@@ -208,7 +233,8 @@ class Northbound:
                 if validate:
                     built = to_dict(build_topology(new, "<change>"))
                     new = built if effective else new
-                if old is not None and new == old:
+                if old is not None and new == old and (
+                        not relabel or generation == generation_of(new)):
                     return generation or ""
                 expected = generation_of(new)
                 self.transact(diff_ops(old, new, uuids, generation))
@@ -220,6 +246,107 @@ class Northbound:
                 self._reconnect()  # the leader, or an NbError when none comes
             except NbConflict:
                 conflicts += 1  # somebody else changed it meanwhile: read again
+                if conflicts >= retries:
+                    raise NbError("the desired state kept changing under this change; "
+                                  "try again") from None
+
+    # --- the daily changes, in O(change) ---------------------------------------------------
+    def vm_add(self, name: str, node: str, network: str, ip: str | None = None,
+               mac: str | None = None, floating_ip: str | None = None) -> str:
+        """Add a VM's port (addresses left out allocated as a whole document would);
+        returns the new generation."""
+        return self.apply(vm_add_change(name, node, network, ip, mac, floating_ip))
+
+    def vm_del(self, name: str) -> str:
+        return self.apply(vm_del_change(name))
+
+    def fip_set(self, vm: str, floating_ip: str) -> str:
+        """Associate `floating_ip` with `vm`, moving it from the VM that holds it, if any."""
+        return self.apply(fip_set_change(vm, floating_ip))
+
+    def fip_del(self, vm: str) -> str:
+        return self.apply(fip_del_change(vm))
+
+    def router_if(self, router: str, network: str, add: bool) -> str:
+        return self.apply(router_if_change(router, network, add))
+
+    def _drive(self, command: Any) -> Any:
+        """Run a command of `flows.northbound` to its end: each read it yields in one
+        transaction; returns what it returns (the first read's results are kept in
+        `self._first`)."""
+        try:
+            reads = next(command)
+        except StopIteration as stop:
+            return stop.value
+        first = True
+        while True:
+            results = self.transact(reads)
+            if first:
+                self._first, first = results, False
+            try:
+                reads = command.send(results)
+            except StopIteration as stop:
+                return stop.value
+
+    def apply(self, command: Any, retries: int = 5) -> str:
+        """Apply a change in O(change): `command(hints)` (see `flows.northbound`) reads the
+        rows it concerns, beginning with NB_Global, and returns its write; that goes in one
+        transaction guarded by the generation read, setting a fresh one. A change refused at
+        commit writes nothing: the command names the key (or, when what it allocated was
+        taken, starts over with that learnt: `hints`, valid at the generation read); a
+        concurrent change makes it start over.
+
+        Exactly once, as `change()`: when a write's answer is lost, NB_Global alone is read
+        from the new leader, and the change counts as done when it shows the generation
+        that write was setting."""
+        expected: str | None = None
+        conflicts = failovers = 0
+        hints: dict[str, Any] = {}
+        while True:
+            try:
+                if expected is not None:  # did the lost write commit?
+                    rows = self.transact([GLOBAL_SELECT])[0].get("rows", [])
+                    if rows and rows[0]["generation"] == expected:
+                        return expected
+                    expected = None
+                gen: Command = command(hints)
+                write: Write | None = self._drive(gen)
+                rows = self._first[0].get("rows", [])
+                generation = rows[0]["generation"] if rows else None
+                if hints.get("generation", generation) != generation:
+                    hints.clear()  # learnt at another generation: start over without them
+                    continue
+                if write is None:
+                    return generation or ""
+                fresh = fresh_generation()
+                ops = [{"op": "wait", "table": "NB_Global", "where": [],
+                        "columns": ["generation"], "until": "==", "timeout": 0,
+                        "rows": [{"generation": generation}]},
+                       *write.ops,
+                       {"op": "update", "table": "NB_Global", "where": [],
+                        "row": {"generation": fresh}},
+                       {"op": "mutate", "table": "NB_Global", "where": [],
+                        "mutations": [["changes", "+=", 1]]}]
+                expected = fresh
+                try:
+                    self.transact(ops)
+                except NbRefused as exc:
+                    expected = None
+                    if write.refused is None:
+                        raise
+                    hints["generation"] = generation
+                    self._drive(write.refused(exc.refusal, hints))  # raises, or learnt
+                    continue
+                return fresh
+            except NbLost:
+                failovers += 1
+                if failovers > MAX_FAILOVERS:
+                    raise
+                self._reconnect()
+            except NbConflict:
+                expected = None
+                hints.clear()
+                conflicts += 1
                 if conflicts >= retries:
                     raise NbError("the desired state kept changing under this change; "
                                   "try again") from None

@@ -842,3 +842,31 @@ def to_dict(topo: Topology) -> dict:
 
 def _ids(pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     return {"external_ids": dict(pairs)} if pairs else {}
+
+
+# --- the allocation rules, for a writer that changes one object (flows.northbound) -------------
+def default_port_id(vm_name: str) -> str:
+    """A VM's port id when none is given: its name when that is a UUID, else derived."""
+    return vm_name if UUID_RE.match(vm_name) else port_id_for(vm_name)
+
+
+def infrastructure_macs(routers: Mapping[str, Any], router_of: Mapping[str, str],
+                        nodes: Iterable[str], has_external: bool) -> dict[str, str]:
+    """The MACs of routers and nodes, as `build_topology()` derives them from `routers`
+    (name -> spec with `interfaces` and `external_gateway`), the network each router holds
+    and the node names in file order: MAC -> who holds it (a VM may not take one)."""
+    return _infrastructure_macs(routers, router_of, list(nodes), has_external).owner
+
+
+def vm_ip(name: str, net: ipaddress.IPv4Network, taken: Iterable[ipaddress.IPv4Address]
+          ) -> ipaddress.IPv4Address | None:
+    """The address `build_topology()` allocates to VM `name` on `net` when `taken` holds
+    the network's gateway_ip and every other address its VMs hold (None: the network is
+    full)."""
+    return _pick_ip(f"vm:{name}", net, set(taken))
+
+
+def vm_mac(name: str, taken: Iterable[str]) -> str:
+    """The MAC `build_topology()` allocates to VM `name` when `taken` holds every other
+    VM's MAC and the routers' and nodes' (`infrastructure_macs()`)."""
+    return _mac_for(f"vm:{name}", set(taken))

@@ -13,9 +13,25 @@ is the client that sends these operations.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import re
+import uuid
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from flows.model import (
+    MAC_RE,
+    NAME_RE,
+    UUID_RE,
+    TopologyError,
+    default_port_id,
+    infrastructure_macs,
+    vm_ip,
+    vm_mac,
+)
 
 DB = "DVR_Northbound"
 SCHEMA = Path(__file__).with_name("nb.ovsschema")
@@ -82,7 +98,7 @@ def document(results: list[dict[str, Any]], live: bool = False) -> dict[str, Any
     A router's `snat_nodes` are what the operator gave; with `live`, its HA chain as the
     scheduler keeps it (`Router.snat_chain`: the node serving it first, dead nodes
     replaced), when it has one: what the agents plan by."""
-    _, nodes, ext, nets, routers, ports = (r.get("rows", []) for r in results)
+    _, nodes, ext, nets, routers, ports = (r.get("rows", []) for r in results[:6])
     node_name = {n["_uuid"][1]: n["name"] for n in nodes}
     net_name = {n["_uuid"][1]: n["name"] for n in nets}
     data: dict[str, Any] = {"nodes": {}}
@@ -119,8 +135,9 @@ def document(results: list[dict[str, Any]], live: bool = False) -> dict[str, Any
                 "ip": p["ip"], "mac": p["mac"]}
         if _one(p["floating_ip"]):
             spec["floating_ip"] = _one(p["floating_ip"])
-        if _one(p.get("port_id")):
-            spec["port_id"] = _one(p["port_id"])
+        port_id = _one(p.get("port_id"))
+        if port_id and port_id != default_port_id(p["name"]):  # the default left out
+            spec["port_id"] = port_id
         spec.update(_ids(p.get("external_ids")))
         data["vms"][p["name"]] = spec
     return data
@@ -167,10 +184,16 @@ def _logical(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
         rows["External"]["external"] = {"cidr": e["cidr"], "gateway_ip": e["gateway_ip"],
                                         "remote_ip": e["remote_ip"],
                                         "gateway_mac": e.get("gateway_mac")}
+    router_of: dict[str, str] = {}  # a network's router: the first that lists it
+    for rname, spec in doc["routers"].items():
+        for net in spec["interfaces"]:
+            router_of.setdefault(net, rname)
     for i, (name, spec) in enumerate(doc["networks"].items()):
         rows["Network"][name] = {"name": name, "position": i, "cidr": spec["cidr"],
                                  "gateway_ip": spec["gateway_ip"], "mtu": spec["mtu"],
                                  "vni": spec["vni"],
+                                 "router": ("Router", router_of[name]) if name in router_of
+                                 else None,
                                  "external_ids": _ids_map(spec.get("external_ids"))}
     for i, (name, spec) in enumerate(doc["routers"].items()):
         rows["Router"][name] = {
@@ -184,7 +207,8 @@ def _logical(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
         rows["Port"][name] = {"name": name, "node": ("Node", spec["node"]),
                               "network": ("Network", spec["network"]), "ip": spec["ip"],
                               "mac": spec["mac"], "floating_ip": spec.get("floating_ip"),
-                              "port_id": spec.get("port_id"),
+                              "fip_key": fip_key(name, spec.get("floating_ip")),
+                              "port_id": spec.get("port_id") or default_port_id(name),
                               "external_ids": _ids_map(spec.get("external_ids"))}
     return rows
 
@@ -233,7 +257,8 @@ def diff_ops(old: dict[str, Any] | None, new: dict[str, Any],
         for key, row in after[table].items():
             if key not in before[table]:
                 ops.append({"op": "insert", "table": table, "uuid-name": named[(table, key)],
-                            "row": {c: encode(v) for c, v in row.items()}})
+                            "row": {c: encode(v) for c, v in row.items()},
+                            **({"uuid": port_uuid(key)} if table == "Port" else {})})
             elif row != before[table][key]:
                 changed = {c: encode(v) for c, v in row.items() if before[table][key].get(c) != v}
                 ops.append({"op": "update", "table": table,
@@ -334,3 +359,531 @@ def router_if(router: str, network: str, add: bool) -> Any:
             itfs.remove(network)
         return doc  # type: ignore[return-value]
     return edit
+
+
+# --- the daily changes in O(change) -----------------------------------------------------------
+# A command reads only the rows it concerns and writes only those it changes: a generator
+# that yields the operations of a read (selects, in one transaction: a consistent snapshot),
+# receives their results, and returns a `Write` (None: nothing to change). `dvr/nb.py`
+# drives it: the first read begins with NB_Global (the generation the write is guarded by),
+# and the write sets a fresh generation in the same transaction.
+#
+# What the whole-document path (`build_topology()` of the edited document) checks is checked
+# here by the rules of the objects touched; uniqueness across the cloud by the database
+# itself, at commit: the schema's indexes on Port (name, port_id, (network, ip), mac, and
+# fip_key: a port's floating IP, or its own name when it has none, since an index over the
+# optional floating_ip would make every port without one collide). A Port row's UUID is
+# derived from its name (`port_uuid()`, OVSDB's "uuid" of an insert), so that a command
+# finds a port by name in O(1) (ovsdb-server looks rows up by UUID; any other condition is
+# a scan). A change refused at commit is read again to name the rows it collides with, in
+# the order and words of `build_topology()`.
+
+PORT_ROW_NS = uuid.UUID("b7e1c7d2-5a0e-4f4b-9d4c-64767220706f")
+SOURCE = "<change>"  # the source a refused change's TopologyError names
+GLOBAL_SELECT = {"op": "select", "table": "NB_Global", "where": [],
+                 "columns": ["generation"]}
+Reads = list[dict[str, Any]]
+Results = list[dict[str, Any]]
+
+
+def port_uuid(name: str) -> str:
+    """The UUID of the Port row of VM `name`."""
+    return str(uuid.uuid5(PORT_ROW_NS, name))
+
+
+def fip_key(name: str, floating_ip: str | None) -> str:
+    """Port.fip_key: the port's floating IP, or a value of its own when it has none."""
+    return floating_ip if floating_ip else f"-{name}"
+
+
+def fresh_generation() -> str:
+    """The generation of a change written in O(change): new each time (64 random bits)."""
+    return uuid.uuid4().hex[:16]
+
+
+@dataclass
+class Refusal:
+    """A write the database refused at commit (an index would hold a value twice)."""
+    error: str
+    details: str
+
+    def index(self) -> tuple[str, ...]:
+        """The columns of the index the write would break (empty: not an index)."""
+        m = re.search(r'for index on columns? (.*?)\.\s', self.details + " ")
+        return tuple(re.findall(r'"([^"]+)"', m.group(1))) if m else ()
+
+    def rows(self) -> list[str]:
+        """The UUIDs of the rows that collide."""
+        return re.findall(r"UUID ([0-9a-f]{8}-[0-9a-f-]{27})", self.details)
+
+
+@dataclass
+class Write:
+    """The operations of a change (without the guard and the generation: the driver adds
+    them) and what to do when the database refuses them at commit: `refused(refusal,
+    hints)`, a command of its own that reads and then raises (the change is refused) or
+    returns (the hints updated: start over with them)."""
+    ops: list[dict[str, Any]]
+    refused: Callable[[Refusal, dict[str, Any]], Generator[Reads, Results, None]] | None = None
+
+
+Command = Generator[Reads, Results, Write | None]
+
+
+def _select(table: str, where: list[Any], columns: list[str] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {"op": "select", "table": table, "where": where}
+    if columns is not None:
+        op["columns"] = columns
+    return op
+
+
+def _by_uuid(table: str, u: str, columns: list[str] | None = None) -> dict[str, Any]:
+    return _select(table, [["_uuid", "==", ["uuid", u]]], columns)
+
+
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return result.get("rows", [])
+
+
+def _uuid_of(value: Any) -> str | None:
+    value = _one(value)
+    return value[1] if isinstance(value, list) and len(value) == 2 else None
+
+
+def _update(table: str, u: str, row: dict[str, Any]) -> dict[str, Any]:
+    return {"op": "update", "table": table, "where": [["_uuid", "==", ["uuid", u]]],
+            "row": row}
+
+
+class _Errors:
+    """Rule violations in the order `build_topology()` finds them."""
+
+    def __init__(self) -> None:
+        self.errors: list[tuple[str, str]] = []
+
+    def err(self, key: str, reason: str) -> None:
+        self.errors.append((key, reason))
+
+    def ip(self, value: Any, key: str) -> ipaddress.IPv4Address | None:
+        try:
+            return ipaddress.IPv4Address(str(value))
+        except ValueError:
+            self.err(key, f"{value!r} is not an IPv4 address")
+            return None
+
+    def host_in(self, ip: ipaddress.IPv4Address, net: ipaddress.IPv4Network, key: str,
+                what: str) -> bool:
+        if ip not in net:
+            self.err(key, f"{ip} is outside {what} {net}")
+            return False
+        if ip in (net.network_address, net.broadcast_address):
+            self.err(key, f"{ip} is the network or broadcast address of {net}")
+            return False
+        return True
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise TopologyError(SOURCE, self.errors)
+
+
+def _external(rows: list[dict[str, Any]]) -> tuple[ipaddress.IPv4Network,
+                                                   ipaddress.IPv4Address] | None:
+    if not rows:
+        return None
+    return ipaddress.IPv4Network(rows[0]["cidr"]), ipaddress.IPv4Address(rows[0]["gateway_ip"])
+
+
+def _fip_phase(e: _Errors, vm: str, value: str, external: Any) -> ipaddress.IPv4Address | None:
+    """`build_topology()`'s first pass over a VM's floating IP (before any owner check)."""
+    key = f"vms.{vm}.floating_ip"
+    fip = e.ip(value, key)
+    if fip is None:
+        return None
+    if external is None:
+        e.err(key, "a floating IP needs an `external:` network")
+        return None
+    cidr, gateway = external
+    if not e.host_in(fip, cidr, key, "external.cidr"):
+        return None
+    if fip == gateway:
+        e.err(key, f"{fip} is the external gateway_ip")
+        return None
+    return fip
+
+
+def _fip_router_phase(e: _Errors, vm: str, net: str, router: dict[str, Any] | None) -> None:
+    if router is None:
+        e.err(f"vms.{vm}.floating_ip", f"network {net} is on no router")
+    elif router["external_gateway"] is not True:
+        e.err(f"vms.{vm}.floating_ip",
+              f"router {router['name']} of network {net} has no external_gateway")
+
+
+def _port(name: str, columns: list[str], first: Reads
+          ) -> Generator[Reads, Results, tuple[Results, dict[str, Any] | None]]:
+    """The results of the reads `first` and the Port row of VM `name`, found by its UUID
+    in the same transaction (a row written before names gave UUIDs: by its name, a scan)."""
+    results = yield [*first, _by_uuid("Port", port_uuid(name), [*columns, "name"])]
+    rows = [r for r in _rows(results[-1]) if r["name"] == name]
+    if not rows:
+        rows = _rows((yield [_select("Port", [["name", "==", name]],
+                                     sorted({*columns, "name", "_uuid"}))])[0])
+    return results[:-1], (rows[0] if rows else None)
+
+
+def _owners(keys: dict[str, list[Any]]) -> Generator[Reads, Results, dict[str, str]]:
+    """The VMs that hold each of these values (the refusal of a change: scans), by what
+    `keys` names: what -> a Port condition."""
+    names = list(keys)
+    results = yield [_select("Port", keys[n], ["name"]) for n in names]
+    return {n: sorted(r["name"] for r in _rows(res))[0]
+            for n, res in zip(names, results, strict=True) if _rows(res)}
+
+
+def _glob(results: Results) -> bool:
+    return bool(_rows(results[0]))
+
+
+def vm_add_change(name: str, node: str, network: str, ip: str | None = None,
+                  mac: str | None = None, floating_ip: str | None = None
+                  ) -> Callable[[dict[str, Any]], Command]:
+    """`dvr nb vm-add`: one Port row, its node, network, routers and nodes read (the
+    routers' and nodes' MACs are derived from all of them); an address left out is the
+    one the whole document would give it."""
+
+    def command(hints: dict[str, Any]) -> Command:
+        results = yield [
+            GLOBAL_SELECT,
+            _by_uuid("Port", port_uuid(name), ["name"]),
+            _select("Node", [], ["_uuid", "name", "role", "position"]),
+            _select("Network", [["name", "==", network]],
+                    ["_uuid", "cidr", "gateway_ip", "router"]),
+            _select("External", [], ["cidr", "gateway_ip"]),
+            _select("Router", [], ["_uuid", "name", "position", "interfaces",
+                                   "external_gateway", "external_ip"]),
+            _select("Network", [], ["_uuid", "name"])]
+        if not _glob(results):
+            raise ChangeError("the database holds no desired state: load one first")
+        if _rows(results[1]):
+            raise ChangeError(f"vms.{name}: already exists")
+        nodes = sorted(_rows(results[2]), key=lambda r: r["position"])
+        nets = _rows(results[3])
+        external = _external(_rows(results[4]))
+        routers = sorted(_rows(results[5]), key=lambda r: r["position"])
+        net = nets[0] if nets else None
+        router = None
+        if net is not None and _uuid_of(net.get("router")):
+            router = next((r for r in routers if r["_uuid"][1] == _uuid_of(net["router"])),
+                          None)
+        port_id = default_port_id(name)
+        mac_l = str(mac).lower() if mac is not None else None
+
+        def errors(owners: dict[str, str]) -> _Errors:
+            e = _Errors()
+            fip = None
+            if floating_ip is not None:
+                fip = _fip_phase(e, name, floating_ip, external)
+                if fip is not None and "fip" in owners:
+                    e.err(f"vms.{name}.floating_ip",
+                          f"{fip} is already the floating IP of vms.{owners['fip']}")
+                    fip = None
+            if fip is not None:
+                for r in routers:
+                    if r["external_gateway"] and _one(r["external_ip"]) == str(fip):
+                        e.err(f"routers.{r['name']}.external_ip",
+                              f"{fip} is the floating IP of vms.{name}")
+            key = f"vms.{name}"
+            if not (NAME_RE.match(name) or UUID_RE.match(name)):
+                e.err(key, f"invalid name {name!r}: use [a-z][a-z0-9-]{{0,11}} or a UUID")
+                return e
+            ok = True
+            if "port_id" in owners:
+                e.err(f"{key}.port_id", f"{port_id} is already the port of vms."
+                      f"{owners['port_id']}")
+                ok = False
+            me = next((n for n in nodes if n["name"] == node), None)
+            if me is None:
+                e.err(f"{key}.node", f"unknown node {node!r}")
+                ok = False
+            elif me["role"] == "network":
+                e.err(f"{key}.node", f"{node} is a network node; VMs run on compute nodes")
+                ok = False
+            if net is None:
+                e.err(f"{key}.network", f"unknown network {network!r}")
+                ok = False
+            if ok and ip is not None:
+                addr = e.ip(ip, f"{key}.ip")
+                cidr = ipaddress.IPv4Network(net["cidr"])
+                if addr is None or not e.host_in(addr, cidr, f"{key}.ip",
+                                                 f"network {network}"):
+                    ok = False
+                elif str(addr) == net["gateway_ip"]:
+                    e.err(f"{key}.ip", f"{addr} is the gateway_ip of network {network}")
+                    ok = False
+                elif "ip" in owners:
+                    e.err(f"{key}.ip", f"{addr} is already used by vms.{owners['ip']}")
+                    ok = False
+            if mac_l is not None:
+                if not MAC_RE.match(mac_l) or int(mac_l[:2], 16) & 1:
+                    e.err(f"{key}.mac", f"{mac!r} is not a unicast MAC address")
+                    ok = False
+                elif "mac" in owners:
+                    e.err(f"{key}.mac", f"{mac_l} is already used by vms.{owners['mac']}")
+                    ok = False
+            if ok and floating_ip is not None:
+                _fip_router_phase(e, name, network, router)
+            return e
+
+        def unique_keys() -> dict[str, list[Any]]:
+            keys: dict[str, list[Any]] = {"port_id": [["port_id", "==", port_id]]}
+            if floating_ip is not None:
+                keys["fip"] = [["fip_key", "==", _norm_ip(floating_ip)]]
+            if net is not None and ip is not None:
+                keys["ip"] = [["network", "==", net["_uuid"]], ["ip", "==", _norm_ip(ip)]]
+            if mac_l is not None:
+                keys["mac"] = [["mac", "==", mac_l]]
+            return keys
+
+        def refuse() -> Generator[Reads, Results, None]:
+            owners = yield from _owners(unique_keys())
+            errors(owners).raise_if_any()
+
+        e = errors({})
+        if e.errors:
+            yield from refuse()
+            e.raise_if_any()
+        assert net is not None
+        # the routers' and nodes' MACs: a VM's may not be one of them
+        router_of: dict[str, str] = {}
+        net_names = {r["_uuid"][1]: r["name"] for r in _rows(results[6])}
+        specs: dict[str, dict[str, Any]] = {}
+        for r in routers:
+            itfs = [net_names[u] for _, u in _pairs(r["interfaces"])]
+            specs[r["name"]] = {"interfaces": itfs, "external_gateway": r["external_gateway"]}
+            for n in itfs:
+                router_of.setdefault(n, r["name"])
+        infra = infrastructure_macs(specs, router_of, [n["name"] for n in nodes],
+                                    external is not None)
+        if mac_l is not None and mac_l in infra:
+            raise TopologyError(SOURCE, [(f"vms.{name}.mac", f"{mac_l} is {infra[mac_l]}")])
+        cidr = ipaddress.IPv4Network(net["cidr"])
+        gateway = ipaddress.IPv4Address(net["gateway_ip"])
+        if ip is not None:
+            addr = str(ipaddress.IPv4Address(str(ip)))
+        else:  # the address of the whole document: free in the network's taken ones
+            taken = {gateway} | {ipaddress.IPv4Address(a) for a in hints.get("ips", ())}
+            picked = vm_ip(name, cidr, taken)
+            if picked is None:
+                raise TopologyError(SOURCE, [(f"vms.{name}.ip",
+                                              f"no free address left in network {network}")])
+            addr = str(picked)
+        the_mac = mac_l if mac_l is not None else vm_mac(
+            name, set(infra) | set(hints.get("macs", ())))
+        fip = str(ipaddress.IPv4Address(floating_ip)) if floating_ip is not None else None
+        me = next(n for n in nodes if n["name"] == node)
+        row = {"name": name, "node": me["_uuid"], "network": net["_uuid"], "ip": addr,
+               "mac": the_mac, "floating_ip": fip if fip else ["set", []],
+               "fip_key": fip_key(name, fip), "port_id": port_id,
+               "external_ids": ["map", []]}
+
+        def refused(refusal: Refusal, hints: dict[str, Any]
+                    ) -> Generator[Reads, Results, None]:
+            index = refusal.index()
+            if index == ("name",):
+                raise ChangeError(f"vms.{name}: already exists")
+            if index == ("network", "ip") and ip is None and not hints.get("ips"):
+                ports = yield [_select("Port", [["network", "==", net["_uuid"]]], ["ip"])]
+                hints["ips"] = sorted({r["ip"] for r in _rows(ports[0])})
+                return
+            if index == ("mac",) and mac_l is None:
+                hints.setdefault("macs", []).append(the_mac)
+                return
+            yield from refuse()  # raises, or the collision is gone: start over
+
+        return Write([{"op": "insert", "table": "Port", "uuid": port_uuid(name),
+                       "row": row}], refused)
+
+    return command
+
+
+def _norm_ip(value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(str(value)))
+    except ValueError:
+        return str(value)
+
+
+def vm_del_change(name: str) -> Callable[[dict[str, Any]], Command]:
+    """`dvr nb vm-del`: its Port row, nothing else (nothing refers to a VM)."""
+
+    def command(hints: dict[str, Any]) -> Command:
+        results, port = yield from _port(name, ["_uuid"], [GLOBAL_SELECT])
+        if port is None or not _glob(results):
+            raise ChangeError(f"vms.{name}: no such vm")
+        return Write([{"op": "delete", "table": "Port",
+                       "where": [["_uuid", "==", port["_uuid"]]]}])
+
+    return command
+
+
+def fip_set_change(vm: str, floating_ip: str) -> Callable[[dict[str, Any]], Command]:
+    """`dvr nb fip-set`: the VM's Port row, its network and router, the provider network
+    and the routers whose external IP it is; the VM holding it already (if any) is the one
+    the index on fip_key names when the write is refused: moved from there at the second
+    try."""
+    fip_s = _norm_ip(floating_ip)
+
+    def command(hints: dict[str, Any]) -> Command:
+        holder_u = hints.get("holder")
+        results, port = yield from _port(vm, ["_uuid", "network", "floating_ip"], [
+            GLOBAL_SELECT, _select("External", [], ["cidr", "gateway_ip"]),
+            _select("Router", [["external_ip", "==", fip_s]], ["name", "external_gateway"]),
+            *([_by_uuid("Port", holder_u, ["name", "floating_ip"])] if holder_u else [])])
+        if port is None or not _glob(results):
+            raise ChangeError(f"vms.{vm}: no such vm")
+        if _one(port["floating_ip"]) == fip_s:
+            return None  # it holds it already
+        net = _rows((yield [_by_uuid("Network", port["network"][1], ["name", "router"])])[0])[0]
+        router = None
+        if _uuid_of(net.get("router")):
+            rows = _rows((yield [_by_uuid("Router", _uuid_of(net["router"]) or "",
+                                          ["name", "external_gateway"])])[0])
+            router = rows[0] if rows else None
+        e = _Errors()
+        fip = _fip_phase(e, vm, floating_ip, _external(_rows(results[1])))
+        if fip is not None:
+            for r in _rows(results[2]):
+                if r["external_gateway"]:
+                    e.err(f"routers.{r['name']}.external_ip",
+                          f"{fip} is the floating IP of vms.{vm}")
+        _fip_router_phase(e, vm, net["name"], router)
+        e.raise_if_any()
+        ops = [_update("Port", port["_uuid"][1], {"floating_ip": fip_s,
+                                                  "fip_key": fip_key(vm, fip_s)})]
+        holder = _rows(results[3]) if holder_u else []
+        if holder and _one(holder[0]["floating_ip"]) == fip_s:  # moved from there
+            ops.insert(0, _update("Port", holder_u, {
+                "floating_ip": ["set", []], "fip_key": fip_key(holder[0]["name"], None)}))
+
+        def refused(refusal: Refusal, hints: dict[str, Any]
+                    ) -> Generator[Reads, Results, None]:
+            others = [u for u in refusal.rows() if u != port["_uuid"][1]]
+            if refusal.index() == ("fip_key",) and others and hints.get("holder") != others[0]:
+                hints["holder"] = others[0]
+                return
+            raise TopologyError(SOURCE, [(f"vms.{vm}.floating_ip", refusal.details)])
+            yield []  # a generator
+
+        return Write(ops, refused)
+
+    return command
+
+
+def fip_del_change(vm: str) -> Callable[[dict[str, Any]], Command]:
+    """`dvr nb fip-del`: the VM's Port row."""
+
+    def command(hints: dict[str, Any]) -> Command:
+        results, port = yield from _port(vm, ["_uuid", "floating_ip"], [GLOBAL_SELECT])
+        if port is None or not _glob(results):
+            raise ChangeError(f"vms.{vm}: no such vm")
+        if not _one(port["floating_ip"]):
+            raise ChangeError(f"vms.{vm}: has no floating IP")
+        return Write([_update("Port", port["_uuid"][1], {"floating_ip": ["set", []],
+                                                         "fip_key": fip_key(vm, None)})])
+
+    return command
+
+
+def router_if_change(router: str, network: str, add: bool
+                     ) -> Callable[[dict[str, Any]], Command]:
+    """`dvr nb router-if-add` / `-del`: the routers, networks and nodes (what a router's
+    interface changes: which network is whose, the routers' and nodes' MACs), and the
+    ports it concerns: on that network with a floating IP (removed), or holding a MAC the
+    change gives a router (scans: a rare change)."""
+
+    def command(hints: dict[str, Any]) -> Command:
+        results = yield [
+            GLOBAL_SELECT,
+            _select("Router", [], ["_uuid", "name", "position", "interfaces",
+                                   "external_gateway"]),
+            _select("Network", [], ["_uuid", "name", "cidr"]),
+            _select("Node", [], ["name", "position"]),
+            _select("External", [], ["_uuid"])]
+        routers = sorted(_rows(results[1]), key=lambda r: r["position"])
+        nets = {r["name"]: r for r in _rows(results[2])}
+        net_name = {r["_uuid"][1]: r["name"] for r in _rows(results[2])}
+        nodes = [r["name"] for r in sorted(_rows(results[3]), key=lambda r: r["position"])]
+        has_external = bool(_rows(results[4]))
+        me = next((r for r in routers if r["name"] == router), None)
+        if me is None or not _glob(results):
+            raise ChangeError(f"routers.{router}: no such router")
+        itfs = {r["name"]: [net_name[u] for _, u in _pairs(r["interfaces"])] for r in routers}
+        old = itfs[router]
+        if add:
+            if network in old:
+                raise ChangeError(f"routers.{router}.interfaces: {network} is already on it")
+            new = [*old, network]
+        else:
+            if network not in old:
+                raise ChangeError(f"routers.{router}.interfaces: {network} is not on it")
+            new = [n for n in old if n != network]
+
+        def router_of(lists: dict[str, list[str]]) -> dict[str, str]:
+            out: dict[str, str] = {}
+            for r in routers:
+                for n in lists[r["name"]]:
+                    out.setdefault(n, r["name"])
+            return out
+
+        e = _Errors()
+        if add:
+            key = f"routers.{router}.interfaces[{len(old)}]"
+            holder = router_of(itfs).get(network)
+            pos = {r["name"]: i for i, r in enumerate(routers)}
+            if network not in nets:
+                e.err(key, f"unknown network {network!r}")
+            elif holder is not None and pos[holder] < pos[router]:
+                e.err(key, f"network {network} is already on router {holder}; "
+                      "a network's gateway_ip belongs to one router")
+            else:
+                cidr = ipaddress.IPv4Network(nets[network]["cidr"])
+                for other in old:
+                    ocidr = ipaddress.IPv4Network(nets[other]["cidr"])
+                    if cidr.overlaps(ocidr):
+                        e.err(key, f"{network} {cidr} overlaps {other} {ocidr} on the same "
+                              "router")
+                        break
+                else:
+                    if holder is not None:  # a later router lists it: that one is refused
+                        e.err(f"routers.{holder}.interfaces[{itfs[holder].index(network)}]",
+                              f"network {network} is already on router {router}; "
+                              "a network's gateway_ip belongs to one router")
+        elif network in nets:
+            fips = yield [_select("Port", [["network", "==", nets[network]["_uuid"]],
+                                           ["floating_ip", "!=", ["set", []]]], ["name"])]
+            for name in sorted(r["name"] for r in _rows(fips[0])):
+                e.err(f"vms.{name}.floating_ip", f"network {network} is on no router")
+        e.raise_if_any()
+
+        def macs(lists: dict[str, list[str]]) -> dict[str, str]:
+            specs = {r["name"]: {"interfaces": lists[r["name"]],
+                                 "external_gateway": r["external_gateway"]} for r in routers}
+            return infrastructure_macs(specs, router_of(lists), nodes, has_external)
+
+        before, after = macs(itfs), macs({**itfs, router: new})
+        taken = sorted(m for m in after if m not in before)
+        if taken:
+            holders = yield [_select("Port", [["mac", "==", m]], ["name", "mac"])
+                             for m in taken]
+            found = sorted((r["name"], r["mac"]) for res in holders for r in _rows(res))
+            for name, m in found:
+                e.err(f"vms.{name}.mac", f"{m} is {after[m]}")
+            e.raise_if_any()
+        ops = [_update("Router", me["_uuid"][1], {"interfaces": ["map", [
+            [i, nets[n]["_uuid"]] for i, n in enumerate(new)]]})]
+        if network in nets:
+            ops.append(_update("Network", nets[network]["_uuid"][1], {
+                "router": me["_uuid"] if add else ["set", []]}))
+        return Write(ops)
+
+    return command
