@@ -664,7 +664,8 @@ def vm_add_change(name: str, node: str, network: str, ip: str | None = None,
                 router_of.setdefault(n, r["name"])
         infra = infrastructure_macs(specs, router_of, [n["name"] for n in nodes],
                                     external is not None)
-        if mac_l is not None and mac_l in infra:
+        if mac_l is not None and mac_l in infra:  # after the collisions, as in the model
+            yield from refuse()
             raise TopologyError(SOURCE, [(f"vms.{name}.mac", f"{mac_l} is {infra[mac_l]}")])
         cidr = ipaddress.IPv4Network(net["cidr"])
         gateway = ipaddress.IPv4Address(net["gateway_ip"])
@@ -674,6 +675,7 @@ def vm_add_change(name: str, node: str, network: str, ip: str | None = None,
             taken = {gateway} | {ipaddress.IPv4Address(a) for a in hints.get("ips", ())}
             picked = vm_ip(name, cidr, taken)
             if picked is None:
+                yield from refuse()
                 raise TopologyError(SOURCE, [(f"vms.{name}.ip",
                                               f"no free address left in network {network}")])
             addr = str(picked)
@@ -858,6 +860,13 @@ def router_if_change(router: str, network: str, add: bool
                         e.err(f"routers.{holder}.interfaces[{itfs[holder].index(network)}]",
                               f"network {network} is already on router {router}; "
                               "a network's gateway_ip belongs to one router")
+                        if me["external_gateway"] is not True:  # its floating IPs now here
+                            fips = yield [_select("Port", [
+                                ["network", "==", nets[network]["_uuid"]],
+                                ["floating_ip", "!=", ["set", []]]], ["name"])]
+                            for name in sorted(r["name"] for r in _rows(fips[0])):
+                                e.err(f"vms.{name}.floating_ip", f"router {router} of "
+                                      f"network {network} has no external_gateway")
         elif network in nets:
             fips = yield [_select("Port", [["network", "==", nets[network]["_uuid"]],
                                            ["floating_ip", "!=", ["set", []]]], ["name"])]
