@@ -179,3 +179,84 @@ def test_a_change_on_a_stale_read_is_refused_by_the_database(db: str) -> None:
             "203.0.113.50", "203.0.113.51")
     finally:
         conn.close()
+
+
+@pytest.fixture()
+def big(db: str) -> Iterator[nb.Northbound]:
+    """The database holding a generated cloud of 10,000 ports."""
+    conn = nb.Northbound(db, timeout=120)
+    try:
+        conn.load(build_topology(generate(10_000, computes=50, networks=100, fip_every=10)))
+        yield conn
+    finally:
+        conn.close()
+
+
+def nb_global(conn: nb.Northbound) -> dict:
+    return conn.transact([{"op": "select", "table": "NB_Global", "where": []}])[0]["rows"][0]
+
+
+@pytest.mark.parametrize("args,reason", [
+    (("vm-add", "dup-ip", "--node", "c1", "--network", "n7", "--ip", "10.0.7.12"),
+     "vms.dup-ip.ip: 10.0.7.12 is already used by vms.v"),
+    (("vm-add", "dup-mac", "--node", "c1", "--network", "n7", "--mac", "MAC-OF-V5"),
+     "vms.dup-mac.mac: MAC-OF-V5 is already used by vms.v5"),
+    (("vm-add", "lost", "--node", "c1", "--network", "n999"),
+     "vms.lost.network: unknown network 'n999'"),
+])
+def test_at_10000_ports_a_duplicate_or_a_dangling_change_writes_nothing(
+        big: nb.Northbound, db: str, args: tuple[str, ...], reason: str) -> None:
+    doc = big.dump()
+    mac = doc["vms"]["v5"]["mac"]
+    args = tuple(a.replace("MAC-OF-V5", mac) for a in args)
+    reason = reason.replace("MAC-OF-V5", mac)
+    before = nb_global(big)
+    res = nb_cli(db, *args, check=False)
+    assert res.returncode != 0 and reason in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert nb_global(big) == before
+    assert big.dump() == doc
+
+
+def test_at_10000_ports_a_change_reads_and_writes_only_its_rows(big: nb.Northbound) -> None:
+    """vm-add (addresses allocated), fip-set (a move), fip-del, vm-del: each reads the
+    routers, networks and nodes at most (50, 100, 51 here; twice when an address it
+    allocated was taken) and the ports of one network, never the Port table, and writes
+    one or two ports; the result is what the whole document gives."""
+    doc = big.dump()
+    # the small tables' rows, and NB_Global, External, the network named
+    infra = len(doc["nodes"]) + len(doc["networks"]) + len(doc["routers"]) + 5
+    per_net = max(sum(1 for v in doc["vms"].values() if v["network"] == n)
+                  for n in doc["networks"])
+    sent: list[list[dict]] = []
+    got: list[int] = []
+    original = big.transact
+
+    def counting(ops: list[dict]) -> list[dict]:
+        sent.append(ops)
+        results = original(ops)
+        got.append(sum(len(r.get("rows", [])) for r in results if isinstance(r, dict)))
+        return results
+
+    big.transact = counting  # type: ignore[method-assign]
+    holder = next(n for n, v in doc["vms"].items() if "floating_ip" in v)
+    fip = doc["vms"][holder]["floating_ip"]
+    for change, edit in (
+            (lambda: big.vm_add("new1", "c3", "n42"), northbound.vm_add("new1", "c3", "n42")),
+            (lambda: big.fip_set("new1", fip), northbound.fip_set("new1", fip)),
+            (lambda: big.fip_del("new1"), northbound.fip_del("new1")),
+            (lambda: big.vm_del("new1"), northbound.vm_del("new1"))):
+        sent.clear()
+        got.clear()
+        change()
+        assert sum(got) <= 2 * infra + per_net, got
+        for ops in sent:
+            for op in ops:
+                assert op["table"] != "Port" or op["op"] == "insert" or op["where"], op
+        writes = [op for ops in sent for op in ops if op["op"] in ("insert", "update", "delete")
+                  and op["table"] == "Port"]
+        assert 1 <= len(writes) <= 3, writes  # a move: tried, then the holder cleared
+        big.transact = original  # type: ignore[method-assign]
+        doc = to_dict(build_topology(edit(doc)))
+        assert big.dump() == doc
+        big.transact = counting  # type: ignore[method-assign]
