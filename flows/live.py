@@ -23,18 +23,24 @@ document changed a few objects at a time:
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from flows.incremental import Change
 from flows.model import (
+    DEFAULT_MTU,
     MAC_RE,
+    MAX_VNI,
     UUID_RE,
     VM,
+    Network,
+    RouterInterface,
     Topology,
     TopologyError,
     _Checker,
+    _mac_for,
     build_topology,
     port_id_for,
 )
@@ -133,6 +139,9 @@ class LiveTopology:
         self.by_net: dict[str, set[str]] = {}
         self.by_node: dict[str, set[str]] = {}
         self.builds = 0  # whole builds so far (the first, refusals, what is not explicit)
+        # updates by the way they went: "vms" (only VMs), "networks", "interfaces" (one
+        # router's), "small tables" (built anew without the VMs), "whole"
+        self.paths: dict[str, int] = {}
 
     @property
     def valid(self) -> bool:
@@ -150,6 +159,7 @@ class LiveTopology:
         before = self.topology
         self._valid = False
         self.builds += 1
+        self._count("whole")
         topo = build_topology({**self.infra, "vms": self.vms}, self.source)
         if before is not None:  # the VMs that did not change stay the same objects
             vms = {n: o if (o := before.vms.get(n)) == vm else vm for n, vm in topo.vms.items()}
@@ -174,8 +184,17 @@ class LiveTopology:
         self.by_node: dict[str, set[str]] = {}
         for vm in topo.vms.values():
             self._add(vm)
+        self._infra_indexes(topo)
+
+    def _infra_indexes(self, topo: Topology) -> None:
+        """The addresses of the nodes and routers: their MACs (with each label's own MAC,
+        as if alone: when no two of those collide, a label added or removed moves no
+        other), the routers' external IPs, the networks' VNIs."""
         self._infra_macs = _infra_macs(topo)
         self._ext_ips = _external_ips(topo)
+        self._vnis = {net.vni: net.name for net in topo.networks.values()}
+        self._natural = {label: _natural_mac(label) for label in _labels(topo)}
+        self._collision_free = len(set(self._natural.values())) == len(self._natural)
 
     def _add(self, vm: VM) -> None:
         self._ips[(vm.network, vm.ip)] = vm.name
@@ -204,6 +223,7 @@ class LiveTopology:
         """The model after these changes of the document: `vms`, VM name -> its spec (None:
         removed); `infra`, the whole document without its VMs when any of it changed.
         Raises `TopologyError` when the document is refused (the last model stays)."""
+        prev = self.infra
         if infra is not None:
             if infra.get("external") != self.infra.get("external"):
                 self._valid = False  # every floating IP depends on it: built whole
@@ -216,18 +236,28 @@ class LiveTopology:
         if not self._valid or not self._simple or self.topology is None:
             return self._build_whole()
         try:
-            return self._update(dict(vms or {}), infra)
+            return self._update(dict(vms or {}), infra, prev)
         except _Refused:
             return self._build_whole()
 
-    def _update(self, vms: dict[str, Any], infra: Doc | None) -> Topology:
+    def _update(self, vms: dict[str, Any], infra: Doc | None, prev: Doc) -> Topology:
         old = self.topology
         assert old is not None
-        base = old
+        base, infra_change = old, Change()
         if infra is not None:
             if _pending_external_ip(infra):
                 raise _Refused
-            base = self._infra(old, infra, set(vms))
+            fast = (self._networks_only(old, prev, infra, set(vms))
+                    or self._interfaces_only(old, prev, infra, set(vms)))
+            if fast is not None:
+                base, infra_change = fast
+                self._count("networks" if infra_change.networks else "interfaces")
+            else:
+                base = self._infra(old, infra, set(vms))
+                infra_change = _infra_change(old, base)
+                self._count("small tables")
+        else:
+            self._count("vms")
         # VMs changed: out of the indexes first, then in, each checked (undone if refused)
         gone = [old.vms[n] for n in vms if n in old.vms]
         for vm in gone:
@@ -246,7 +276,7 @@ class LiveTopology:
             for vm in gone:
                 self._add(vm)
             if infra is not None:  # the indexes were of the old nodes and networks
-                self._infra_macs, self._ext_ips = _infra_macs(old), _external_ips(old)
+                self._infra_indexes(old)
             raise
         all_vms, by_port = old.vms, old._by_port  # shared when no VM changed
         if gone or made:
@@ -260,12 +290,119 @@ class LiveTopology:
                         networks=base.networks, routers=base.routers, vms=all_vms,
                         digest=old.digest, _router_of=base._router_of, _by_port=by_port)
         changed_vms = frozenset(n for n in vms if old.vms.get(n) != all_vms.get(n))
-        if base is old:
-            self.change = Change(vms=changed_vms)
-        else:
-            self.change = _infra_change(old, base) | Change(vms=changed_vms)
+        self.change = infra_change | Change(vms=changed_vms)
         self.topology = topo
         return topo
+
+    def _count(self, path: str) -> None:
+        self.paths[path] = self.paths.get(path, 0) + 1
+
+    def _networks_only(self, old: Topology, prev: Doc, infra: Doc, changing: set[str]
+                       ) -> tuple[Topology, Change] | None:
+        """Networks added, changed or removed that no router names: each checked alone
+        (None: the change is not of that kind)."""
+        if not _same_but(prev, infra, "networks"):
+            return None
+        before, after = prev.get("networks"), infra.get("networks")
+        if not isinstance(before, dict) or not isinstance(after, dict):
+            return None
+        changed = {n for n in before.keys() | after.keys() if before.get(n) != after.get(n)}
+        routers = infra.get("routers") or {}
+        if not isinstance(routers, dict):
+            return None
+        for spec in routers.values():
+            itfs = spec.get("interfaces") if isinstance(spec, dict) else None
+            if isinstance(itfs, list) and changed.intersection(
+                    n for n in itfs if isinstance(n, str)):
+                return None
+        networks = dict(old.networks)
+        vnis = dict(self._vnis)
+        for name in changed:
+            if name in networks:
+                vnis.pop(networks.pop(name).vni, None)
+        for name in changed:
+            spec = after.get(name)
+            if spec is None:
+                if self.by_net.get(name, set()) - changing:
+                    raise _Refused  # VMs still on it
+                continue
+            net = _network(self.source, name, spec)
+            if net.vni in vnis:
+                raise _Refused
+            vnis[net.vni] = name
+            networks[name] = net
+        part = Topology(source=self.source, nodes=old.nodes, external=old.external,
+                        networks=networks, routers=old.routers, vms=old.vms,
+                        _router_of=old._router_of, _by_port=old._by_port)
+        for name in changed:
+            for vm in self.by_net.get(name, set()) - changing:
+                self._check(part, vm, self.vms[vm], unique=False)
+        self._vnis = vnis
+        return part, Change(networks=frozenset(changed))
+
+    def _interfaces_only(self, old: Topology, prev: Doc, infra: Doc, changing: set[str]
+                         ) -> tuple[Topology, Change] | None:
+        """One router's interfaces changed, nothing else: that router made anew, the VMs
+        of the networks it joined or left checked again (None: the change is not of that
+        kind, or an interface's MAC would move another's)."""
+        if not _same_but(prev, infra, "routers") or not self._collision_free:
+            return None
+        before, after = prev.get("routers"), infra.get("routers")
+        if not isinstance(before, dict) or not isinstance(after, dict) or \
+                before.keys() != after.keys():
+            return None
+        changed = [n for n in after if before[n] != after[n]]
+        if len(changed) != 1:
+            return None
+        name = changed[0]
+        spec, was = after[name], before[name]
+        if not isinstance(spec, dict) or not isinstance(was, dict) or name not in old.routers \
+                or {k: v for k, v in spec.items() if k != "interfaces"} != \
+                {k: v for k, v in was.items() if k != "interfaces"}:
+            return None
+        itfs = spec.get("interfaces", [])
+        if not isinstance(itfs, list):
+            raise _Refused
+        router = old.routers[name]
+        seen: list[str] = []
+        for net in itfs:  # the model's rules for a router's interfaces
+            if not isinstance(net, str) or net not in old.networks or net in seen:
+                raise _Refused
+            owner = old.router_of(net)
+            if owner is not None and owner.name != name:
+                raise _Refused
+            if any(old.networks[net].cidr.overlaps(old.networks[o].cidr) for o in seen):
+                raise _Refused
+            seen.append(net)
+        natural = dict(self._natural)
+        for itf in router.interfaces:
+            del natural[f"rif:{name}:{itf.network}"]
+        taken = set(natural.values())
+        made = []
+        for net in seen:
+            mac = _natural_mac(f"rif:{name}:{net}")
+            if mac in taken:
+                return None  # a collision: the model's own allocation decides
+            if self._macs.get(mac) is not None:
+                raise _Refused  # a VM's MAC
+            taken.add(mac)
+            natural[f"rif:{name}:{net}"] = mac
+            made.append(RouterInterface(net, old.networks[net].gateway_ip, mac))
+        new = dataclasses.replace(router, interfaces=tuple(made))
+        router_of = {n: r for n, r in old._router_of.items() if r != name}
+        router_of.update(dict.fromkeys(seen, name))
+        routers = dict(old.routers)
+        routers[name] = new
+        part = Topology(source=self.source, nodes=old.nodes, external=old.external,
+                        networks=old.networks, routers=routers, vms=old.vms,
+                        _router_of=router_of, _by_port=old._by_port)
+        moved = {i.network for i in router.interfaces} ^ set(seen)
+        for net in moved:
+            for vm in self.by_net.get(net, set()) - changing:
+                self._check(part, vm, self.vms[vm], unique=False)
+        self._natural = natural
+        self._infra_macs = _infra_macs(part)
+        return part, Change(routers=frozenset({name}))
 
     def _infra(self, old: Topology, infra: Doc, changing: set[str]) -> Topology:
         """The nodes, networks and routers of `infra` (the model's own build, without the
@@ -297,7 +434,7 @@ class LiveTopology:
             if spec is None:
                 raise _Refused
             self._check(part, name, spec, unique=False)
-        self._infra_macs, self._ext_ips = macs, _external_ips(part)
+        self._infra_indexes(part)
         return Topology(source=self.source, nodes=part.nodes, external=part.external,
                         networks=part.networks, routers=part.routers, vms=old.vms,
                         digest=old.digest, _router_of=part._router_of, _by_port=old._by_port)
@@ -381,6 +518,51 @@ def _pending_external_ip(infra: Doc) -> bool:
     return not isinstance(routers, dict) or any(
         isinstance(s, dict) and s.get("external_gateway") is True and "external_ip" not in s
         for s in routers.values())
+
+
+def _same_but(a: Doc, b: Doc, section: str) -> bool:
+    """Whether two documents without VMs differ at most in `section`."""
+    return a.keys() == b.keys() and all(a[k] == b[k] for k in a if k != section)
+
+
+def _network(source: str, name: str, spec: Any) -> Network:
+    """Network `name` of `spec` as `build_topology()` makes it, by its rules (_Refused at
+    the first broken one, or when it would allocate the VNI)."""
+    c = _Checker(source)
+    key = f"networks.{name}"
+    if not c.name(name, key) or not isinstance(spec, dict):
+        raise _Refused
+    c.known_keys(spec, key, ("cidr", "gateway_ip", "mtu", "vni", "external_ids"))
+    ids = c.external_ids(spec.get("external_ids"), f"{key}.external_ids")
+    if c.errors or "cidr" not in spec or "vni" not in spec:
+        raise _Refused
+    cidr = c.cidr(spec["cidr"], f"{key}.cidr")
+    if cidr is None:
+        raise _Refused
+    gw: ipaddress.IPv4Address | None = cidr.network_address + 1
+    if "gateway_ip" in spec:
+        gw = c.ip(spec["gateway_ip"], f"{key}.gateway_ip")
+        if gw is None or not c.host_in(gw, cidr, f"{key}.gateway_ip", "the network's cidr"):
+            raise _Refused
+    assert gw is not None
+    mtu = spec.get("mtu", DEFAULT_MTU)
+    vni = spec["vni"]
+    if (not isinstance(mtu, int) or isinstance(mtu, bool) or not 576 <= mtu <= 9000
+            or not isinstance(vni, int) or isinstance(vni, bool) or not 1 <= vni <= MAX_VNI):
+        raise _Refused
+    return Network(name, cidr, gw, mtu, vni, ids)
+
+
+def _labels(topo: Topology) -> list[str]:
+    """The labels the model derives router and node MACs from."""
+    out = [f"rif:{r.name}:{i.network}" for r in topo.routers.values() for i in r.interfaces]
+    out += [f"rgw:{r.name}" for r in topo.routers.values() if r.external_mac]
+    return out + [f"node:{n}" for n in topo.nodes]
+
+
+def _natural_mac(label: str) -> str:
+    """The MAC a label gets when nothing else holds it."""
+    return _mac_for(label, set())
 
 
 def _infra_macs(topo: Topology) -> set[str]:

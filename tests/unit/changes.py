@@ -136,6 +136,8 @@ class Cloud:
             ("node-add", self._node_add), ("chain", self._chain), ("gateway", self._gateway),
             ("bad-ip", self._bad_ip), ("dup-mac", self._dup_mac), ("dup-fip", self._dup_fip),
             ("vm-on-network-node", self._vm_on_network_node),
+            ("router-mac", self._router_mac), ("net-add-overlap", self._net_add_overlap),
+            ("net-del-busy", self._net_del_busy),
         ]
         while True:
             name, change = rng.choice(kinds)
@@ -239,9 +241,53 @@ class Cloud:
         free = sorted(set(self.doc["networks"]) - on)
         if free and self.rng.random() < 0.85:
             net = self.rng.choice(free)
+            cidr = self.doc["networks"][net].get("cidr")
+            overlapping = [r for r in routers if any(
+                self.doc["networks"].get(n, {}).get("cidr") == cidr
+                for n in self.doc["routers"][r]["interfaces"])]
+            if overlapping and self.rng.random() < 0.5:  # refused: overlaps on one router
+                router = self.rng.choice(overlapping)
         else:  # already on a router (refused), sometimes this one
             net = self.rng.choice(sorted(self.doc["networks"]))
         self.doc["routers"][router]["interfaces"].append(net)
+        return True
+
+    def _net_add_overlap(self) -> bool:
+        """A network with the CIDR of a routed one (valid until it joins that router)."""
+        routed = sorted({n for r in self.doc["routers"].values() for n in r["interfaces"]})
+        if not routed:
+            return False
+        spec = copy(self.doc["networks"][self.rng.choice(routed)])
+        spec.pop("external_ids", None)
+        if self.effective:
+            spec["vni"] = 1 + self.rng.randrange((1 << 24) - 2)
+        else:
+            spec.pop("vni", None)
+        self.doc["networks"][self.fresh("o")] = spec
+        return True
+
+    def _net_del_busy(self) -> bool:
+        """A network on no router removed while VMs are on it (refused)."""
+        on = {n for r in self.doc["routers"].values() for n in r["interfaces"]}
+        busy = sorted(({v["network"] for v in self.doc["vms"].values()} - on)
+                      & set(self.doc["networks"]))
+        if not busy:
+            return False
+        del self.doc["networks"][self.rng.choice(busy)]
+        return True
+
+    def _router_mac(self) -> bool:
+        """A VM given the MAC of a router's interface or of a node (refused)."""
+        vm = self._vm()
+        try:
+            topo = build_topology(self.doc)
+        except ValueError:
+            return False
+        macs = sorted({i.mac for r in topo.routers.values() for i in r.interfaces}
+                      | {n.external_mac for n in topo.nodes.values()})
+        if vm is None or not macs:
+            return False
+        self.doc["vms"][vm]["mac"] = self.rng.choice(macs)
         return True
 
     def _if_del(self) -> bool:

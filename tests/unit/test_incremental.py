@@ -120,8 +120,9 @@ def test_a_missed_dependency_fails_the_check(monkeypatch: pytest.MonkeyPatch,
     else:
         monkeypatch.setattr(IncrementalPlan, "_reindex", lambda *a: None)
     with pytest.raises(AssertionError):
-        for seed in range(1, 4):
-            run("mixed", seed)
+        for seed in range(1, 9):
+            for shape in ("mixed", "sparse"):
+                run(shape, seed)
 
 
 def test_a_vm_added_rebuilds_a_few_entries_only() -> None:

@@ -82,6 +82,8 @@ def test_the_live_model_is_the_whole_build_after_every_change(shape: str, seed: 
             assert live.scope(node) == scope(got, node), f"step {i} ({step}): {node}"
     assert refused > 5 and incremental > 50
     assert live.builds < 1 + 2 * refused  # a whole build only for what was refused
+    # every way an update can go was taken
+    assert {"vms", "networks", "interfaces", "small tables"} <= live.paths.keys(), live.paths
 
 
 def test_a_vm_changed_is_checked_alone() -> None:
