@@ -225,8 +225,8 @@ def test_agents_move_off_the_member_they_watch(lab: LabHandle) -> None:
 
 def test_a_change_cut_short_by_the_leader_failing_lands_once(lab: LabHandle) -> None:
     """Changes back to back from one client while the leader dies: one of them is most
-    likely in flight; the client finds the new leader, learns whether it was committed
-    and never writes it twice."""
+    likely in flight; the client finds the new leader, learns from NB_Global alone whether
+    it was committed and never writes it twice."""
     north = lab_northbound(lab)
     conn = north["connection"]
     _, before = counted_changes(conn)
@@ -254,7 +254,7 @@ def test_a_change_cut_short_by_the_leader_failing_lands_once(lab: LabHandle) -> 
             name = f"c{i}"
             names.append(name)
             try:
-                client.change(northbound.vm_add(name, "compute2", "blue", f"10.1.0.{60 + i}"))
+                client.vm_add(name, "compute2", "blue", f"10.1.0.{60 + i}")
                 landed.append(name)
             except (nb.NbError, northbound.ChangeError) as exc:
                 errors.append(f"{name}: {exc}")

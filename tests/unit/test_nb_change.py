@@ -243,3 +243,39 @@ def test_a_full_network_refuses_a_vm_left_without_an_address(db: str) -> None:
         assert str(exc.value) == want and conn.dump() == doc
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_lost_answer_is_learnt_from_nb_global_and_never_written_twice(
+        db: str, committed: bool) -> None:
+    """The connection lost with the write: sent and committed, or never sent. The client
+    reconnects, reads NB_Global alone, and writes again only when it must."""
+    conn = nb.Northbound(db)
+    sent: list[list[dict[str, Any]]] = []
+    original = conn.transact
+    lost = []
+
+    def losing(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        sent.append(ops)
+        if not lost and any(op["op"] == "wait" for op in ops):
+            lost.append(ops)
+            if committed:
+                original(ops)
+            raise nb.NbLost("the answer was lost")
+        return original(ops)
+
+    try:
+        conn.load(build_topology(cloud()))
+        _, changes = generation(conn)
+        conn.transact = losing  # type: ignore[method-assign]
+        got = conn.vm_add("v7", "c1", "a", ip="10.1.0.77")
+        conn.transact = original  # type: ignore[method-assign]
+        gen, after = generation(conn)
+        assert (got, after) == (gen, changes + 1)
+        assert conn.dump()["vms"]["v7"]["ip"] == "10.1.0.77"
+        check = sent[sent.index(lost[0]) + 1]
+        assert [op["table"] for op in check] == ["NB_Global"]  # what it read to know
+        writes = [ops for ops in sent if any(op["op"] == "wait" for op in ops)]
+        assert len(writes) == (1 if committed else 2)
+    finally:
+        conn.close()
