@@ -181,7 +181,9 @@ class NbSource(Source):
         self.live = LiveTopology("northbound")
         self._json: dict[str, dict[Any, dict[str, Any]]] = {}
         self._port_names: dict[Any, str] = {}
+        self._infra: dict[str, Any] | None = None  # the small tables' document, as read
         self.rebuilds = 0  # models built from the whole copy (at start, after a refill)
+        self.patched = 0  # changes of the small tables read row by row
         self._scope: Scope | None = None
         self._names_changed = True  # Node or Network rows changed since the condition
         # what changed since the last load() (None: unknown), and what that load changed
@@ -271,21 +273,69 @@ class NbSource(Source):
             if self.live.topology is None and not self._json:
                 raise _Whole
             vms: dict[str, Any] = {}
-            infra = False
+            rows: list[tuple[str, Any, Any]] = []  # (table, JSON before, after)
             for table, uuid in dirty:
                 if table == "Port":
                     self._port_change(uuid, vms)
                     continue
-                self._row_json(table, uuid)
-                infra |= table != "NB_Global"
+                before, after = self._row_json(table, uuid)
+                if table != "NB_Global":
+                    rows.append((table, before, after))
                 self._names_changed |= table in ("Node", "Network")
             if len(self._port_names) != len(t["Port"].rows) or any(
                     len(self._json.get(name, {})) != len(t[name].rows)
                     for name in INFRA_TABLES):
                 raise _Whole
-            return self.live.update(vms, self._infra_doc() if infra else None)
         except _Whole:
             return self._whole()
+        if not rows:
+            return self.live.update(vms, None)
+        infra = self._patched(rows)
+        patched = infra is not None
+        self.patched += patched
+        self._infra = infra if infra is not None else self._infra_doc()
+        try:
+            return self.live.update(vms, self._infra)
+        except TopologyError:
+            if not patched:
+                raise
+            # refused: once more with the small tables read whole, in their rows' order
+            # (the model's own words name the same objects as from the whole copy)
+            self._infra = self._infra_doc()
+            return self.live.update(None, self._infra)
+
+    def _patched(self, rows: list[tuple[str, Any, Any]]) -> dict[str, Any] | None:
+        """The small tables' document with these Network and Router rows' entries read
+        again, each by `northbound.document()` of the row and the rows it names (None:
+        another table, or a network renamed: read whole)."""
+        if self._infra is None:
+            return None
+        out = dict(self._infra)
+        sections: dict[str, dict[str, Any]] = {}
+        for table, before, after in rows:
+            if table not in ("Network", "Router"):
+                return None
+            if table == "Network" and before is not None and after is not None \
+                    and before["name"] != after["name"]:
+                return None  # the routers name it
+            section = "networks" if table == "Network" else "routers"
+            if section not in sections:
+                sections[section] = out[section] = dict(out.get(section) or {})
+            entries = sections[section]
+            if before is not None:
+                entries.pop(before["name"], None)
+            if after is None:
+                continue
+            nodes = [self._json["Node"].get(u) for u in _refs(after, "snat_nodes", "snat_chain")]
+            nets = [self._json["Network"].get(u) for u in _refs(after, "interfaces")]
+            if None in nodes or None in nets:
+                return None
+            doc = northbound.document(
+                [{"rows": []}, {"rows": nodes}, {"rows": []},
+                 {"rows": [after] if table == "Network" else nets},
+                 {"rows": [after] if table == "Router" else []}, {"rows": []}], live=True)
+            entries[after["name"]] = doc[section][after["name"]]
+        return out
 
     def _whole(self) -> Topology:
         t = self.idl.tables
@@ -294,22 +344,26 @@ class NbSource(Source):
         self._json = {name: {u: _row(t[name], r) for u, r in t[name].rows.items()}
                       for name in INFRA_TABLES}
         self._port_names = {u: r.name for u, r in t["Port"].rows.items()}
-        return self.live.load(document_of(self.idl))
+        doc = document_of(self.idl)
+        self._infra = {k: v for k, v in doc.items() if k != "vms"}
+        return self.live.load(doc)
 
-    def _row_json(self, table: str, uuid: Any) -> None:
-        """The row's JSON, kept for `_infra_doc()` (a row renamed: every Port naming it
-        changes, so the whole copy is read again)."""
+    def _row_json(self, table: str, uuid: Any) -> tuple[Any, Any]:
+        """The row's JSON, kept for `_infra_doc()`, before and after (None: no row). A row
+        renamed: every Port naming it changes, so the whole copy is read again."""
         rows = self._json.setdefault(table, {})
         row = self.idl.tables[table].rows.get(uuid)
         before = rows.pop(uuid, None)
+        after = None
         if row is not None:
-            rows[uuid] = _row(self.idl.tables[table], row)
+            after = rows[uuid] = _row(self.idl.tables[table], row)
         if table in ("Node", "Network") and before is not None and (
-                row is None or rows[uuid]["name"] != before["name"]):
+                after is None or after["name"] != before["name"]):
             named = (self.live.by_node if table == "Node" else self.live.by_net).get(
                 before["name"])
             if named or not self.live.valid:  # Port rows read with the old name
                 raise _Whole
+        return before, after
 
     def _infra_doc(self) -> dict[str, Any]:
         results = [{"rows": list(self._json.get(name, {}).values())} if name != "Port"
@@ -485,6 +539,18 @@ def _row(table: Any, r: Any) -> dict[str, Any]:
     for name, column in table.columns.items():
         datum = r._data.get(name) or Datum.default(column.type)
         out[name] = datum.to_json()
+    return out
+
+
+def _refs(row: dict[str, Any], *columns: str) -> list[Any]:
+    """The UUIDs a row's position -> reference map columns name."""
+    import uuid
+
+    out = []
+    for column in columns:
+        value = row.get(column)
+        if isinstance(value, list) and value and value[0] == "map":
+            out += [uuid.UUID(ref[1]) for _, ref in value[1]]
     return out
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.source import NbSource
+from agent.source import NbSource, document_of
 from dvr.nb import NbError, Northbound
 from flows import northbound
 from flows.incremental import Change
@@ -106,6 +106,9 @@ def test_the_source_s_model_follows_the_database_row_by_row(db: str) -> None:
             assert got.nodes == want.nodes and got.networks == want.networks
             assert got.routers == want.routers and dict(got.vms) == want.vms
             assert got.external == want.external
+            # the small tables' document, patched row by row, is the whole copy's
+            whole = document_of(source.idl)
+            assert source._infra == {k: v for k, v in whole.items() if k != "vms"}
             change = source.delta()
             if change is not None:
                 real = Change.between(last, got)
@@ -114,6 +117,7 @@ def test_the_source_s_model_follows_the_database_row_by_row(db: str) -> None:
             last = got
         assert refused > 2
         assert source.rebuilds == 1  # read whole once, then row by row
+        assert source.patched > 10  # the small tables' rows too
     finally:
         source.close()
         conn.close()
