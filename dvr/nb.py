@@ -318,26 +318,27 @@ class Northbound:
                     continue
                 if write is None:
                     return generation or ""
-                fresh = fresh_generation()
-                ops = [{"op": "wait", "table": "NB_Global", "where": [],
-                        "columns": ["generation"], "until": "==", "timeout": 0,
-                        "rows": [{"generation": generation}]},
-                       *write.ops,
-                       {"op": "update", "table": "NB_Global", "where": [],
-                        "row": {"generation": fresh}},
-                       {"op": "mutate", "table": "NB_Global", "where": [],
-                        "mutations": [["changes", "+=", 1]]}]
-                expected = fresh
-                try:
-                    self.transact(ops)
-                except NbRefused as exc:
-                    expected = None
-                    if write.refused is None:
-                        raise
-                    hints["generation"] = generation
-                    self._drive(write.refused(exc.refusal, hints))  # raises, or learnt
-                    continue
-                return fresh
+                while write is not None:
+                    fresh = fresh_generation()
+                    ops = [{"op": "wait", "table": "NB_Global", "where": [],
+                            "columns": ["generation"], "until": "==", "timeout": 0,
+                            "rows": [{"generation": generation}]},
+                           *write.ops,
+                           {"op": "update", "table": "NB_Global", "where": [],
+                            "row": {"generation": fresh}},
+                           {"op": "mutate", "table": "NB_Global", "where": [],
+                            "mutations": [["changes", "+=", 1]]}]
+                    expected = fresh
+                    try:
+                        self.transact(ops)
+                        return fresh
+                    except NbRefused as exc:
+                        expected = None
+                        if write.refused is None:
+                            raise
+                        hints["generation"] = generation
+                        # raises (refused), or learnt: another write, or start over
+                        write = self._drive(write.refused(exc.refusal, hints))
             except NbLost:
                 failovers += 1
                 if failovers > MAX_FAILOVERS:

@@ -422,9 +422,11 @@ class Write:
     """The operations of a change (without the guard and the generation: the driver adds
     them) and what to do when the database refuses them at commit: `refused(refusal,
     hints)`, a command of its own that reads and then raises (the change is refused) or
-    returns (the hints updated: start over with them)."""
+    returns another write to try at the same generation, or None (the hints updated: start
+    over with them)."""
     ops: list[dict[str, Any]]
-    refused: Callable[[Refusal, dict[str, Any]], Generator[Reads, Results, None]] | None = None
+    refused: Callable[[Refusal, dict[str, Any]],
+                      Generator[Reads, Results, Write | None]] | None = None
 
 
 Command = Generator[Reads, Results, Write | None]
@@ -689,7 +691,7 @@ def vm_add_change(name: str, node: str, network: str, ip: str | None = None,
                "external_ids": ["map", []]}
 
         def refused(refusal: Refusal, hints: dict[str, Any]
-                    ) -> Generator[Reads, Results, None]:
+                    ) -> Generator[Reads, Results, Write | None]:
             index = refusal.index()
             if index == ("name",):
                 raise ChangeError(f"vms.{name}: already exists")
@@ -736,11 +738,9 @@ def fip_set_change(vm: str, floating_ip: str) -> Callable[[dict[str, Any]], Comm
     fip_s = _norm_ip(floating_ip)
 
     def command(hints: dict[str, Any]) -> Command:
-        holder_u = hints.get("holder")
         results, port = yield from _port(vm, ["_uuid", "network", "floating_ip"], [
             GLOBAL_SELECT, _select("External", [], ["cidr", "gateway_ip"]),
-            _select("Router", [["external_ip", "==", fip_s]], ["name", "external_gateway"]),
-            *([_by_uuid("Port", holder_u, ["name", "floating_ip"])] if holder_u else [])])
+            _select("Router", [["external_ip", "==", fip_s]], ["name", "external_gateway"])])
         if port is None or not _glob(results):
             raise ChangeError(f"vms.{vm}: no such vm")
         if _one(port["floating_ip"]) == fip_s:
@@ -762,19 +762,18 @@ def fip_set_change(vm: str, floating_ip: str) -> Callable[[dict[str, Any]], Comm
         e.raise_if_any()
         ops = [_update("Port", port["_uuid"][1], {"floating_ip": fip_s,
                                                   "fip_key": fip_key(vm, fip_s)})]
-        holder = _rows(results[3]) if holder_u else []
-        if holder and _one(holder[0]["floating_ip"]) == fip_s:  # moved from there
-            ops.insert(0, _update("Port", holder_u, {
-                "floating_ip": ["set", []], "fip_key": fip_key(holder[0]["name"], None)}))
 
         def refused(refusal: Refusal, hints: dict[str, Any]
-                    ) -> Generator[Reads, Results, None]:
+                    ) -> Generator[Reads, Results, Write | None]:
             others = [u for u in refusal.rows() if u != port["_uuid"][1]]
-            if refusal.index() == ("fip_key",) and others and hints.get("holder") != others[0]:
-                hints["holder"] = others[0]
-                return
+            if refusal.index() == ("fip_key",) and others:  # the VM holding it: moved
+                holder = _rows((yield [_by_uuid("Port", others[0],
+                                                ["name", "floating_ip"])])[0])
+                if holder and _one(holder[0]["floating_ip"]) == fip_s:
+                    return Write([_update("Port", others[0], {
+                        "floating_ip": ["set", []],
+                        "fip_key": fip_key(holder[0]["name"], None)}), *ops])
             raise TopologyError(SOURCE, [(f"vms.{vm}.floating_ip", refusal.details)])
-            yield []  # a generator
 
         return Write(ops, refused)
 
