@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Northbound-database benchmark of the dvr control plane: prints figures, asserts nothing.
 
-    python3 bench/nb.py [--prefix bnb] [--moves 20] [--big-moves 5] [--reps 3]
-                        [--sizes 1000,10000] [--failovers 5] [--timeout 300]
+    python3 bench/nb.py [--prefix bnb] [--moves 20] [--big-moves 20] [--baseline-moves 5]
+                        [--burst 200] [--baseline-burst-max 1000] [--reps 3]
+                        [--sizes 100,1000,10000,100000] [--failovers 5] [--timeout 300]
 
 On the north-south lab (tests/lab/topologies/northsouth.yaml: compute1, compute2, net1),
 built once, with the lab's own northbound ovsdb-server:
@@ -14,11 +15,17 @@ built once, with the lab's own northbound ovsdb-server:
    node's namespace prints it (each line timestamped as it is read). Median, min and max;
    also the change() call alone (its database round trips and its Python), and when the new
    node's agent reported the new generation converged. Target: under 30 ms (OVN 23.03: 19 ms
-   from ovn-nbctl to flows). The same is then measured --big-moves times at each size of 3;
+   from ovn-nbctl to flows). The same is then measured --big-moves times at each size of 3
+   (median and p95, the `dvr nb` call and the agent's share after it: target under 20 ms
+   at every size, the largest median at most 1.5 times the smallest). The baseline, in the
+   same run: --baseline-moves moves by the whole-document path the O(change) commands
+   replaced (`Northbound.change()` of the edit: read, rebuild and validate the whole
+   desired state), on the small lab and at each size;
 2. load: `Northbound.load()` into the lab's database of generated clouds of --sizes ports
    (dvr/lab/generate.py: 100 ports a network, two networks a router, every tenth port of a
-   network with a floating IP: about 100 at 1k, 1,000 at 10k; the lab's own nodes with their
-   real tunnel_ip plus 100 more compute nodes that are not in the lab), each loaded over
+   network with a floating IP: about 100 at 1k, 1,000 at 10k, 10,000 at 100k, the provider
+   network widened for them; the lab's own nodes with their real tunnel_ip plus 100 more
+   compute nodes that are not in the lab), each loaded over
    the lab's own small topology; against `build_topology()` (validation) of the same
    document alone; and the time until every lab agent reports the new generation converged;
 3. agent full sync: compute1's agent is stopped and started the way the lab starts it; the
@@ -31,7 +38,11 @@ built once, with the lab's own northbound ovsdb-server:
    --nb-cluster 3`): --moves moves as in 1 (the cluster's baseline), then --failovers rounds
    of: kill -9 the leader, then at once the same move through every member (the client
    waits for the new leader; agents on the dead member move to a survivor), timed from the
-   kill to the flows on the new node; the killed member restarts and rejoins in between.
+   kill to the flows on the new node; the killed member restarts and rejoins in between;
+6. a burst of --burst changes at each size, back to back from one client (VMs added on a
+   generated compute and the first generated network, which compute1 hosts, addresses
+   allocated; the floating IP moved; VMs removed: 2:1:1), timed to every lab agent
+   converged on the last; by the whole-document path too up to --baseline-burst-max ports.
 
 Needs root. The lab always goes down at the end, also on failure; the monitors started here
 are stopped. The machine is shared and has 2 cores: figures are noisy.
@@ -270,8 +281,18 @@ class Move:
     reported_s: float | None  # to the new node's agent reporting the generation converged
 
 
+def fip_move(db: nb.Northbound, vm: str, whole: bool = False) -> str:
+    """`dvr nb fip-set VM FIP` in-process: in O(change) (`Northbound.fip_set`), or with
+    `whole` by the whole-document path it replaced (`Northbound.change` of the edit: read,
+    rebuild and validate everything): the baseline."""
+    if whole:
+        return db.change(northbound.fip_set(vm, FIP))
+    return db.fip_set(vm, FIP)
+
+
 def one_move(lb: Lab, db: TimedNorthbound, watches: dict[str, FlowWatch], vm: str, node: str,
-             timeout: float, t0: float | None = None) -> tuple[Move, str, float]:
+             timeout: float, t0: float | None = None, whole: bool = False
+             ) -> tuple[Move, str, float]:
     """Move the floating IP to `vm` (on `node`): the Move timed from `t0` (default: just
     before the change() call), the new generation, and when change() was called."""
     for w in watches.values():
@@ -279,7 +300,7 @@ def one_move(lb: Lab, db: TimedNorthbound, watches: dict[str, FlowWatch], vm: st
     db.timed()
     t_call = time.perf_counter()
     start = t_call if t0 is None else t0
-    generation = db.change(northbound.fip_set(vm, FIP))
+    generation = fip_move(db, vm, whole)
     t1 = time.perf_counter()
     rpc_s, rpcs = db.timed()
     seen = watches[node].wait_added(FIP, timeout)
@@ -292,7 +313,8 @@ def one_move(lb: Lab, db: TimedNorthbound, watches: dict[str, FlowWatch], vm: st
 
 
 def bench_moves(lb: Lab, db: TimedNorthbound, watches: dict[str, FlowWatch], moves: int,
-                label: str, timeout: float = FLOW_TIMEOUT_S) -> list[Move]:
+                label: str, timeout: float = FLOW_TIMEOUT_S, whole: bool = False
+                ) -> list[Move]:
     out: list[Move] = []
     nodes = sorted(lb.state()["underlay"])
     old_interval = sys.getswitchinterval()
@@ -301,7 +323,7 @@ def bench_moves(lb: Lab, db: TimedNorthbound, watches: dict[str, FlowWatch], mov
         for i in range(moves):
             vm, node = MOVERS[i % 2]
             time.sleep(SETTLE_S)
-            m, generation, _ = one_move(lb, db, watches, vm, node, timeout)
+            m, generation, _ = one_move(lb, db, watches, vm, node, timeout, whole=whole)
             out.append(m)
             flows = f"{m.flows_s * 1e3:8.1f} ms ({m.flows} flows)" if m.flows_s is not None \
                 else f"   none within {timeout:.0f} s"
@@ -317,12 +339,18 @@ def bench_moves(lb: Lab, db: TimedNorthbound, watches: dict[str, FlowWatch], mov
     return out
 
 
+def p95(values: list[float]) -> float:
+    """The 95th percentile (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[max(0, -(-len(ordered) * 95 // 100) - 1)]
+
+
 def stats_ms(values: list[float]) -> str:
     if not values:
         return "no value"
     ms = [v * 1e3 for v in values]
-    return (f"median {statistics.median(ms):.1f} ms (min {min(ms):.1f}, max {max(ms):.1f}, "
-            f"n={len(ms)})")
+    return (f"median {statistics.median(ms):.1f} ms, p95 {p95(ms):.1f} (min {min(ms):.1f}, "
+            f"max {max(ms):.1f}, n={len(ms)})")
 
 
 def print_moves(moves: list[Move], label: str) -> None:
@@ -349,7 +377,8 @@ def cloud(base: dict[str, Any], ports: int, bound_node: str, bound: int = BOUND,
     generated networks (a hypervisor hosts a few tenants' networks, not every one)."""
     doc: dict[str, Any] = json.loads(json.dumps(base))
     small = ipaddress.IPv4Network(doc["external"]["cidr"])
-    big = small.supernet(new_prefix=min(small.prefixlen, 20))  # room for 1,000+ addresses
+    room = max(4096, 2 * ports // 10)  # a floating IP every tenth port, and the lab's
+    big = small.supernet(new_prefix=min(small.prefixlen, 32 - (room - 1).bit_length()))
     doc["external"]["cidr"] = str(big)
     regular = ports - len(doc["vms"]) - bound
     nets = max(1, -(-regular // per_net))
@@ -425,6 +454,75 @@ def bench_load(lb: Lab, db: TimedNorthbound, doc: dict[str, Any], timeout: float
     nb_rss = proc_mem(nb_pid).get("VmRSS", 0) if nb_pid else 0
     return Load(ports, len(topo.nodes), fips, build_s, load_s, rpc_s, noop_s, converged,
                 nb_rss)
+
+
+# --- 6. a burst of changes ---------------------------------------------------------------------
+@dataclass
+class Burst:
+    ports: int
+    whole: bool       # by the whole-document path (the baseline)
+    changes: int
+    calls_s: float    # the dvr nb calls, back to back
+    converged_s: float  # from the first call to every lab agent converged on the last one
+    calls: list[float] = field(default_factory=list)
+
+
+def burst_plan(n: int) -> list[tuple[str, str]]:
+    """`n` changes as a tenant makes them: VMs added (on a generated compute, on the first
+    generated network, which AGENT_NODE hosts, addresses allocated), floating IP
+    203.0.113.50 moved between vm1 and vm4, VMs removed (the oldest added): 2:1:1."""
+    out: list[tuple[str, str]] = []
+    added: list[str] = []
+    for i in range(n):
+        k = i % 4
+        if k < 2:
+            added.append(f"bu{i}")
+            out.append(("vm-add", added[-1]))
+        elif k == 2:
+            out.append(("fip-set", MOVERS[(i // 4) % 2][0]))
+        else:
+            out.append(("vm-del", added.pop(0)))
+    return out
+
+
+def burst_call(db: nb.Northbound, what: str, name: str, whole: bool) -> str:
+    if what == "vm-add":
+        return (db.change(northbound.vm_add(name, "gc0", "gn0")) if whole
+                else db.vm_add(name, "gc0", "gn0"))
+    if what == "vm-del":
+        return db.change(northbound.vm_del(name)) if whole else db.vm_del(name)
+    return fip_move(db, name, whole)
+
+
+def bench_burst(lb: Lab, db: nb.Northbound, ports: int, n: int, whole: bool,
+                timeout: float) -> Burst:
+    """`n` changes back to back from one client (burst_plan), timed to every lab agent
+    converged on the last; the VMs still added are removed afterwards (not timed)."""
+    nodes = sorted(lb.state()["underlay"])
+    plan = burst_plan(n)
+    calls: list[float] = []
+    t0 = time.perf_counter()
+    generation = ""
+    for what, name in plan:
+        t = time.perf_counter()
+        generation = burst_call(db, what, name, whole)
+        calls.append(time.perf_counter() - t)
+    calls_s = time.perf_counter() - t0
+    converged = wait_agents(lb, nodes, generation, timeout, t0=t0)
+    out = Burst(ports, whole, n, calls_s, max(converged.values()), calls)
+    left = {name for what, name in plan if what == "vm-add"} - {
+        name for what, name in plan if what == "vm-del"}
+    for name in sorted(left):
+        generation = db.vm_del(name)
+    wait_agents(lb, nodes, generation, timeout)
+    return out
+
+
+def print_burst(b: Burst) -> None:
+    how = "whole-document" if b.whole else "O(change)"
+    print(f"  burst of {b.changes} changes at {b.ports} ports, {how}: calls {b.calls_s:.2f} s "
+          f"(each {stats_ms(b.calls)}), every agent converged {b.converged_s:.2f} s after "
+          f"the first")
 
 
 # --- 3 and 4. agent restart -------------------------------------------------------------------
@@ -578,6 +676,8 @@ class Figures:
     loads: dict[int, Load] = field(default_factory=dict)
     restarts: dict[int, list[Restart]] = field(default_factory=dict)
     big_moves: dict[int, list[Move]] = field(default_factory=dict)
+    whole_moves: dict[int, list[Move]] = field(default_factory=dict)  # 0: the small lab
+    bursts: list[Burst] = field(default_factory=list)
     cluster_moves: list[Move] = field(default_factory=list)
     failovers: list[Failover] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -609,6 +709,11 @@ def run(args: argparse.Namespace, fig: Figures) -> None:
               f"{args.moves} moves ==")
         fig.moves = bench_moves(lb, db, watches, args.moves, "small")
         print_moves(fig.moves, "small")
+        if args.baseline_moves:
+            print(f"  the same by the whole-document path, {args.baseline_moves} moves:")
+            fig.whole_moves[0] = bench_moves(lb, db, watches, args.baseline_moves,
+                                             "small, whole", whole=True)
+            print_moves(fig.whole_moves[0], "small, whole-document")
 
         print(f"\n== 3/4. {AGENT_NODE}'s agent restarted on the small topology, "
               f"{args.reps} times ==")
@@ -628,7 +733,7 @@ def run(args: argparse.Namespace, fig: Figures) -> None:
                 wait_agents(lb, nodes, gen, args.timeout)
                 print(f"\n  (back to the small topology: {time.perf_counter() - t0:.2f} s "
                       "to load and converge)")
-            doc = cloud(base, size, AGENT_NODE)
+            doc = cloud(base, size, AGENT_NODE, bound=min(BOUND, (size - len(base["vms"])) // 2))
             print(f"\n== 2. load {size} ports ({len(doc['nodes'])} nodes, "
                   f"{len(doc['networks'])} networks, {len(doc['routers'])} routers) over the "
                   "small topology ==")
@@ -657,6 +762,21 @@ def run(args: argparse.Namespace, fig: Figures) -> None:
                 fig.big_moves[size] = bench_moves(lb, db, watches, args.big_moves, f"{size}",
                                                   timeout=max(FLOW_TIMEOUT_S, args.timeout))
                 print_moves(fig.big_moves[size], f"{size}")
+            if args.baseline_moves:
+                print(f"\n== 1. the same by the whole-document path at {size} ports, "
+                      f"{args.baseline_moves} moves ==")
+                fig.whole_moves[size] = bench_moves(
+                    lb, db, watches, args.baseline_moves, f"{size} whole",
+                    timeout=max(FLOW_TIMEOUT_S, args.timeout), whole=True)
+                print_moves(fig.whole_moves[size], f"{size}, whole-document")
+            if args.burst:
+                print(f"\n== 6. a burst of {args.burst} changes at {size} ports ==")
+                fig.bursts.append(bench_burst(lb, db, size, args.burst, False, args.timeout))
+                print_burst(fig.bursts[-1])
+                if size <= args.baseline_burst_max:
+                    fig.bursts.append(bench_burst(lb, db, size, args.burst, True,
+                                                  args.timeout))
+                    print_burst(fig.bursts[-1])
 
     finally:
         for w in watches.values():
@@ -682,12 +802,32 @@ def summary(args: argparse.Namespace, fig: Figures) -> None:
             "in all)")
     else:
         row("change to flows, small", "not measured", target)
-    for size, moves in fig.big_moves.items():
-        fl = [m.flows_s for m in moves if m.flows_s is not None]
-        if fl:
+    medians: dict[int, float] = {}
+    for size in sorted(set(fig.big_moves) | set(fig.whole_moves)):
+        for label, moves in (("O(change)", fig.big_moves.get(size, [])),
+                             ("whole-document", fig.whole_moves.get(size, []))):
+            fl = [m.flows_s for m in moves if m.flows_s is not None]
+            if not fl:
+                continue
             med = statistics.median(fl) * 1e3
-            row(f"change to flows, {size}", f"median {med:.0f} ms (change() "
-                f"{statistics.median(m.change_s for m in moves) * 1e3:.0f} ms), n={len(fl)}")
+            if label == "O(change)" and size:
+                medians[size] = med
+            call = [m.change_s for m in moves]
+            agent = [m.flows_s - m.change_s for m in moves if m.flows_s is not None]
+            row(f"change to flows, {size or 'small'}, {label}",
+                f"median {med:.1f} ms, p95 {p95(fl) * 1e3:.1f}; dvr nb median "
+                f"{statistics.median(call) * 1e3:.1f} (p95 {p95(call) * 1e3:.1f}), agent "
+                f"median {statistics.median(agent) * 1e3:.1f} (p95 {p95(agent) * 1e3:.1f}); "
+                f"n={len(fl)}", "< 20 ms" if label == "O(change)" else "",
+                med < 20.0 if label == "O(change)" else None)
+    if medians:
+        flat = max(medians.values()) / min(medians.values())
+        row("  flat across sizes", f"largest median {flat:.2f}x the smallest", "<= 1.5x",
+            flat <= 1.5)
+    for b in fig.bursts:
+        row(f"burst of {b.changes}, {b.ports}, {'whole-document' if b.whole else 'O(change)'}",
+            f"{b.converged_s:.2f} s to every agent converged (calls {b.calls_s:.2f} s, "
+            f"median {statistics.median(b.calls) * 1e3:.1f} ms each)")
     for size, ld in fig.loads.items():
         row(f"load(), {size} ports", f"{ld.load_s:.2f} s; build_topology {ld.build_s:.2f} s "
             f"= {ld.build_s / ld.load_s:.0%}")
@@ -736,11 +876,19 @@ def main() -> int:
     ap.add_argument("--prefix", default="bnb", help="lab prefix (default: bnb)")
     ap.add_argument("--moves", type=int, default=20,
                     help="floating-IP moves on the small lab (default 20)")
-    ap.add_argument("--big-moves", type=int, default=5,
-                    help="floating-IP moves at each generated size (default 5; 0: none)")
+    ap.add_argument("--big-moves", type=int, default=20,
+                    help="floating-IP moves at each generated size (default 20; 0: none)")
+    ap.add_argument("--baseline-moves", type=int, default=5,
+                    help="the same moves by the whole-document path, the baseline, on the "
+                         "small lab and at each size (default 5; 0: none)")
+    ap.add_argument("--burst", type=int, default=200,
+                    help="changes in a burst at each size (default 200; 0: none)")
+    ap.add_argument("--baseline-burst-max", type=int, default=1000,
+                    help="the burst also by the whole-document path up to this size "
+                         "(default 1000)")
     ap.add_argument("--reps", type=int, default=3, help="agent restarts per size (default 3)")
-    ap.add_argument("--sizes", default="1000,10000",
-                    help="generated cloud sizes in ports (default 1000,10000)")
+    ap.add_argument("--sizes", default="100,1000,10000,100000",
+                    help="generated cloud sizes in ports (default 100,1000,10000,100000)")
     ap.add_argument("--failovers", type=int, default=5,
                     help="leader failovers on a clustered lab (default 5; 0: no clustered "
                          "lab)")
@@ -752,8 +900,8 @@ def main() -> int:
               file=sys.stderr)
         return 2
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    if any(s < 100 + BOUND for s in args.sizes):
-        print(f"nb: error: sizes must be at least {100 + BOUND} ports", file=sys.stderr)
+    if any(s < 100 for s in args.sizes):
+        print("nb: error: sizes must be at least 100 ports", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
         print("nb: error: the lab needs root", file=sys.stderr)
