@@ -172,9 +172,9 @@ class IncrementalPlan:
         self.ports = ports
         self.by_cookie: dict[int, Flow] = {}
         self.groups: dict[int, Group] = {}
-        self._count: dict[int, int] = {}
+        self._extra: dict[int, int] = {}  # cookie -> entries holding it beyond the first
         self._group_refs: dict[int, dict[Group, int]] = {}
-        self._entries: dict[Key, tuple[Any, tuple[Flow, ...]]] = {}
+        self._entries: dict[Key, tuple[Any, Flow | tuple[Flow, ...]]] = {}
         self._delta = Delta()
         self._replan()
         self._flush()
@@ -190,9 +190,9 @@ class IncrementalPlan:
         delta = self._delta
         for f in flows:
             c = f.cookie
-            n = self._count.get(c, 0)
-            self._count[c] = n + 1
-            if n == 0:
+            if c in self.by_cookie:
+                self._extra[c] = self._extra.get(c, 0) + 1
+            else:
                 self.by_cookie[c] = f
                 if delta.removed.pop(c, None) is None:
                     delta.added[c] = f
@@ -207,11 +207,13 @@ class IncrementalPlan:
         delta = self._delta
         for f in flows:
             c = f.cookie
-            n = self._count[c] - 1
+            n = self._extra.get(c)
             if n:
-                self._count[c] = n
+                if n > 1:
+                    self._extra[c] = n - 1
+                else:
+                    del self._extra[c]
             else:
-                del self._count[c]
                 del self.by_cookie[c]
                 if delta.added.pop(c, None) is None:
                     delta.removed[c] = f
@@ -234,7 +236,7 @@ class IncrementalPlan:
     def _replan(self) -> None:
         """Every entry anew (the reference: the same as `plan()`)."""
         for _, flows in self._entries.values():
-            self._take(flows)
+            self._take(_flows(flows))
         self._entries = {}
         self._index()
         d = self._d = _derive(self.topo, self.node, self.ports)
@@ -357,16 +359,17 @@ class IncrementalPlan:
         if want is None:
             if have is not None:
                 del self._entries[key]
-                self._take(have[1])
+                self._take(_flows(have[1]))
             return
         sig, build = want
         if have is not None and have[0] == sig:
             return
         flows = tuple(build())
         if have is not None:
-            self._take(have[1])
+            self._take(_flows(have[1]))
         self._put(flows)
-        self._entries[key] = (sig, flows)
+        # (most entries hold one flow: kept as itself, the memory of a tuple the less)
+        self._entries[key] = (sig, flows[0] if len(flows) == 1 else flows)
         self._delta.entries += 1
 
     def _want(self, key: Key) -> tuple[Any, Callable[[], Iterable[Flow]]] | None:
@@ -507,6 +510,10 @@ class IncrementalPlan:
                 self._remove(before)
             if after is not None:
                 self._add(after)
+
+
+def _flows(held: Flow | tuple[Flow, ...]) -> tuple[Flow, ...]:
+    return (held,) if isinstance(held, Flow) else held
 
 
 def _network_of(old: Topology, new: Topology, vm: str) -> set[str]:
