@@ -17,13 +17,14 @@ import logging
 import socket
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from os_ken.ofproto import ofproto_parser, ofproto_protocol
 from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
+from agent import ofencode
 from flows.ofp import (
     CT,
     FIELDS,
@@ -47,6 +48,7 @@ from flows.pipeline import BY_NUMBER, TABLES
 
 LOG = logging.getLogger(__name__)
 ALL_ONES64 = (1 << 64) - 1
+SEND_BATCH = 1 << 16  # bytes of encoded messages written at once
 
 
 class OpenFlowError(Exception):
@@ -60,14 +62,22 @@ class InstalledFlow:
     cookie: int
     table_id: int
     priority: int
-    match: Any  # os-ken OFPMatch, re-usable for a strict delete
+    match: Any  # os-ken OFPMatch, re-usable for a strict delete (None: made from `flow`)
     packet_count: int = 0
+    flow: Flow | None = field(default=None, compare=False, repr=False)
+
+    def ofp_match(self) -> Any:
+        if self.match is None:
+            assert self.flow is not None
+            return to_ofp_match(self.flow)
+        return self.match
 
 
 def installed(flow: Flow) -> InstalledFlow:
-    """The flow as the switch will report it once added (without a dump)."""
-    return InstalledFlow(flow.cookie, TABLES[flow.table].number, flow.priority,
-                         to_ofp_match(flow))
+    """The flow as the switch will report it once added (without a dump); its os-ken
+    match is made only if it is ever deleted."""
+    return InstalledFlow(flow.cookie, TABLES[flow.table].number, flow.priority, None,
+                         flow=flow)
 
 
 def _match_value(fld: str, value: Any) -> Any:
@@ -205,7 +215,7 @@ def delete_mod(dp: Any, inst: InstalledFlow) -> Any:
     return parser.OFPFlowMod(
         dp, cookie=inst.cookie, cookie_mask=ALL_ONES64, table_id=inst.table_id,
         command=ofp.OFPFC_DELETE_STRICT, priority=inst.priority, out_port=ofp.OFPP_ANY,
-        out_group=ofp.OFPG_ANY, match=inst.match)
+        out_group=ofp.OFPG_ANY, match=inst.ofp_match())
 
 
 def _describe(item: InstalledFlow | Flow | str) -> str:
@@ -280,6 +290,35 @@ class Switch:
             self.close()
             raise OpenFlowError(f"{self.target}: send failed: {exc}") from None
         return msg.xid
+
+    def _send_bytes(self, data: bytes | bytearray) -> None:
+        """Messages already encoded (with their xids), in one write."""
+        assert self._sock is not None
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            self.close()
+            raise OpenFlowError(f"{self.target}: send failed: {exc}") from None
+
+    def _drain(self) -> None:
+        """Take in what the switch has sent so far, without waiting (parsed later): a switch
+        answering many refusals must never block on us while we block on it."""
+        assert self._sock is not None
+        self._sock.setblocking(False)
+        try:
+            while True:
+                chunk = self._sock.recv(1 << 20)
+                if not chunk:
+                    break  # closed: the next receive says so
+                self._buf += chunk
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self.close()
+            raise OpenFlowError(f"{self.target}: receive failed: {exc}") from None
+        finally:
+            if self._sock is not None:
+                self._sock.settimeout(self.timeout)
 
     def _recv(self) -> Any:
         assert self._sock is not None
@@ -460,10 +499,22 @@ class Bundle:
             self.deleted += 1
 
     def add(self, flows: Iterable[Flow]) -> None:
+        """Add flows: encoded by agent.ofencode (os-ken's very bytes, many times faster)
+        and written in large batches."""
+        sw = self.switch
+        out = bytearray()
         for flow in flows:
             self._open()
-            self._add_msg(flow_mod(self.switch.dp, flow), flow)
+            xid = sw._next_xid()
+            out += ofencode.bundle_add(self.id, self.FLAGS, ofencode.flow_mod(flow, xid), xid)
+            self.sent[xid] = flow
             self.added += 1
+            if len(out) >= SEND_BATCH:
+                sw._send_bytes(out)
+                sw._drain()
+                out = bytearray()
+        if out:
+            sw._send_bytes(out)
 
     def commit(self) -> None:
         """Check every reply up to a barrier (the open acknowledged, no message refused),

@@ -1,10 +1,10 @@
-"""Every flow the planner produces for the example and test topologies goes through the real
-OpenFlow 1.3 encoder (os-ken, as the agent sends it: `agent.ofswitch.flow_mod`, and
-`group_mod` for the groups it applies), is parsed back by os-ken's decoder and read back into
-the flow model: it must be the very flow that was planned (table, priority, cookie, match,
-actions, and each group's buckets). An encoding mistake (a field os-ken
-does not know, a mask lost, a wrong Nicira action, a table number off) fails here, without a
-lab."""
+"""Every flow the planner produces for the example and test topologies goes through the
+OpenFlow 1.3 encoder the agent's bundles use (`agent.ofencode`, which must write byte for
+byte what os-ken's `agent.ofswitch.flow_mod` writes, and `group_mod` for the groups it
+applies), is parsed back by os-ken's decoder and read back into the flow model: it must be
+the very flow that was planned (table, priority, cookie, match, actions, and each group's
+buckets). An encoding mistake (a field os-ken does not know, a mask lost, a wrong Nicira
+action, a table number off) fails here, without a lab."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from os_ken.ofproto import ofproto_parser, ofproto_protocol
 from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
+from agent import ofencode
 from agent.ofswitch import NAT_FLAGS, flow_mod, group_mod
 from flows.model import Topology, load_topology
 from flows.nat import Binding
@@ -78,9 +79,29 @@ def decode_group(group: Group) -> Group:
     return Group(gid, tuple(buckets), "ff")
 
 
+def fast_wire(flow: Flow) -> Any:
+    """`flow` as the agent's bundles carry it (agent.ofencode), parsed back by os-ken; its
+    bytes must be the very bytes os-ken's own encoder writes."""
+    ours = ofencode.flow_mod(flow, 1)
+    reference = flow_mod(DP, flow)
+    reference.set_xid(1)
+    reference.serialize()
+    assert ours == bytes(reference.buf), (
+        f"{flow.to_ofctl()}: the fast encoding differs from os-ken's:\n"
+        f"  {ours.hex()}\n  {bytes(reference.buf).hex()}")
+    bundled = parser.ONFBundleAddMsg(DP, 9, ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED,
+                                     reference, [])
+    bundled.set_xid(1)
+    bundled.serialize()
+    assert ofencode.bundle_add(9, ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED, ours, 1) == bytes(
+        bundled.buf), f"{flow.to_ofctl()}: its bundle-add message differs from os-ken's"
+    version, msg_type, length, xid = ofproto_parser.header(ours)
+    return ofproto_parser.msg(DP, version, msg_type, length, xid, ours)
+
+
 def decode(flow: Flow) -> Flow:
     """`flow` encoded as the agent sends it, decoded by os-ken, read back into the model."""
-    back = _wire(flow_mod(DP, flow))
+    back = fast_wire(flow)
     assert isinstance(back, parser.OFPFlowMod) and back.command == ofp.OFPFC_ADD
     groups = groups_of([flow])
     actions: list[Action] = []
