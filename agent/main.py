@@ -130,6 +130,7 @@ class DvrAgent:
         self._change: Change | None = Change()
         self._touched: set[int] | None = None
         self._touched_groups: set[int] = set()
+        self._peers: tuple[Any, dict[str, str], dict[str, dict[str, str]]] | None = None
         # SNAT claims (flows.ha): this node's BFD sessions as the last sync read them, the
         # peers whose session has been up since the start, the claims in force
         self.started = time.monotonic()
@@ -179,14 +180,8 @@ class DvrAgent:
         assert self.topo is not None and self.ovsdb is not None
         topo = self.topo
         clock = _Clock()
-        peers = {
-            n.name: str(n.tunnel_ip)
-            for n in topo.nodes.values()
-            if n.name != self.node and n.tunnel_ip is not None
-        }
+        peers, bfd = self._tunnels(topo)
         plugged = self.ovsdb.plugged(self.bridge)
-        bfd = {p: bfd_config(self.conf.ovs.bfd_interval) if needs_bfd(topo, self.node, p) else {}
-               for p in peers}
         changed = self.ovsdb.ensure_tunnels(self.bridge, peers, self.conf.ovs.tunnel_type,
                                             self.conf.ovs.local_ip, plugged, bfd)
         provider_bridge = self.conf.ovs.external_bridge
@@ -245,6 +240,20 @@ class DvrAgent:
         return SyncResult(len(missing), len(stale), len(desired), sorted(ports.vms),
                           sorted(ports.snat), announcements(topo, self.node, ports),
                           ports.provider, clock.laps)
+
+    def _tunnels(self, topo: Topology) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+        """The tunnels this node wants (peer -> remote IP) and their BFD settings: computed
+        again only when the topology's nodes changed (the model keeps them otherwise)."""
+        if self._peers is None or self._peers[0] is not topo.nodes:
+            peers = {
+                n.name: str(n.tunnel_ip)
+                for n in topo.nodes.values()
+                if n.name != self.node and n.tunnel_ip is not None
+            }
+            bfd = {p: bfd_config(self.conf.ovs.bfd_interval)
+                   if needs_bfd(topo, self.node, p) else {} for p in peers}
+            self._peers = (topo.nodes, peers, bfd)
+        return self._peers[1], self._peers[2]
 
     def _plan(self, topo: Topology, ports: Any) -> Desired:
         """The node's desired flows: the plan updated by what changed since its last
