@@ -128,6 +128,7 @@ class DvrAgent:
         # every flow is diffed)
         self.planner: IncrementalPlan | None = None
         self._change: Change | None = Change()
+        self._loaded: Topology | None = None  # the last topology the source handed out
         self._touched: set[int] | None = None
         self._touched_groups: set[int] = set()
         self._peers: tuple[Any, dict[str, str], dict[str, dict[str, str]]] | None = None
@@ -262,12 +263,15 @@ class DvrAgent:
             self.planner = IncrementalPlan(topo, self.node, ports)
             self._touched = None  # diff every flow once
         else:
+            # what changed since the plan's topology, up to the last one loaded (the one
+            # planned, or a later one this agent refused: then kept for the next)
             delta = self.planner.update(topo, ports, self._change)
             if self._touched is not None:
                 self._touched.update(delta.added)
                 self._touched.update(delta.removed)
             self._touched_groups |= delta.groups
-        self._change = Change()
+        if topo is self._loaded:
+            self._change = Change()
         return Desired.of(self.planner.by_cookie, self.planner.groups)
 
     def _bundle(self, new_groups: list[Any], changed_groups: list[Any], stale: list[Any],
@@ -460,6 +464,7 @@ class DvrAgent:
         # handed this one out: merged even if the agent keeps its last state)
         change = self.source.delta()
         self._change = None if change is None or self._change is None else self._change | change
+        self._loaded = topo
         if self.node not in topo.nodes:
             LOG.error("node %s is not in the topology; keeping the last state", self.node)
             self.report(error=f"node {self.node} is not in the topology")

@@ -19,6 +19,7 @@ from agent.main import DvrAgent
 from agent.ofswitch import InstalledFlow, installed
 from agent.ovsdb import Wakeup
 from agent.source import Source
+from flows.incremental import Change
 from flows.model import Topology, TopologyError, build_topology
 from flows.ofp import Flow, Group, groups_of
 from flows.planner import plan
@@ -234,3 +235,49 @@ def test_a_burst_of_changes_costs_a_few_syncs(tmp_path: Path) -> None:
     want = plan(final, NODE, agent.planner.ports)
     assert set(switch.flows) == {f.cookie for f in want}
     assert len(switch.bundles) <= 8, switch.bundles  # 1 + 60 / 10, not 61
+
+
+class DeltaSource(FakeSource):
+    """Hands out what changed since the topology it handed out before, as the northbound
+    source does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: Topology | None = None
+        self._delta: Change | None = None
+
+    def load(self) -> Topology:
+        topo = super().load()
+        self._delta = None if self.last is None else Change.between(self.last, topo)
+        self.last = topo
+        return topo
+
+    def delta(self) -> Change | None:
+        return self._delta
+
+
+def test_a_topology_the_agent_refuses_loses_no_change(tmp_path: Path) -> None:
+    """The source hands out a topology without this node (refused: the last one stays),
+    a sync runs meanwhile (a port plugged), then a valid one: the plan follows every change
+    since the one it planned, the refused one's included."""
+    cloud, topo = start(6)
+    source = DeltaSource()
+    source.arrived.append(topo)
+    agent = make_agent(tmp_path, cloud, topo, source)
+    assert agent._load()
+    agent.sync(full=True)
+    changed = next_topology(cloud, topo)  # a change in the refused topology...
+    doc = copy(cloud.doc)
+    del doc["nodes"][NODE]
+    for name in [n for n, v in doc["vms"].items() if v["node"] == NODE]:
+        del doc["vms"][name]
+    source.arrived.append(build_topology(doc))
+    assert not agent._load() and agent.topo is topo  # refused: node missing
+    agent.sync(full=False)
+    source.arrived.append(changed)  # ...and back, with that change
+    assert agent._load()
+    agent.sync(full=False)
+    assert agent.planner is not None
+    want = plan(changed, NODE, agent.planner.ports)
+    assert agent.planner.flows() == want
+    assert set(agent.switch.flows) == {f.cookie for f in want}  # type: ignore[attr-defined]
