@@ -209,7 +209,6 @@ class DvrAgent:
             stale, missing = diff_touched(desired, known, self._touched)
             new_groups, changed_groups, stale_groups = diff_touched_groups(
                 desired.groups, known_groups, self._touched_groups)
-            clock.lap("diff")
             self.installed.forget()  # unknown until the bundle is committed
             self._bundle(new_groups, changed_groups, stale, missing, stale_groups)
             clock.lap("apply")
@@ -228,7 +227,6 @@ class DvrAgent:
             stale, missing = diff(desired, current)
             new_groups, changed_groups, stale_groups = diff_groups(dict(desired.groups),
                                                                    groups)
-            clock.lap("diff")
             self.installed.forget()  # unknown until the bundle is committed
             self._bundle(new_groups, changed_groups, stale, missing, stale_groups)
             clock.lap("apply")
