@@ -11,7 +11,7 @@ import random
 import pytest
 
 from flows.incremental import Change
-from flows.live import LiveTopology
+from flows.live import Layered, LiveTopology
 from flows.model import Topology, TopologyError, build_topology
 from flows.planner import scope
 from tests.unit.changes import Cloud, copy, shapes
@@ -100,3 +100,27 @@ def test_a_vm_changed_is_checked_alone() -> None:
     with pytest.raises(TopologyError, match="already used"):  # the model's own words
         live.update({other: dict(doc["vms"][other], mac="fa:16:3e:aa:bb:cc")})
     assert live.topology is new
+
+
+def test_the_layered_mapping_is_the_dict_it_stands_for() -> None:
+    """Entries set and removed a few at a time, merged into a new base now and then: always
+    the same mapping as a dict changed the same way, and the earlier versions unchanged."""
+    rng = random.Random(3)
+    want = {f"k{i}": i for i in range(50)}
+    have = Layered(dict(want))
+    versions: list[tuple[Layered, dict]] = []
+    for step in range(400):
+        updates = {f"k{rng.randrange(120)}": (None if rng.random() < 0.4 else step)
+                   for _ in range(rng.randint(1, 3))}
+        have = have.changed(updates)
+        for k, v in updates.items():
+            if v is None:
+                want.pop(k, None)
+            else:
+                want[k] = v
+        assert have == want and len(have) == len(want) and sorted(have) == sorted(want)
+        assert all(have.get(k) == want.get(k) and (k in have) == (k in want)
+                   for k in (f"k{i}" for i in range(120)))
+        if step % 50 == 0:
+            versions.append((have, dict(want)))
+    assert all(v == w for v, w in versions)  # immutable: earlier versions as they were
