@@ -76,6 +76,7 @@ class Bench:
         self.doc = doc
         self.live = LiveTopology()
         self.topo = self.live.load(copy.deepcopy(doc))
+        self.last_infra = self.live.infra
         self.ports = {n: assumed_ports(self.topo, n) for n in (COMPUTE, NETWORK)}
         self.plans = {n: IncrementalPlan(self.topo, n, p) for n, p in self.ports.items()}
         mine = sorted({v.network for v in self.topo.vms.values() if v.node == COMPUTE})
@@ -95,8 +96,16 @@ class Bench:
         self.flows: dict[str, dict[str, list[int]]] = {}
 
     # --- the changes, as the rows the source would hand the model ----------------------------
-    def _infra(self) -> dict[str, Any]:
-        return {k: v for k, v in self.doc.items() if k != "vms"}
+    def _infra(self, section: str, name: str) -> dict[str, Any]:
+        """The document without VMs as the source hands it over: the changed row's entry
+        read again, every other entry and section the same objects as before."""
+        entries = dict(self.last_infra[section])
+        if name in self.doc[section]:
+            entries[name] = copy.deepcopy(self.doc[section][name])
+        else:
+            entries.pop(name, None)
+        self.last_infra = {**self.last_infra, section: entries}
+        return self.last_infra
 
     def vm_add(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
         self.count += 1
@@ -120,19 +129,19 @@ class Bench:
     def net_add(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
         self.doc["networks"]["mm"] = {"cidr": "10.254.0.0/24", "gateway_ip": "10.254.0.1",
                                       "mtu": 1450, "vni": 16_000_000}
-        return {}, copy.deepcopy(self._infra())
+        return {}, self._infra("networks", "mm")
 
     def if_add(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
         self.doc["routers"][self.router]["interfaces"].append("mm")
-        return {}, copy.deepcopy(self._infra())
+        return {}, self._infra("routers", self.router)
 
     def if_del(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
         self.doc["routers"][self.router]["interfaces"].remove("mm")
-        return {}, copy.deepcopy(self._infra())
+        return {}, self._infra("routers", self.router)
 
     def net_del(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
         del self.doc["networks"]["mm"]
-        return {}, copy.deepcopy(self._infra())
+        return {}, self._infra("networks", "mm")
 
     # --- one change, timed --------------------------------------------------------------------
     def step(self, kind: str) -> None:

@@ -134,15 +134,27 @@ class _Derived:
     held: dict[str, tuple[Any, ...]]  # router -> the translations held for it, sorted
 
 
-def _derive(topo: Topology, node: str, ports: NodePorts) -> _Derived:
+def _derive(topo: Topology, node: str, ports: NodePorts, prev: _Derived | None = None,
+            prev_topo: Topology | None = None) -> _Derived:
+    """(`prev`, of `prev_topo`: reused for what depends on routers only, when `topo` holds
+    the same routers, the same objects.)"""
     local = {n: o for n, o in ports.vms.items() if n in topo.vms}
     local_nets = frozenset(topo.vms[n].network for n in local)
-    snat = frozenset(r.name for r in topo.routers.values()
-                     if r.external_gateway and node in r.snat_nodes)
-    routers = frozenset(r.name for r in (topo.router_of(n) for n in local_nets) if r)
-    reachable = set(topo.reachable_networks(local_nets))
-    for name in snat:
-        reachable.update(i.network for i in topo.routers[name].interfaces)
+    same = (prev is not None and prev_topo is not None and topo.routers is prev_topo.routers
+            and topo._router_of is prev_topo._router_of)
+    if same and prev is not None:
+        snat = prev.snat
+    else:
+        snat = frozenset(r.name for r in topo.routers.values()
+                         if r.external_gateway and node in r.snat_nodes)
+    if same and prev is not None and local_nets == prev.local_nets:
+        routers, reachable = prev.routers, prev.reachable
+    else:
+        routers = frozenset(r.name for r in (topo.router_of(n) for n in local_nets) if r)
+        found = set(topo.reachable_networks(local_nets))
+        for name in snat:
+            found.update(i.network for i in topo.routers[name].interfaces)
+        reachable = frozenset(found)
     dnatting: set[str] = set()
     if topo.external is not None and ports.provider is not None:
         for n in local:
@@ -156,7 +168,7 @@ def _derive(topo: Topology, node: str, ports: NodePorts) -> _Derived:
     held: dict[str, list[Any]] = {}
     for b in ports.held:
         held.setdefault(b.router, []).append(b)
-    return _Derived(local, local_nets, snat, routers, frozenset(reachable), natting,
+    return _Derived(local, local_nets, snat, routers, reachable, natting,
                     frozenset(dnatting), {r: tuple(sorted(bs)) for r, bs in held.items()})
 
 
@@ -273,7 +285,7 @@ class IncrementalPlan:
             self._replan()
             return self._flush()
         self._reindex(old_topo, topo, change.vms)
-        new = self._d = _derive(topo, self.node, ports)
+        new = self._d = _derive(topo, self.node, ports, old, old_topo)
         keys: set[Key] = set()
 
         # the VMs bound here, and their networks

@@ -195,6 +195,21 @@ class LiveTopology:
         self._vnis = {net.vni: net.name for net in topo.networks.values()}
         self._natural = {label: _natural_mac(label) for label in _labels(topo)}
         self._collision_free = len(set(self._natural.values())) == len(self._natural)
+        # the networks the routers' specs name, and how many times
+        self._listed: dict[str, int] = {}
+        routers = self.infra.get("routers")
+        for spec in (routers.values() if isinstance(routers, dict) else ()):
+            self._list(spec, 1)
+
+    def _list(self, spec: Any, sign: int) -> None:
+        itfs = spec.get("interfaces") if isinstance(spec, dict) else None
+        for net in itfs if isinstance(itfs, list) else ():
+            if isinstance(net, str):
+                n = self._listed.get(net, 0) + sign
+                if n:
+                    self._listed[net] = n
+                else:
+                    del self._listed[net]
 
     def _add(self, vm: VM) -> None:
         self._ips[(vm.network, vm.ip)] = vm.name
@@ -245,7 +260,7 @@ class LiveTopology:
         assert old is not None
         base, infra_change = old, Change()
         if infra is not None:
-            if _pending_external_ip(infra):
+            if _pending_external_ip(infra, prev):
                 raise _Refused
             fast = (self._networks_only(old, prev, infra, set(vms))
                     or self._interfaces_only(old, prev, infra, set(vms)))
@@ -307,14 +322,8 @@ class LiveTopology:
         if not isinstance(before, dict) or not isinstance(after, dict):
             return None
         changed = {n for n in before.keys() | after.keys() if before.get(n) != after.get(n)}
-        routers = infra.get("routers") or {}
-        if not isinstance(routers, dict):
+        if changed & self._listed.keys():  # a router names it (the routers did not change)
             return None
-        for spec in routers.values():
-            itfs = spec.get("interfaces") if isinstance(spec, dict) else None
-            if isinstance(itfs, list) and changed.intersection(
-                    n for n in itfs if isinstance(n, str)):
-                return None
         networks = dict(old.networks)
         vnis = dict(self._vnis)
         for name in changed:
@@ -402,6 +411,8 @@ class LiveTopology:
                 self._check(part, vm, self.vms[vm], unique=False)
         self._natural = natural
         self._infra_macs = _infra_macs(part)
+        self._list(was, -1)
+        self._list(spec, 1)
         return part, Change(routers=frozenset({name}))
 
     def _infra(self, old: Topology, infra: Doc, changing: set[str]) -> Topology:
@@ -511,13 +522,21 @@ def _layered(m: Mapping[str, Any]) -> Layered:
     return m if isinstance(m, Layered) else Layered(m)
 
 
-def _pending_external_ip(infra: Doc) -> bool:
+def _pending_external_ip(infra: Doc, prev: Doc | None = None) -> bool:
     """A router with a gateway and no explicit external IP: the model allocates it around
-    the floating IPs (the VMs), a whole build's business."""
+    the floating IPs (the VMs), a whole build's business. With `prev` (a document that had
+    none), only the routers whose spec is not the same object as there are looked at."""
     routers = infra.get("routers") or {}
-    return not isinstance(routers, dict) or any(
+    if not isinstance(routers, dict):
+        return True
+    before = prev.get("routers") if prev is not None else None
+    if routers is before:
+        return False
+    if not isinstance(before, dict):
+        before = {}
+    return any(
         isinstance(s, dict) and s.get("external_gateway") is True and "external_ip" not in s
-        for s in routers.values())
+        for n, s in routers.items() if before.get(n) is not s)
 
 
 def _same_but(a: Doc, b: Doc, section: str) -> bool:

@@ -49,6 +49,18 @@ def shapes() -> dict[str, Doc]:
     return {k: to_dict(build_topology(v, k)) for k, v in out.items()}
 
 
+def edits(before: Doc, after: Doc) -> tuple[dict[str, Any], Doc | None]:
+    """What the agent's source hands its model for a change from `before` to `after`:
+    the VMs whose rows changed (None: removed), and the document without VMs when any
+    other row changed (copies: the model keeps them)."""
+    vms = {n: copy(after["vms"][n]) if n in after["vms"] else None
+           for n in before["vms"].keys() | after["vms"].keys()
+           if before["vms"].get(n) != after["vms"].get(n)}
+    infra_b = {k: v for k, v in before.items() if k != "vms"}
+    infra_a = {k: v for k, v in after.items() if k != "vms"}
+    return vms, (copy(infra_a) if infra_a != infra_b else None)
+
+
 @dataclass
 class Cloud:
     """A document and the switches of the nodes under test (what is plugged on each)."""

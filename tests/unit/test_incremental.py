@@ -17,10 +17,11 @@ import pytest
 
 from flows import incremental
 from flows.incremental import Change, IncrementalPlan
+from flows.live import LiveTopology
 from flows.model import Topology, TopologyError, build_topology
 from flows.ofp import Flow, groups_of
 from flows.planner import plan
-from tests.unit.changes import Cloud, copy, shapes
+from tests.unit.changes import Cloud, copy, edits, shapes
 
 SHAPES = shapes()
 STEPS = 120
@@ -52,11 +53,14 @@ def apply_delta(flows: dict[int, Flow], delta) -> dict[int, Flow]:  # type: igno
     return out
 
 
-def run(shape: str, seed: int, steps: int = STEPS) -> int:
-    """`steps` random changes on `shape`, checked after each; how many were refused."""
+def run(shape: str, seed: int, steps: int = STEPS, live: bool = False) -> int:
+    """`steps` random changes on `shape`, checked after each; how many were refused. With
+    `live`, the topologies come from the agent's model kept up to date (flows.live: the
+    unchanged objects shared) with the change it reports, as in the agent."""
     rng = random.Random(seed)
     cloud = Cloud(copy(SHAPES[shape]), rng)
-    topo = build_topology(cloud.doc, shape)
+    model = LiveTopology(shape)
+    topo = model.load(copy(cloud.doc)) if live else build_topology(cloud.doc, shape)
     nodes = sorted(topo.nodes)
     watched = [n for n in nodes if not topo.nodes[n].is_network][:3]
     watched += [n for n in nodes if topo.nodes[n].is_network][:2]
@@ -72,18 +76,26 @@ def run(shape: str, seed: int, steps: int = STEPS) -> int:
             node = rng.choice(watched)
             step = cloud.switch_change(topo, node)
             new = topo
+            change: Change | None = Change()
         else:
             before = copy(cloud.doc)
             step = cloud.mutate()
             try:
-                new = build_topology(cloud.doc, shape)
+                if live:
+                    vms, infra = edits(before, cloud.doc)
+                    new = model.update(vms, infra)
+                else:
+                    new = build_topology(cloud.doc, shape)
             except TopologyError:
+                if live:  # undone, as the operator would: the model follows
+                    vms, infra = edits(cloud.doc, before)
+                    model.update(vms, infra)
                 cloud.doc = before  # refused: the agent keeps its last state
                 refused += 1
                 continue
             cloud.follow(new)
-        # half the time the change is given (as the agent's source does), else compared
-        change = Change.between(topo, new) if i % 2 else None
+            # half the time the change is given (as the agent's source does), else compared
+            change = model.change if live else Change.between(topo, new) if i % 2 else None
         for node, inc in incs.items():
             was = dict(inc.by_cookie)
             delta = inc.update(new, cloud.ports(new, node), change)
@@ -99,6 +111,13 @@ def run(shape: str, seed: int, steps: int = STEPS) -> int:
 def test_the_incremental_plan_is_the_full_plan_after_every_change(shape: str, seed: int
                                                                     ) -> None:
     assert run(shape, seed) > 5  # the refused changes were exercised too
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_the_plan_follows_the_agent_s_model_and_its_changes(shape: str) -> None:
+    """The topologies of the agent's model (unchanged objects shared, the change it
+    reports), as the agent plans them."""
+    assert run(shape, 3, live=True) > 5
 
 
 @pytest.mark.parametrize("broken", ["router of a network", "reachable networks",

@@ -14,19 +14,9 @@ from flows.incremental import Change
 from flows.live import Layered, LiveTopology
 from flows.model import Topology, TopologyError, build_topology
 from flows.planner import scope
-from tests.unit.changes import Cloud, copy, shapes
+from tests.unit.changes import Cloud, copy, edits, shapes
 
 SHAPES = shapes()
-
-
-def edits(before: dict, after: dict) -> tuple[dict, dict | None]:
-    """What the agent's source hands over: the VMs whose rows changed, and the document
-    without VMs when any other row changed."""
-    vms = {n: after["vms"].get(n) for n in before["vms"].keys() | after["vms"].keys()
-           if before["vms"].get(n) != after["vms"].get(n)}
-    infra_b = {k: v for k, v in before.items() if k != "vms"}
-    infra_a = {k: v for k, v in after.items() if k != "vms"}
-    return vms, (copy(infra_a) if infra_a != infra_b else None)
 
 
 def covers(change: Change | None, old: Topology, new: Topology) -> bool:
