@@ -53,6 +53,10 @@ GARP_DELAYS = (0.0, 0.5, 1.5)
 GATEWAY_REFRESH, GATEWAY_RETRY, GATEWAY_TIMEOUT = 30.0, 1.0, 0.2
 # the loop wakes at least this often (seconds), even when nothing is due
 MAX_SLEEP = 1.0
+# every so often (seconds) a periodic resync also plans the node whole, the reference the
+# incremental plan must equal (flows.incremental): a difference is logged and the whole plan
+# kept
+REPLAN_INTERVAL = 600.0
 # a BFD session that has not come up within this many seconds of the agent's start counts as
 # down (before that, only one seen up and gone down does): sessions take a second to come up
 BFD_SETTLE = 3.0
@@ -172,12 +176,13 @@ class DvrAgent:
         self._last_report = time.monotonic()
 
     # --- one reconciliation ---------------------------------------------------------------
-    def sync(self, full: bool = True) -> SyncResult:
+    def sync(self, full: bool = True, replan: bool = False) -> SyncResult:
         """One reconciliation. `full` reads back the flows we own from the switch and
         diffs them all; else the flows the last successful sync left are taken as
         installed (a change of the desired state alone: the switch and its ports did not
         change meanwhile) and only the flows the plan's update touched are diffed. The
-        plan itself is updated incrementally (flows.incremental), planned whole at start."""
+        plan itself is updated incrementally (flows.incremental), planned whole at start
+        and with `replan`."""
         assert self.topo is not None and self.ovsdb is not None
         topo = self.topo
         clock = _Clock()
@@ -197,7 +202,7 @@ class DvrAgent:
             node_ports(topo, self.node, plugged, self.gateway_mac(), self._claims),
             held=self._held)
         clock.lap("ovsdb")
-        desired = self._plan(topo, ports)
+        desired = self._plan(topo, ports, replan)
         clock.lap("plan")
         # the connection what is installed is true of: a reconnection during the bundle (a
         # switch restarted meanwhile) makes the next sync read the flows back
@@ -254,10 +259,22 @@ class DvrAgent:
             self._peers = (topo.nodes, peers, bfd)
         return self._peers[1], self._peers[2]
 
-    def _plan(self, topo: Topology, ports: Any) -> Desired:
+    def _plan(self, topo: Topology, ports: Any, replan: bool = False) -> Desired:
         """The node's desired flows: the plan updated by what changed since its last
-        update (planned whole the first time), the flows it touched noted for the diff."""
-        if self.planner is None:
+        update (planned whole the first time, and with `replan`: checked against the
+        updated one), the flows it touched noted for the diff."""
+        if self.planner is not None and replan:
+            self.planner.update(topo, ports, self._change)
+            whole = IncrementalPlan(topo, self.node, ports)
+            if whole.by_cookie.keys() != self.planner.by_cookie.keys() \
+                    or whole.groups != self.planner.groups:
+                LOG.error("node %s: the incremental plan differs from the whole plan "
+                          "(%d flows missing, %d extra); planned whole", self.node,
+                          len(whole.by_cookie.keys() - self.planner.by_cookie.keys()),
+                          len(self.planner.by_cookie.keys() - whole.by_cookie.keys()))
+            self.planner = whole
+            self._touched = None  # diff every flow
+        elif self.planner is None:
             self.planner = IncrementalPlan(topo, self.node, ports)
             self._touched = None  # diff every flow once
         else:
@@ -484,6 +501,7 @@ class DvrAgent:
                 time.sleep(1)
         dirty = full = True  # full: read the switch's flows back (see sync())
         next_resync = 0.0
+        next_replan = time.monotonic() + REPLAN_INTERVAL
         backoff = 0.1
         while self.running:
             now = time.monotonic()
@@ -499,8 +517,9 @@ class DvrAgent:
             if not dirty and self._claims_changed():
                 dirty = True  # another node took over, or gave up, a router
             if dirty and self.topo is not None:
+                replan = full and now >= next_replan
                 try:
-                    result = self.sync(full)
+                    result = self.sync(full, replan)
                 except (OpenFlowError, OvsdbError) as exc:
                     LOG.warning("sync failed: %s", exc)
                     self.metrics.failed("bundle" if isinstance(exc, OpenFlowError) else "ovsdb")
@@ -516,6 +535,8 @@ class DvrAgent:
                 self._restore_done()
                 if full:
                     next_resync = now + conf.agent.resync_interval
+                if replan:
+                    next_replan = now + REPLAN_INTERVAL
                 dirty = full = False
                 self._announce(result)
                 self.report(converged=True, generation=self.topo.digest, flows=result.flows,

@@ -281,3 +281,20 @@ def test_a_topology_the_agent_refuses_loses_no_change(tmp_path: Path) -> None:
     want = plan(changed, NODE, agent.planner.ports)
     assert agent.planner.flows() == want
     assert set(agent.switch.flows) == {f.cookie for f in want}  # type: ignore[attr-defined]
+
+
+def test_a_periodic_whole_plan_finds_and_repairs_a_wrong_incremental_one(
+        tmp_path: Path, caplog: Any) -> None:
+    cloud, topo = start(7)
+    agent = make_agent(tmp_path, cloud, topo, FakeSource())
+    agent.sync(full=True)
+    assert agent.planner is not None
+    wrong = next(iter(agent.planner.by_cookie))
+    del agent.planner.by_cookie[wrong]  # as a forgotten dependency would leave it
+    agent.sync(full=True)  # a resync follows the plan it has
+    assert wrong not in agent.switch.flows  # type: ignore[attr-defined]
+    with caplog.at_level("ERROR"):
+        agent.sync(full=True, replan=True)
+    assert "differs from the whole plan (1 flows missing, 0 extra)" in caplog.text
+    want = plan(topo, NODE, agent.planner.ports)
+    assert set(agent.switch.flows) == {f.cookie for f in want}  # type: ignore[attr-defined]
