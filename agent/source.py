@@ -17,6 +17,12 @@ missing ports, so it removes no flow. A port newly needed (a VM on a network new
 node, a router interface added) arrives with the next acknowledgement, before the change
 that needs it is handed out. A VM bound here that the database puts on another node is
 known only if it is in scope anyway (the database has no column for its port id).
+
+The model of the copy is kept row by row (`flows.live`): the IDL notes each row it changes,
+and the next `poll()` hands only those to the model (a Port row is one VM checked and made
+anew; a Network or Router row re-reads that row's entry of the small tables' document), so
+a change costs what it touches; the copy is read whole at start and when it no longer
+matches what the model read. `delta()` tells the agent's planner what changed.
 """
 
 from __future__ import annotations
