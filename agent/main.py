@@ -141,6 +141,11 @@ class DvrAgent:
         self.started = time.monotonic()
         self._bfd: dict[str, str] = {}
         self._bfd_seen_up: set[str] = set()
+        # the peers whose session was up at the last sync that reached the switch, and
+        # those trusted without their session since the switch restarted (peer -> until)
+        self._up_before: frozenset[str] = frozenset()
+        self._trusted: dict[str, float] = {}
+        self._synced_on = 0  # the switch connection of the last sync
         self._claims: frozenset[str] = frozenset()
         self._reports_seen = -1  # the source's report_changes when claims were last weighed
         self._ha_due: float | None = None  # when the claims must be weighed again
@@ -200,7 +205,7 @@ class DvrAgent:
         self._held = self.held()
         ports = dataclasses.replace(
             node_ports(topo, self.node, plugged, self.gateway_mac(), self._claims),
-            held=self._held)
+            held=self._held, trusted=self._trust())
         clock.lap("ovsdb")
         desired = self._plan(topo, ports, replan)
         clock.lap("plan")
@@ -237,6 +242,8 @@ class DvrAgent:
             clock.lap("apply")
             self.installed.applied(current, stale, missing, connection, dict(desired.groups))
         self._touched, self._touched_groups = set(), set()  # the switch has the plan
+        self._up_before = frozenset(p for p, st in self._bfd.items() if st == ha.UP)
+        self._synced_on = self.switch.connections
         if stale or missing or new_groups or changed_groups or stale_groups:
             LOG.info("node %s: +%d -%d flows (%d desired), groups +%d ~%d -%d in %s",
                      self.node, len(missing), len(stale), len(desired), len(new_groups),
@@ -244,6 +251,26 @@ class DvrAgent:
         return SyncResult(len(missing), len(stale), len(desired), sorted(ports.vms),
                           sorted(ports.snat), announcements(topo, self.node, ports),
                           ports.provider, clock.laps)
+
+    def _trust(self) -> frozenset[str]:
+        """The peers to count as up although their BFD session is not. A restarted switch
+        starts every session from down, and a session comes up only a second or so after
+        the switch forwards again (a peer that is not up sends one BFD packet a second,
+        RFC 5880): meanwhile its fast-failover groups would send nothing to the network
+        nodes, and the node's VMs would lose the outside. So when the switch may have
+        restarted (the agent's connection to it is not the one of the last sync), the peers
+        whose session was up at the last sync are trusted, for BFD_SETTLE at most, each
+        until its own session is up again; a peer that dies meanwhile costs that long."""
+        now = time.monotonic()
+        restarted = not self.switch.connected or self.switch.connections != self._synced_on
+        if restarted:
+            for p in self._up_before:
+                self._trusted.setdefault(p, now + BFD_SETTLE)
+        # a session's state counts once the switch is the one of the last sync (just after
+        # a restart, the database may still show the old switch's)
+        self._trusted = {p: until for p, until in self._trusted.items()
+                         if until > now and (restarted or self._bfd.get(p) != ha.UP)}
+        return frozenset(self._trusted)
 
     def _tunnels(self, topo: Topology) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
         """The tunnels this node wants (peer -> remote IP) and their BFD settings: computed
@@ -514,6 +541,8 @@ class DvrAgent:
                 dirty = full = True
             if self.refresh_gateway():
                 dirty = True
+            if self._trusted and min(self._trusted.values()) <= now:
+                dirty = True  # a trusted peer's session did not come up in time
             if not dirty and self._claims_changed():
                 dirty = True  # another node took over, or gave up, a router
             if dirty and self.topo is not None:
@@ -596,6 +625,7 @@ class DvrAgent:
             due.append(self._gateway_next)
         if self._ha_due is not None:
             due.append(self._ha_due)
+        due += self._trusted.values()
         if self._network_node():
             due.append(self._nat_next)
         if retry is not None:

@@ -267,6 +267,10 @@ class Switch:
             raise
         return sock
 
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
     def close(self) -> None:
         with self._lock:
             if self._sock is not None:

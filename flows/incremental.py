@@ -320,9 +320,10 @@ class IncrementalPlan:
         routers |= old_ports.snat ^ ports.snat
         routers.update(r for r in old.held.keys() | new.held.keys()
                        if old.held.get(r) != new.held.get(r))
-        if peers:
+        peers_or_trust = peers | (old_ports.trusted ^ ports.trusted)
+        if peers_or_trust:
             routers.update(r.name for t in (old_topo, topo) for r in t.routers.values()
-                           if peers.intersection(r.snat_nodes))
+                           if peers_or_trust.intersection(r.snat_nodes))
         if bool(old.natting) != bool(new.natting):
             routers.update(old_topo.routers.keys() | topo.routers.keys())
         for r in routers:
@@ -423,7 +424,8 @@ class IncrementalPlan:
             router = topo.routers[name]
             mine = _used_nets(router, d.local_nets) if name in d.routers else _EMPTY
             sig = (router, _itf_nets(topo, router), mine,
-                   tuple(ports.tunnels.get(c) for c in router.snat_nodes))
+                   tuple(ports.tunnels.get(c) for c in router.snat_nodes),
+                   _trust(router, ports))
             return sig, lambda: _router(topo, node, router, set(mine), ports)
         if kind == "snat":
             if name not in d.snat:
@@ -432,7 +434,7 @@ class IncrementalPlan:
             mine = _used_nets(router, d.local_nets)
             sig = (router, _itf_nets(topo, router), mine,
                    tuple(ports.tunnels.get(c) for c in router.snat_nodes), ports.provider,
-                   d.held.get(name), name in ports.snat)
+                   d.held.get(name), name in ports.snat, _trust(router, ports))
             return sig, lambda: _snat(topo, node, router, set(mine), ports)
         if kind == "no-provider":
             if topo.external is None or ports.provider is not None or name not in d.local:
@@ -534,6 +536,11 @@ def _network_of(old: Topology, new: Topology, vm: str) -> set[str]:
 
 def _routers_of(old: Topology, new: Topology, net: str) -> set[str]:
     return {r.name for t in (old, new) if (r := t.router_of(net)) is not None}
+
+
+def _trust(router: Router, ports: NodePorts) -> tuple[bool, ...]:
+    """Which nodes of the router's chain the node trusts without their BFD session."""
+    return tuple(c in ports.trusted for c in router.snat_nodes)
 
 
 def _nat(router: Router) -> tuple[Any, ...]:

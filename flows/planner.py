@@ -83,6 +83,10 @@ class NodePorts:
     # translations of the routers it stands by for that did not keep their port, as the
     # serving node publishes them (flows.nat): held ready, so that a failover keeps them
     held: frozenset[Binding] = frozenset()
+    # peers whose tunnel counts as up although its BFD session is not up (yet): this switch
+    # has just restarted, so its sessions start again from down, and these were up before
+    # (the agent trusts them for a few seconds, until their sessions are up again)
+    trusted: frozenset[str] = frozenset()
 
 
 def snat_node(router: Router) -> str | None:
@@ -459,13 +463,20 @@ def _steering(router: Router, ports: NodePorts) -> Group | None:
     """A compute node's way to a router's SNAT: a fast-failover group over the tunnels to
     the nodes of its HA chain, in order; the switch uses the first whose BFD session is up
     (None: no tunnel to any of them)."""
-    buckets = tuple(Bucket((Output(t),), watch_port=t) for c in router.snat_nodes
-                    if (t := ports.tunnels.get(c)) is not None)
+    buckets = tuple(Bucket((Output(t),), watch_port=_watch(c, t, ports))
+                    for c in router.snat_nodes if (t := ports.tunnels.get(c)) is not None)
     if not buckets:
         return None
     return Group(group_id(router.snat_zone), buckets,
                  hint=Hint(Purpose.SNAT, "router", router.name,
                            f"to the first live of {', '.join(router.snat_nodes)}"))
+
+
+def _watch(peer: str, tunnel: int, ports: NodePorts) -> int:
+    """The port a fast-failover bucket for `peer` watches: its tunnel, whose BFD session
+    says whether the peer is up; for a trusted peer (NodePorts.trusted), the provider
+    patch, which is always up, so that the bucket counts as live until the session is."""
+    return ports.provider if peer in ports.trusted and ports.provider is not None else tunnel
 
 
 def _gate(router: Router, node: str, ports: NodePorts) -> list[Action]:
@@ -476,7 +487,7 @@ def _gate(router: Router, node: str, ports: NodePorts) -> list[Action]:
     serves. (OVS wants every bucket of a fast-failover group to watch a port: the last one
     watches the patch to the provider bridge, the way out of the SNAT.)"""
     earlier = router.snat_nodes[:router.snat_nodes.index(node)]
-    watched = [t for c in earlier if (t := ports.tunnels.get(c)) is not None]
+    watched = [_watch(c, t, ports) for c in earlier if (t := ports.tunnels.get(c)) is not None]
     if not watched:
         return [Goto("ls_in_gateway")]
     buckets = [Bucket((), watch_port=t) for t in watched]

@@ -4,6 +4,7 @@ nothing, the agent never touches a flow it does not own and never flushes."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import time
 from collections.abc import Iterator
@@ -177,7 +178,8 @@ def test_restart_ovs_recovers_flows(default_lab: LabHandle) -> None:
     the flag; another controller puts its own flows back meanwhile, as soon as the new
     switch takes them (as Neutron's agent does), and they stay as it left them. compute1's
     other traffic (routed on the node, SNAT through net1) loses nothing; the traffic to
-    compute2 is back after a gap (recorded)."""
+    compute2 is back after a gap (recorded), and so is compute2's own SNAT traffic, not a
+    second later when its BFD session to net1 is up again."""
     import os
     import subprocess
     import sys
@@ -195,6 +197,11 @@ def test_restart_ovs_recovers_flows(default_lab: LabHandle) -> None:
                               str(seconds + 2), ready=True)
         snat = lab.background(lab.ns("vm3"), "udp-stream", "198.51.100.10", "7403",
                               "--interval", str(interval), "--seconds", str(seconds))
+        own_sink = lab.background(lab.ns("ext"), "udp-sink", "7405", "--seconds",
+                                  str(seconds + 2), ready=True)
+        own_snat = lab.background(lab.ns("vm2"), "udp-stream", "198.51.100.10", "7405",
+                                  "--interval", str(interval), "--seconds", str(seconds),
+                                  "--sport", "40005")
         time.sleep(1.5)
         old = int((lab.rundir / "nodes" / "compute2" / "ovs-vswitchd.pid").read_text())
         restart = subprocess.Popen(
@@ -223,6 +230,13 @@ def test_restart_ovs_recovers_flows(default_lab: LabHandle) -> None:
         sent = lab.result(snat, timeout=seconds + 20)["sent"]
         got = lab.result(sink, timeout=seconds + 20)
         assert sent - len({g[0] for g in got}) == 0, "compute1's SNAT traffic lost datagrams"
+        # compute2's own SNAT traffic is back with the rest: its agent trusts the network
+        # node its BFD session saw up until the session is up again (about a second later)
+        lab.result(own_snat, timeout=seconds + 20)
+        times = sorted(g[1] for g in lab.result(own_sink, timeout=seconds + 20))
+        own_gap = max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+        print(f"restart-ovs compute2: its own SNAT traffic's gap {own_gap * 1e3:.0f} ms")
+        assert times and own_gap < max(0.9, lost * interval + 0.4), own_gap
     assert _wait_for(lambda: lab.ping("vm1", "10.2.0.12", wait=1), timeout=10)
     other = lab.node("compute2", "ovs-vsctl", "get", "Open_vSwitch", ".", "other_config")
     assert "flow-restore-wait" not in other, other

@@ -73,6 +73,7 @@ class Cloud:
     tunnels: dict[str, dict[str, int]] = field(default_factory=dict)  # node -> peer -> ofport
     claims: dict[str, frozenset[str]] = field(default_factory=dict)
     held: dict[str, frozenset[Binding]] = field(default_factory=dict)
+    trusted: dict[str, frozenset[str]] = field(default_factory=dict)
     provider: int | None = 60000
     gateway_mac: str | None = "02:00:00:00:00:01"
 
@@ -106,13 +107,14 @@ class Cloud:
             {p: o for p, o in self.tunnels[node].items() if p in topo.nodes},
             provider=self.provider if ext else None,
             gateway_mac=self.gateway_mac if ext else None,
-            snat=self.claims.get(node, frozenset()), held=self.held.get(node, frozenset()))
+            snat=self.claims.get(node, frozenset()), held=self.held.get(node, frozenset()),
+            trusted=self.trusted.get(node, frozenset()))
 
     def switch_change(self, topo: Topology, node: str) -> str:
         """One change of a node's switch or of what it decided (claims, translations)."""
         rng = self.rng
         kind = rng.choice(["unplug", "plug", "ofport", "tunnel-ofport", "tunnel-gone",
-                           "claims", "held"])
+                           "claims", "held", "trusted"])
         have = self.plugged[node]
         if kind == "unplug" and have:
             del have[rng.choice(sorted(have))]
@@ -133,6 +135,9 @@ class Cloud:
             self.held[node] = frozenset(
                 Binding(r, 17, "10.0.0.10", 4000 + i, "198.51.100.10", 53, 30000 + i)
                 for i, r in enumerate(cands) if rng.random() < 0.5)
+        elif kind == "trusted":  # the switch restarted: peers trusted until their BFD is up
+            peers = sorted(self.tunnels[node])
+            self.trusted[node] = frozenset(p for p in peers if rng.random() < 0.5)
         return f"{node}: {kind}"
 
     # --- the desired state ----------------------------------------------------------------

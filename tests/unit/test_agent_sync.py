@@ -35,6 +35,7 @@ class FakeSwitch:
 
     def __init__(self) -> None:
         self.connections = 1
+        self.connected = True
         self.flows: dict[int, Flow] = {}
         self.groups: dict[int, Group] = {}
         self.bundles: list[tuple[int, int]] = []  # (deleted, added) of each

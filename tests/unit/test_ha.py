@@ -107,6 +107,35 @@ def test_a_standby_does_not_serve_while_it_sees_the_first_choice_alive(
     assert snat_out(topo, c, "vm3").ends[0].external
 
 
+def test_a_restarted_switch_trusts_the_peers_that_were_up_until_their_sessions_are(
+        topo: Topology) -> None:
+    """compute2's switch restarted: its BFD sessions start again from down and come up a
+    second or so after it forwards. Meanwhile its agent trusts the peers that were up before
+    (NodePorts.trusted): their buckets watch the provider patch, which is up, instead of
+    the tunnel, so vm2's SNAT traffic goes to net1 at once; untrusted, it is dropped at
+    compute2 until the sessions are up."""
+    def restarted(trusted: set[str]) -> Cloud:
+        nodes = {}
+        for name in topo.nodes:
+            ports = assumed_ports(topo, name)
+            if name == "compute2":
+                ports = dataclasses.replace(ports, trusted=frozenset(trusted))
+            nodes[name] = NodePlan(name, ports, plan(topo, name, ports))
+        c = Cloud(topo, nodes)
+        c.cuts = {frozenset(("compute2", "net1")), frozenset(("compute2", "net2"))}
+        return c
+
+    [end] = snat_out(topo, restarted(set()), "vm2").ends
+    assert end.kind == "dropped" and end.node == "compute2"
+    trace = snat_out(topo, restarted({"net1", "net2"}), "vm2")
+    assert trace.tunnels == [("compute2", "net1")] and trace.ends[0].external
+    # net1 alone trusted: r2 (net2 first) goes to net1, the first live bucket of its
+    # chain, which sees net2 alive and drops it: never a second speaker
+    trace = snat_out(topo, restarted({"net1"}), "vm5")
+    assert trace.tunnels == [("compute2", "net1")]
+    assert trace.ends[0].kind == "dropped" and trace.ends[0].node == "net1"
+
+
 def test_a_standby_gives_a_held_translation_its_port_whatever_comes_first(
         topo: Topology) -> None:
     """vm2 and vm4 (both behind r1) from one source port to one remote port: on net1 the
