@@ -671,41 +671,48 @@ def vm_add_change(name: str, node: str, network: str, ip: str | None = None,
             raise TopologyError(SOURCE, [(f"vms.{name}.mac", f"{mac_l} is {infra[mac_l]}")])
         cidr = ipaddress.IPv4Network(net["cidr"])
         gateway = ipaddress.IPv4Address(net["gateway_ip"])
-        if ip is not None:
-            addr = str(ipaddress.IPv4Address(str(ip)))
-        else:  # the address of the whole document: free in the network's taken ones
-            taken = {gateway} | {ipaddress.IPv4Address(a) for a in hints.get("ips", ())}
-            picked = vm_ip(name, cidr, taken)
-            if picked is None:
-                yield from refuse()
-                raise TopologyError(SOURCE, [(f"vms.{name}.ip",
-                                              f"no free address left in network {network}")])
-            addr = str(picked)
-        the_mac = mac_l if mac_l is not None else vm_mac(
-            name, set(infra) | set(hints.get("macs", ())))
         fip = str(ipaddress.IPv4Address(floating_ip)) if floating_ip is not None else None
         me = next(n for n in nodes if n["name"] == node)
-        row = {"name": name, "node": me["_uuid"], "network": net["_uuid"], "ip": addr,
-               "mac": the_mac, "floating_ip": fip if fip else ["set", []],
-               "fip_key": fip_key(name, fip), "port_id": port_id,
-               "external_ids": ["map", []]}
 
-        def refused(refusal: Refusal, hints: dict[str, Any]
-                    ) -> Generator[Reads, Results, Write | None]:
-            index = refusal.index()
-            if index == ("name",):
-                raise ChangeError(f"vms.{name}: already exists")
-            if index == ("network", "ip") and ip is None and not hints.get("ips"):
-                ports = yield [_select("Port", [["network", "==", net["_uuid"]]], ["ip"])]
-                hints["ips"] = sorted({r["ip"] for r in _rows(ports[0])})
-                return
-            if index == ("mac",) and mac_l is None:
-                hints.setdefault("macs", []).append(the_mac)
-                return
-            yield from refuse()  # raises, or the collision is gone: start over
+        def attempt(hints: dict[str, Any]) -> Generator[Reads, Results, Write]:
+            """The insert, with the addresses the whole document would give (the hints:
+            what this generation showed taken)."""
+            if ip is not None:
+                addr = str(ipaddress.IPv4Address(str(ip)))
+            else:  # free among the network's taken addresses
+                taken = {gateway} | {ipaddress.IPv4Address(a) for a in hints.get("ips", ())}
+                picked = vm_ip(name, cidr, taken)
+                if picked is None:
+                    yield from refuse()
+                    raise TopologyError(SOURCE, [(f"vms.{name}.ip", "no free address left "
+                                                  f"in network {network}")])
+                addr = str(picked)
+            the_mac = mac_l if mac_l is not None else vm_mac(
+                name, set(infra) | set(hints.get("macs", ())))
+            row = {"name": name, "node": me["_uuid"], "network": net["_uuid"], "ip": addr,
+                   "mac": the_mac, "floating_ip": fip if fip else ["set", []],
+                   "fip_key": fip_key(name, fip), "port_id": port_id,
+                   "external_ids": ["map", []]}
 
-        return Write([{"op": "insert", "table": "Port", "uuid": port_uuid(name),
-                       "row": row}], refused)
+            def refused(refusal: Refusal, hints: dict[str, Any]
+                        ) -> Generator[Reads, Results, Write | None]:
+                index = refusal.index()
+                if index == ("name",):
+                    raise ChangeError(f"vms.{name}: already exists")
+                if index == ("network", "ip") and ip is None and not hints.get("ips"):
+                    ports = yield [_select("Port", [["network", "==", net["_uuid"]]], ["ip"])]
+                    hints["ips"] = sorted({r["ip"] for r in _rows(ports[0])})
+                    return (yield from attempt(hints))
+                if index == ("mac",) and mac_l is None:
+                    hints.setdefault("macs", []).append(the_mac)
+                    return (yield from attempt(hints))
+                yield from refuse()  # raises, or the collision is gone: start over
+                return None
+
+            return Write([{"op": "insert", "table": "Port", "uuid": port_uuid(name),
+                           "row": row}], refused)
+
+        return (yield from attempt(hints))
 
     return command
 
