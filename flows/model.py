@@ -870,3 +870,22 @@ def vm_mac(name: str, taken: Iterable[str]) -> str:
     """The MAC `build_topology()` allocates to VM `name` when `taken` holds every other
     VM's MAC and the routers' and nodes' (`infrastructure_macs()`)."""
     return _mac_for(f"vm:{name}", set(taken))
+
+
+def infrastructure_macs_of(routers: Mapping[str, Any], router_of: Mapping[str, str],
+                           nodes: Iterable[str], has_external: bool
+                           ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The same MACs by holder: each router's (its interfaces' and its gateway's) and each
+    node's, sorted; every router and node of the arguments has an entry."""
+    names = list(nodes)
+    labels = _infrastructure_macs(routers, router_of, names, has_external).macs
+    by_router: dict[str, list[str]] = {r: [] for r in routers}
+    by_node: dict[str, list[str]] = {n: [] for n in names}
+    for label, mac in labels.items():
+        kind, _, rest = label.partition(":")
+        if kind == "node":
+            by_node[rest].append(mac)
+        else:
+            by_router[rest.split(":")[0]].append(mac)
+    return ({r: sorted(m) for r, m in by_router.items()},
+            {n: sorted(m) for n, m in by_node.items()})

@@ -29,6 +29,7 @@ from flows.model import (
     TopologyError,
     default_port_id,
     infrastructure_macs,
+    infrastructure_macs_of,
     vm_ip,
     vm_mac,
 )
@@ -79,6 +80,10 @@ def _ids(value: Any) -> dict[str, Any]:
 
 class _Tags(tuple):
     """A string-to-string map column's pairs (external_ids), told apart from references."""
+
+
+class _Strings(tuple):
+    """A set-of-strings column's members (a router's or node's MACs)."""
 
 
 def _ids_map(ids: dict[str, str] | None) -> _Tags:
@@ -176,18 +181,21 @@ def _logical(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
     rows: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in
                                                   ("Node", "External", "Network", "Router",
                                                    "Port")}
+    router_of: dict[str, str] = {}  # a network's router: the first that lists it
+    for rname, spec in doc["routers"].items():
+        for net in spec["interfaces"]:
+            router_of.setdefault(net, rname)
+    router_macs, node_macs = infrastructure_macs_of(
+        doc["routers"], router_of, list(doc["nodes"]), "external" in doc)
     for i, (name, spec) in enumerate(doc["nodes"].items()):
         rows["Node"][name] = {"name": name, "role": spec["role"], "position": i,
-                              "tunnel_ip": spec.get("tunnel_ip")}
+                              "tunnel_ip": spec.get("tunnel_ip"),
+                              "macs": _Strings(node_macs[name])}
     if "external" in doc:
         e = doc["external"]
         rows["External"]["external"] = {"cidr": e["cidr"], "gateway_ip": e["gateway_ip"],
                                         "remote_ip": e["remote_ip"],
                                         "gateway_mac": e.get("gateway_mac")}
-    router_of: dict[str, str] = {}  # a network's router: the first that lists it
-    for rname, spec in doc["routers"].items():
-        for net in spec["interfaces"]:
-            router_of.setdefault(net, rname)
     for i, (name, spec) in enumerate(doc["networks"].items()):
         rows["Network"][name] = {"name": name, "position": i, "cidr": spec["cidr"],
                                  "gateway_ip": spec["gateway_ip"], "mtu": spec["mtu"],
@@ -202,6 +210,7 @@ def _logical(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
             "external_gateway": bool(spec.get("external_gateway", False)),
             "external_ip": spec.get("external_ip"),
             "snat_nodes": tuple(("Node", n) for n in spec.get("snat_nodes", [])),
+            "macs": _Strings(router_macs[name]),
             "external_ids": _ids_map(spec.get("external_ids"))}
     for name, spec in doc["vms"].items():
         rows["Port"][name] = {"name": name, "node": ("Node", spec["node"]),
@@ -236,6 +245,8 @@ def diff_ops(old: dict[str, Any] | None, new: dict[str, Any],
             return ["set", []]
         if isinstance(value, _Tags):
             return ["map", [list(p) for p in value]]
+        if isinstance(value, _Strings):
+            return ["set", list(value)]
         if isinstance(value, tuple) and value and isinstance(value[0], tuple):
             return ["map", [[i, ref(t)] for i, t in enumerate(value)]]
         if isinstance(value, tuple) and len(value) == 2 and value[0] in after:
@@ -549,36 +560,44 @@ def _glob(results: Results) -> bool:
 def vm_add_change(name: str, node: str, network: str, ip: str | None = None,
                   mac: str | None = None, floating_ip: str | None = None
                   ) -> Callable[[dict[str, Any]], Command]:
-    """`dvr nb vm-add`: one Port row, its node, network, routers and nodes read (the
-    routers' and nodes' MACs are derived from all of them); an address left out is the
-    one the whole document would give it."""
+    """`dvr nb vm-add`: one Port row; read: its node, its network and the network's router,
+    the routers whose external IP its floating IP is, and whether a router or node holds
+    its MAC (Router.macs, Node.macs); an address left out is the one the whole document
+    would give it."""
+    mac_l = str(mac).lower() if mac is not None else None
+    fip_s = _norm_ip(floating_ip) if floating_ip is not None else None
 
     def command(hints: dict[str, Any]) -> Command:
+        # the MAC to look up: the one given, or the first choice the model would make
+        candidate = mac_l if mac_l is not None else vm_mac(
+            name, {*hints.get("macs", ()), *hints.get("infra", ())})
         results = yield [
             GLOBAL_SELECT,
             _by_uuid("Port", port_uuid(name), ["name"]),
-            _select("Node", [], ["_uuid", "name", "role", "position"]),
+            _select("Node", [["name", "==", node]], ["_uuid", "name", "role"]),
             _select("Network", [["name", "==", network]],
                     ["_uuid", "cidr", "gateway_ip", "router"]),
             _select("External", [], ["cidr", "gateway_ip"]),
-            _select("Router", [], ["_uuid", "name", "position", "interfaces",
-                                   "external_gateway", "external_ip"]),
-            _select("Network", [], ["_uuid", "name"])]
+            _select("Router", [["external_ip", "==", fip_s or ""]],
+                    ["name", "external_gateway"]),
+            _select("Router", [["macs", "includes", candidate]], ["name"]),
+            _select("Node", [["macs", "includes", candidate]], ["name"])]
         if not _glob(results):
             raise ChangeError("the database holds no desired state: load one first")
         if _rows(results[1]):
             raise ChangeError(f"vms.{name}: already exists")
-        nodes = sorted(_rows(results[2]), key=lambda r: r["position"])
+        nodes = _rows(results[2])
         nets = _rows(results[3])
         external = _external(_rows(results[4]))
-        routers = sorted(_rows(results[5]), key=lambda r: r["position"])
+        ext_ip_of = _rows(results[5]) if fip_s is not None else []
+        infra_hit = bool(_rows(results[6]) or _rows(results[7]))
         net = nets[0] if nets else None
         router = None
-        if net is not None and _uuid_of(net.get("router")):
-            router = next((r for r in routers if r["_uuid"][1] == _uuid_of(net["router"])),
-                          None)
+        if floating_ip is not None and net is not None and _uuid_of(net.get("router")):
+            rows = _rows((yield [_by_uuid("Router", _uuid_of(net["router"]) or "",
+                                          ["name", "external_gateway"])])[0])
+            router = rows[0] if rows else None
         port_id = default_port_id(name)
-        mac_l = str(mac).lower() if mac is not None else None
 
         def errors(owners: dict[str, str]) -> _Errors:
             e = _Errors()
@@ -590,8 +609,8 @@ def vm_add_change(name: str, node: str, network: str, ip: str | None = None,
                           f"{fip} is already the floating IP of vms.{owners['fip']}")
                     fip = None
             if fip is not None:
-                for r in routers:
-                    if r["external_gateway"] and _one(r["external_ip"]) == str(fip):
+                for r in ext_ip_of:
+                    if r["external_gateway"]:
                         e.err(f"routers.{r['name']}.external_ip",
                               f"{fip} is the floating IP of vms.{name}")
             key = f"vms.{name}"
@@ -656,19 +675,14 @@ def vm_add_change(name: str, node: str, network: str, ip: str | None = None,
             e.raise_if_any()
         assert net is not None
         # the routers' and nodes' MACs: a VM's may not be one of them
-        router_of: dict[str, str] = {}
-        net_names = {r["_uuid"][1]: r["name"] for r in _rows(results[6])}
-        specs: dict[str, dict[str, Any]] = {}
-        for r in routers:
-            itfs = [net_names[u] for _, u in _pairs(r["interfaces"])]
-            specs[r["name"]] = {"interfaces": itfs, "external_gateway": r["external_gateway"]}
-            for n in itfs:
-                router_of.setdefault(n, r["name"])
-        infra = infrastructure_macs(specs, router_of, [n["name"] for n in nodes],
-                                    external is not None)
-        if mac_l is not None and mac_l in infra:  # after the collisions, as in the model
+        if infra_hit and mac_l is not None:  # after the collisions, as in the model
             yield from refuse()
-            raise TopologyError(SOURCE, [(f"vms.{name}.mac", f"{mac_l} is {infra[mac_l]}")])
+            owner = yield from _infra_owner(mac_l)
+            raise TopologyError(SOURCE, [(f"vms.{name}.mac", f"{mac_l} is {owner}")])
+        if infra_hit:  # the model's next choice: look it up in turn
+            hints.setdefault("infra", []).append(candidate)
+            hints["generation"] = _rows(results[0])[0]["generation"]
+            return (yield from command(hints))
         cidr = ipaddress.IPv4Network(net["cidr"])
         gateway = ipaddress.IPv4Address(net["gateway_ip"])
         fip = str(ipaddress.IPv4Address(floating_ip)) if floating_ip is not None else None
@@ -687,8 +701,7 @@ def vm_add_change(name: str, node: str, network: str, ip: str | None = None,
                     raise TopologyError(SOURCE, [(f"vms.{name}.ip", "no free address left "
                                                   f"in network {network}")])
                 addr = str(picked)
-            the_mac = mac_l if mac_l is not None else vm_mac(
-                name, set(infra) | set(hints.get("macs", ())))
+            the_mac = candidate  # looked up among the routers' and nodes' MACs
             row = {"name": name, "node": me["_uuid"], "network": net["_uuid"], "ip": addr,
                    "mac": the_mac, "floating_ip": fip if fip else ["set", []],
                    "fip_key": fip_key(name, fip), "port_id": port_id,
@@ -703,9 +716,9 @@ def vm_add_change(name: str, node: str, network: str, ip: str | None = None,
                     ports = yield [_select("Port", [["network", "==", net["_uuid"]]], ["ip"])]
                     hints["ips"] = sorted({r["ip"] for r in _rows(ports[0])})
                     return (yield from attempt(hints))
-                if index == ("mac",) and mac_l is None:
+                if index == ("mac",) and mac_l is None:  # the next choice, looked up anew
                     hints.setdefault("macs", []).append(the_mac)
-                    return (yield from attempt(hints))
+                    return None
                 yield from refuse()  # raises, or the collision is gone: start over
                 return None
 
@@ -715,6 +728,27 @@ def vm_add_change(name: str, node: str, network: str, ip: str | None = None,
         return (yield from attempt(hints))
 
     return command
+
+
+def _infra_owner(mac: str) -> Generator[Reads, Results, str]:
+    """Who among the routers and nodes holds `mac`, in the model's words (the refusal of
+    a change: every router, network and node read)."""
+    results = yield [
+        _select("Router", [], ["name", "position", "interfaces", "external_gateway"]),
+        _select("Network", [], ["_uuid", "name"]),
+        _select("Node", [], ["name", "position"]),
+        _select("External", [], ["_uuid"])]
+    net_name = {r["_uuid"][1]: r["name"] for r in _rows(results[1])}
+    specs: dict[str, dict[str, Any]] = {}
+    router_of: dict[str, str] = {}
+    for r in sorted(_rows(results[0]), key=lambda r: r["position"]):
+        itfs = [net_name[u] for _, u in _pairs(r["interfaces"])]
+        specs[r["name"]] = {"interfaces": itfs, "external_gateway": r["external_gateway"]}
+        for n in itfs:
+            router_of.setdefault(n, r["name"])
+    nodes = [r["name"] for r in sorted(_rows(results[2]), key=lambda r: r["position"])]
+    owners = infrastructure_macs(specs, router_of, nodes, bool(_rows(results[3])))
+    return owners.get(mac, "a router's or a node's MAC")
 
 
 def _norm_ip(value: str) -> str:
@@ -815,12 +849,13 @@ def router_if_change(router: str, network: str, add: bool
             _select("Router", [], ["_uuid", "name", "position", "interfaces",
                                    "external_gateway"]),
             _select("Network", [], ["_uuid", "name", "cidr"]),
-            _select("Node", [], ["name", "position"]),
+            _select("Node", [], ["_uuid", "name", "position"]),
             _select("External", [], ["_uuid"])]
         routers = sorted(_rows(results[1]), key=lambda r: r["position"])
         nets = {r["name"]: r for r in _rows(results[2])}
         net_name = {r["_uuid"][1]: r["name"] for r in _rows(results[2])}
-        nodes = [r["name"] for r in sorted(_rows(results[3]), key=lambda r: r["position"])]
+        node_rows = sorted(_rows(results[3]), key=lambda r: r["position"])
+        nodes = [r["name"] for r in node_rows]
         has_external = bool(_rows(results[4]))
         me = next((r for r in routers if r["name"] == router), None)
         if me is None or not _glob(results):
@@ -885,6 +920,12 @@ def router_if_change(router: str, network: str, add: bool
                                  "external_gateway": r["external_gateway"]} for r in routers}
             return infrastructure_macs(specs, router_of(lists), nodes, has_external)
 
+        def macs_of(lists: dict[str, list[str]]
+                    ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+            specs = {r["name"]: {"interfaces": lists[r["name"]],
+                                 "external_gateway": r["external_gateway"]} for r in routers}
+            return infrastructure_macs_of(specs, router_of(lists), nodes, has_external)
+
         before, after = macs(itfs), macs({**itfs, router: new})
         taken = sorted(m for m in after if m not in before)
         if taken:
@@ -896,6 +937,17 @@ def router_if_change(router: str, network: str, add: bool
             e.raise_if_any()
         ops = [_update("Router", me["_uuid"][1], {"interfaces": ["map", [
             [i, nets[n]["_uuid"]] for i, n in enumerate(new)]]})]
+        # the routers' and nodes' MACs as the model derives them now (Router.macs,
+        # Node.macs: what vm-add looks a MAC up in)
+        old_r, old_n = macs_of(itfs)
+        new_r, new_n = macs_of({**itfs, router: new})
+        for r in routers:
+            if new_r[r["name"]] != old_r[r["name"]]:
+                ops.append(_update("Router", r["_uuid"][1],
+                                   {"macs": ["set", new_r[r["name"]]]}))
+        for n in node_rows:
+            if new_n[n["name"]] != old_n[n["name"]]:
+                ops.append(_update("Node", n["_uuid"][1], {"macs": ["set", new_n[n["name"]]]}))
         if network in nets:
             ops.append(_update("Network", nets[network]["_uuid"][1], {
                 "router": me["_uuid"] if add else ["set", []]}))

@@ -219,13 +219,11 @@ def test_at_10000_ports_a_duplicate_or_a_dangling_change_writes_nothing(
 
 
 def test_at_10000_ports_a_change_reads_and_writes_only_its_rows(big: nb.Northbound) -> None:
-    """vm-add (addresses allocated), fip-set (a move), fip-del, vm-del: each reads the
-    routers, networks and nodes at most (50, 100, 51 here; twice when an address it
-    allocated was taken) and the ports of one network, never the Port table, and writes
-    one or two ports; the result is what the whole document gives."""
+    """vm-add (addresses allocated), fip-set (a move), fip-del, vm-del: each reads a few
+    rows (and vm-add the ports of its network when its first choice of address is taken),
+    never a whole table of routers, networks or ports, and writes one or two ports; the
+    result is what the whole document gives."""
     doc = big.dump()
-    # the small tables' rows, and NB_Global, External, the network named
-    infra = len(doc["nodes"]) + len(doc["networks"]) + len(doc["routers"]) + 5
     per_net = max(sum(1 for v in doc["vms"].values() if v["network"] == n)
                   for n in doc["networks"])
     sent: list[list[dict]] = []
@@ -249,10 +247,11 @@ def test_at_10000_ports_a_change_reads_and_writes_only_its_rows(big: nb.Northbou
         sent.clear()
         got.clear()
         change()
-        assert sum(got) <= 2 * infra + per_net, got
+        assert sum(got) <= per_net + 20, got
         for ops in sent:
             for op in ops:
-                assert op["table"] != "Port" or op["op"] == "insert" or op["where"], op
+                assert op["op"] == "insert" or op["where"] or op["table"] in (
+                    "NB_Global", "External"), op
         writes = [op for ops in sent for op in ops if op["op"] in ("insert", "update", "delete")
                   and op["table"] == "Port"]
         assert 1 <= len(writes) <= 3, writes  # a move: tried, then the holder cleared

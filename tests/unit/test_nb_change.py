@@ -137,6 +137,26 @@ def reference(doc: dict[str, Any], edit: Callable[[Any], Any]) -> dict[str, Any]
         return str(exc)
 
 
+def stored_macs(conn: nb.Northbound) -> dict[str, list[str]]:
+    """Router.macs and Node.macs as the database holds them."""
+    out = {}
+    for table in ("Router", "Node"):
+        for r in conn.transact([{"op": "select", "table": table, "where": [],
+                                 "columns": ["name", "macs"]}])[0]["rows"]:
+            out[f"{table}:{r['name']}"] = sorted(northbound.members(r["macs"]))
+    return out
+
+
+def model_macs(doc: dict[str, Any]) -> dict[str, list[str]]:
+    """The same as the model derives them from the document."""
+    topo = build_topology(doc)
+    out = {f"Node:{n.name}": [n.external_mac] for n in topo.nodes.values()}
+    for r in topo.routers.values():
+        out[f"Router:{r.name}"] = sorted([i.mac for i in r.interfaces]
+                                         + ([r.external_mac] if r.external_mac else []))
+    return out
+
+
 def generation(conn: nb.Northbound) -> tuple[str, int]:
     row = conn.transact([{"op": "select", "table": "NB_Global", "where": []}])[0]["rows"][0]
     return row["generation"], row["changes"]
@@ -168,6 +188,7 @@ def test_changes_in_o_change_equal_the_whole_document_path(db: str, seed: int) -
                 continue
             assert refusal is None, f"{where}: refused ({refusal}), the whole path: accepted"
             assert after == want, where
+            assert stored_macs(conn) == model_macs(want), where
             if want == doc:
                 assert generation(conn) == before and got == before[0], where
             else:
@@ -277,5 +298,20 @@ def test_a_lost_answer_is_learnt_from_nb_global_and_never_written_twice(
         assert [op["table"] for op in check] == ["NB_Global"]  # what it read to know
         writes = [ops for ops in sent if any(op["op"] == "wait" for op in ops)]
         assert len(writes) == (1 if committed else 2)
+    finally:
+        conn.close()
+
+
+def test_a_default_mac_a_router_holds_is_passed_over(db: str) -> None:
+    """vm-add looks its first choice of MAC up in Router.macs and Node.macs; one held there
+    is passed over for the model's next (the database made to say so here)."""
+    conn = nb.Northbound(db)
+    try:
+        conn.load(build_topology(cloud()))
+        first = vm_mac("v9", [])
+        conn.transact([{"op": "mutate", "table": "Router", "where": [["name", "==", "r2"]],
+                        "mutations": [["macs", "insert", ["set", [first]]]]}])
+        conn.vm_add("v9", "c1", "a")
+        assert conn.dump()["vms"]["v9"]["mac"] == vm_mac("v9", [first]) != first
     finally:
         conn.close()
