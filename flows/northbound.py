@@ -5,9 +5,12 @@ The database (schema `nb.ovsschema` beside this file, an `ovsdb-server` serves i
 written out, so what is read back is the same cloud whatever the order of its rows. Here:
 the rows of a dump (or of an agent's IDL copy, in the same JSON form) as a topology document
 (`document()`); a document as the OVSDB operations that turn the database into it, row by
-row, guarded by the generation read (`diff_ops()`); the generation of a document; and the
-daily changes (`vm_add()`, `fip_set()`, ...) as edits of the document. No I/O: `dvr/nb.py`
-is the client that sends these operations.
+row, guarded by the generation read (`diff_ops()`); the generation of a document; the
+daily changes (`vm_add()`, `fip_set()`, ...) as edits of the document (the whole-document
+path, and the reference of the next); and the same changes in O(change)
+(`vm_add_change()`, ...): commands that read only the rows they concern and return the
+operations of the rows they change (see "the daily changes in O(change)" below). No I/O:
+`dvr/nb.py` is the client that sends these operations.
 """
 
 from __future__ import annotations
