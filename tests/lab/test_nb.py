@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,24 +15,13 @@ from dvr.lab.generate import generate
 from flows import northbound
 from flows.model import build_topology, load_topology, to_dict
 from tests.lab.harness import EXAMPLE, dvr
+from tests.nbserver import northbound_server
 
 
 @pytest.fixture()
 def db(tmp_path: Path) -> Iterator[str]:
-    path, sock = tmp_path / "nb.db", tmp_path / "nb.sock"
-    subprocess.run(["ovsdb-tool", "create", str(path), str(northbound.SCHEMA)], check=True)
-    server = subprocess.Popen(
-        ["ovsdb-server", str(path), f"--remote=punix:{sock}", f"--unixctl={tmp_path}/ctl",
-         "--no-chdir", f"--log-file={tmp_path}/log"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        yield f"unix:{sock}"
-    finally:
-        server.kill()
-        server.wait()
+    with northbound_server(tmp_path) as remote:
+        yield remote
 
 
 def nb_cli(target: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -10,9 +10,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
-import shutil
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,32 +19,15 @@ import pytest
 from dvr import nb
 from flows import northbound
 from flows.model import TopologyError, build_topology, to_dict, vm_mac
+from tests.nbserver import AVAILABLE, northbound_server
 
-pytestmark = pytest.mark.skipif(shutil.which("ovsdb-server") is None,
-                                reason="needs ovsdb-server")
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason="needs ovsdb-server")
 
 
 @pytest.fixture()
 def db(tmp_path: Path) -> Iterator[str]:
-    path, sock = tmp_path / "nb.db", tmp_path / "nb.sock"
-    subprocess.run(["ovsdb-tool", "create", str(path), str(northbound.SCHEMA)], check=True)
-    server = subprocess.Popen(
-        ["ovsdb-server", str(path), f"--remote=punix:{sock}", f"--unixctl={tmp_path}/ctl",
-         "--no-chdir", f"--log-file={tmp_path}/log"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while True:  # until it answers (the socket's file comes before it listens)
-            try:
-                nb.Northbound(f"unix:{sock}", timeout=1).close()
-                break
-            except nb.NbError:
-                assert time.monotonic() < deadline, "ovsdb-server did not start"
-                time.sleep(0.05)
-        yield f"unix:{sock}"
-    finally:
-        server.kill()
-        server.wait()
+    with northbound_server(tmp_path) as remote:
+        yield remote
 
 
 def cloud() -> dict[str, Any]:

@@ -8,8 +8,6 @@ change the source reports covers what differs. The copy is read whole once.
 from __future__ import annotations
 
 import random
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,28 +19,16 @@ from dvr.nb import NbError, Northbound
 from flows import northbound
 from flows.incremental import Change
 from flows.model import Topology, TopologyError, build_topology
+from tests.nbserver import AVAILABLE, northbound_server
 from tests.unit.changes import Cloud, copy, shapes
 
-pytestmark = pytest.mark.skipif(shutil.which("ovsdb-server") is None,
-                                reason="needs ovsdb-server")
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason="needs ovsdb-server")
 
 
 @pytest.fixture()
 def db(tmp_path: Path) -> Iterator[str]:
-    path, sock = tmp_path / "nb.db", tmp_path / "nb.sock"
-    subprocess.run(["ovsdb-tool", "create", str(path), str(northbound.SCHEMA)], check=True)
-    server = subprocess.Popen(
-        ["ovsdb-server", str(path), f"--remote=punix:{sock}", f"--unixctl={tmp_path}/ctl",
-         "--no-chdir", f"--log-file={tmp_path}/log"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        yield f"unix:{sock}"
-    finally:
-        server.kill()
-        server.wait()
+    with northbound_server(tmp_path) as remote:
+        yield remote
 
 
 def write(conn: Northbound, old: dict | None, new: dict) -> None:
