@@ -30,6 +30,7 @@ from flows.model import (
     NAME_RE,
     UUID_RE,
     TopologyError,
+    _Checker,
     default_port_id,
     infrastructure_macs,
     infrastructure_macs_of,
@@ -471,31 +472,11 @@ def _update(table: str, u: str, row: dict[str, Any]) -> dict[str, Any]:
             "row": row}
 
 
-class _Errors:
-    """Rule violations in the order `build_topology()` finds them."""
+class _Errors(_Checker):
+    """Rule violations in the order `build_topology()` finds them, with its checks."""
 
     def __init__(self) -> None:
-        self.errors: list[tuple[str, str]] = []
-
-    def err(self, key: str, reason: str) -> None:
-        self.errors.append((key, reason))
-
-    def ip(self, value: Any, key: str) -> ipaddress.IPv4Address | None:
-        try:
-            return ipaddress.IPv4Address(str(value))
-        except ValueError:
-            self.err(key, f"{value!r} is not an IPv4 address")
-            return None
-
-    def host_in(self, ip: ipaddress.IPv4Address, net: ipaddress.IPv4Network, key: str,
-                what: str) -> bool:
-        if ip not in net:
-            self.err(key, f"{ip} is outside {what} {net}")
-            return False
-        if ip in (net.network_address, net.broadcast_address):
-            self.err(key, f"{ip} is the network or broadcast address of {net}")
-            return False
-        return True
+        super().__init__(SOURCE)
 
     def raise_if_any(self) -> None:
         if self.errors:
