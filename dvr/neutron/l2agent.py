@@ -41,6 +41,7 @@ import contextlib
 import datetime
 import http.client
 import json
+import logging
 import os
 import signal
 import socket
@@ -56,6 +57,8 @@ from dvr.lab import run
 from dvr.lab.netlink import Netns, delete_namespace, ensure_namespace, list_namespaces
 from dvr.neutron import service
 from dvr.neutron.service import NeutronError
+
+LOG = logging.getLogger(__name__)
 
 CTL_ADDRESS = "198.18.251.1"  # on the lab's underlay (198.18.0.0/16)
 CTL_VETH = "u-ctl"  # the controller's veth on the underlay bridge
@@ -184,6 +187,10 @@ def _signal(pids: list[int], sig: int, ours: Callable[[int], bool]) -> None:
         if service._running(pid) and ours(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
+
+
+class AgentExited(NeutronError):
+    """The agent started exited before it was up."""
 
 
 def _stop(pids: list[int], ours: Callable[[int], bool], grace: float, what: str) -> None:
@@ -720,9 +727,11 @@ class OvsAgent:
             while True:
                 lines = _log_lines(self.log, offset)
                 if self._pid() is None:
-                    raise NeutronError(
+                    out = self.workdir / "neutron-openvswitch-agent.out"
+                    raise AgentExited(
                         f"neutron-openvswitch-agent on {self.host} exited: "
-                        f"{_error_line(lines) or service._tail(self.log)} (log: {self.log})")
+                        f"{_error_line(lines) or service._tail(out) or service._tail(self.log)}"
+                        f" (log: {self.log}, output: {out})")
                 if self._started(since):
                     return
                 if time.monotonic() > deadline:
@@ -762,8 +771,15 @@ class OvsAgent:
         self.pid_file.unlink(missing_ok=True)
 
     def restart(self, timeout: float = 120) -> None:
+        """Stop and start again; started once more if the new agent exits at once (as its
+        service manager would), which it rarely does while the old one's helpers go."""
         self.stop()
-        self.start(timeout)
+        try:
+            self.start(timeout)
+        except AgentExited as exc:
+            LOG.warning("%s; starting it again", exc)
+            time.sleep(1)
+            self.start(timeout)
 
 
 __all__ = ["CTL_ADDRESS", "INTEGRATION_BRIDGE", "OvsAgent", "RabbitMQ", "RpcServer",
