@@ -228,12 +228,9 @@ def bundle_add(bundle_id: int, flags: int, message: bytes, xid: int) -> bytes:
     same xid (as os-ken's ONFBundleAddMsg writes it)."""
     body = struct.pack("!III2xH", ONF_EXPERIMENTER_ID, ONF_ET_BUNDLE_ADD_MESSAGE, bundle_id,
                        flags)
-    body = _pad8_after_header(body + message)
+    body += message
+    body += bytes(-(8 + len(body)) % 8)  # the whole message a multiple of 8 bytes
     return struct.pack("!BBHI", OFP_VERSION, OFPT_EXPERIMENTER, 8 + len(body), xid) + body
-
-
-def _pad8_after_header(body: bytes) -> bytes:
-    return body + bytes(-(8 + len(body)) % 8)
 
 
 def forget() -> None:

@@ -25,6 +25,7 @@ from os_ken.ofproto import ofproto_v1_3 as ofp
 from os_ken.ofproto import ofproto_v1_3_parser as parser
 
 from agent import ofencode
+from agent.ofencode import NAT_FLAGS, NX_IN_PORT
 from flows.ofp import (
     CT,
     FIELDS,
@@ -133,7 +134,6 @@ def to_ofp_instructions(flow: Flow) -> list[Any]:
     return instructions
 
 
-NAT_FLAGS = {"": 0, "src": 1, "dst": 2}  # NX_NAT_F_SRC, NX_NAT_F_DST
 
 
 class _NatToPort(parser.NXActionNAT):  # type: ignore[misc]
@@ -170,7 +170,6 @@ def flow_mod(dp: Any, flow: Flow) -> Any:
 
 
 GROUP_TYPES = {"ff": ofp.OFPGT_FF}
-NX_IN_PORT = 0xFFF8  # a Nicira resubmit's in_port (16 bits): keep the packet's own
 
 
 def group_mod(dp: Any, group: Group, command: int = ofp.OFPGC_ADD) -> Any:
