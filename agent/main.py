@@ -146,6 +146,8 @@ class DvrAgent:
         self._up_before: frozenset[str] = frozenset()
         self._trusted: dict[str, float] = {}
         self._synced_on = 0  # the switch connection of the last sync
+        # what the last sync read plugged, and for which nodes and external network
+        self._plugged: tuple[Any, Any] | None = None
         self._claims: frozenset[str] = frozenset()
         self._reports_seen = -1  # the source's report_changes when claims were last weighed
         self._ha_due: float | None = None  # when the claims must be weighed again
@@ -192,14 +194,23 @@ class DvrAgent:
         topo = self.topo
         clock = _Clock()
         peers, bfd = self._tunnels(topo)
-        plugged = self.ovsdb.plugged(self.bridge)
-        changed = self.ovsdb.ensure_tunnels(self.bridge, peers, self.conf.ovs.tunnel_type,
-                                            self.conf.ovs.local_ip, plugged, bfd)
-        provider_bridge = self.conf.ovs.external_bridge
-        if topo.external is not None and provider_bridge:
-            changed |= self.ovsdb.ensure_provider_patch(self.bridge, provider_bridge)
-        if changed:  # read again what the changes made
+        wants = (topo.nodes, topo.external, self.ovsdb.changes)
+        if self._plugged is not None and self._plugged[0] == wants:
+            # the nodes and the external network the same, and not one OVSDB row changed
+            # since the last sync: what is plugged and the tunnels are as they were
+            plugged = self._plugged[1]
+        else:
+            changes = self.ovsdb.changes  # before reading: a change meanwhile reads again
             plugged = self.ovsdb.plugged(self.bridge)
+            changed = self.ovsdb.ensure_tunnels(self.bridge, peers, self.conf.ovs.tunnel_type,
+                                                self.conf.ovs.local_ip, plugged, bfd)
+            provider_bridge = self.conf.ovs.external_bridge
+            if topo.external is not None and provider_bridge:
+                changed |= self.ovsdb.ensure_provider_patch(self.bridge, provider_bridge)
+            if changed:  # read again what the changes made
+                plugged = self.ovsdb.plugged(self.bridge)
+            self._plugged = None if changed else ((topo.nodes, topo.external, changes),
+                                                  plugged)
         self._bfd = dict(plugged.bfd)
         self._claims = self.claims()
         self._held = self.held()

@@ -64,8 +64,10 @@ class Wakeup:
 
 class _WatchingIdl(connection.OvsdbIdl):
     changed: Wakeup
+    changes = 0  # counts every change of a monitored row
 
     def notify(self, event: str, row: Any, updates: Any = None) -> None:
+        self.changes += 1
         self.changed.set()
 
 
@@ -79,10 +81,17 @@ class Ovsdb:
                 helper.register_table(table)
             idl = _WatchingIdl(target, helper)
             idl.changed = self.changed
+            self._idl = idl
             self._conn = connection.Connection(idl=idl, timeout=timeout)
             self.api = impl_idl.OvsdbIdl(self._conn, start=True)
         except Exception as exc:  # ovsdbapp raises several types here
             raise OvsdbError(f"cannot connect to OVSDB at {target}: {exc}") from None
+
+    @property
+    def changes(self) -> int:
+        """How many times a monitored row has changed (what is plugged is the same while
+        this is)."""
+        return self._idl.changes
 
     def close(self) -> None:
         try:
