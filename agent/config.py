@@ -69,7 +69,14 @@ AGENT_OPTS = [
     cfg.FloatOpt("poll_interval", default=0.05, min=0.01,
                  help="Seconds between checks of the topology source and local ports."),
     cfg.FloatOpt("resync_interval", default=5.0, min=0.5,
-                 help="Seconds between full comparisons of desired and installed flows."),
+                 help="Seconds between checks of the switch: the count of the flows of ours "
+                      "it holds and its groups of ours against what the agent installed "
+                      "(O(groups): one round trip for the flows); a difference reads every "
+                      "flow back and repairs it."),
+    cfg.FloatOpt("audit_interval", default=300.0, min=0.5,
+                 help="Seconds between full comparisons of desired and installed flows, "
+                      "every flow read back from the switch (O(flows)): what the checks "
+                      "cannot see, a flow of ours changed in place by someone else."),
     cfg.FloatOpt("heartbeat_interval", default=1.0, min=0.1,
                  help="Seconds between status reports while nothing changes."),
     cfg.FloatOpt("agent_down_time", default=5.0, min=0.5,

@@ -126,6 +126,7 @@ class DvrAgent:
         self._gateway_next = 0.0
         # the flows we own on the switch, as last known (see agent/flowtables.py)
         self.installed = Installed()
+        self.read_back = False  # whether the last sync read every flow back
         # the node's plan, indexed by object and updated by what changed (flows.incremental);
         # what changed in the topology since its last update (None: unknown, compared); the
         # cookies and group ids it touched since the last committed bundle (None: unknown,
@@ -183,16 +184,21 @@ class DvrAgent:
         self._last_report = time.monotonic()
 
     # --- one reconciliation ---------------------------------------------------------------
-    def sync(self, full: bool = True, replan: bool = False) -> SyncResult:
+    def sync(self, full: bool = True, replan: bool = False, check: bool = False
+             ) -> SyncResult:
         """One reconciliation. `full` reads back the flows we own from the switch and
         diffs them all; else the flows the last successful sync left are taken as
         installed (a change of the desired state alone: the switch and its ports did not
-        change meanwhile) and only the flows the plan's update touched are diffed. The
-        plan itself is updated incrementally (flows.incremental), planned whole at start
-        and with `replan`."""
+        change meanwhile) and only the flows the plan's update touched are diffed. `check`
+        first asks the switch how many flows of ours it holds, and which groups: any
+        difference from what the last sync left reads every flow back (a flow deleted
+        behind the agent's back, a switch restarted). The plan itself is updated
+        incrementally (flows.incremental), planned whole at start and with `replan`."""
         assert self.topo is not None and self.ovsdb is not None
         topo = self.topo
         clock = _Clock()
+        if not full and self.ovsdb.flow_restore_wait():
+            full = True  # a switch restarted, waiting for every flow: read what it has
         peers, bfd = self._tunnels(topo)
         wants = (topo.nodes, topo.external, self.ovsdb.changes)
         if self._plugged is not None and self._plugged[0] == wants:
@@ -225,6 +231,11 @@ class DvrAgent:
         connection = self.switch.connections
         known = None if full else self.installed.by_cookie(connection)
         known_groups = None if full else self.installed.groups_by_id(connection)
+        if check and known is not None and known_groups is not None:
+            if not self._holds(known, known_groups, connection):
+                known = known_groups = None
+                full = True
+            clock.lap("check")
         if known is not None and known_groups is not None and self._touched is not None:
             # a change of the desired state alone: the flows the plan touched, O(change)
             stale, missing = diff_touched(desired, known, self._touched)
@@ -253,6 +264,7 @@ class DvrAgent:
             clock.lap("apply")
             self.installed.applied(current, stale, missing, connection, dict(desired.groups))
         self._touched, self._touched_groups = set(), set()  # the switch has the plan
+        self.read_back = full
         self._up_before = frozenset(p for p, st in self._bfd.items() if st == ha.UP)
         self._synced_on = self.switch.connections
         if stale or missing or new_groups or changed_groups or stale_groups:
@@ -262,6 +274,17 @@ class DvrAgent:
         return SyncResult(len(missing), len(stale), len(desired), sorted(ports.vms),
                           sorted(ports.snat), announcements(topo, self.node, ports),
                           ports.provider, clock.laps)
+
+    def _holds(self, flows: Any, groups: Any, connection: int) -> bool:
+        """Whether the switch still holds what the last sync left: as many flows of ours
+        (the switch counts them: one round trip) and the same groups of ours."""
+        count = self.switch.count_owned()
+        same = (count == len(flows) and self.switch.connections == connection
+                and self.switch.dump_groups() == dict(groups))
+        if not same:
+            LOG.info("node %s: the switch holds %d flows of ours, %d were installed: "
+                     "reading them back", self.node, count, len(flows))
+        return same
 
     def _trust(self) -> frozenset[str]:
         """The peers to count as up although their BFD session is not. A restarted switch
@@ -537,8 +560,10 @@ class DvrAgent:
                 self.report(error=str(exc), converged=False)
                 LOG.warning("%s; retrying", exc)
                 time.sleep(1)
-        dirty = full = True  # full: read the switch's flows back (see sync())
-        next_resync = 0.0
+        # full: read the switch's flows back; check: count them first (see sync())
+        dirty = full = True
+        check = False
+        next_resync = next_audit = 0.0
         next_replan = time.monotonic() + REPLAN_INTERVAL
         backoff = 0.1
         while self.running:
@@ -547,8 +572,11 @@ class DvrAgent:
                 dirty = True
             if self.ovsdb is not None and self.ovsdb.changed.is_set():
                 self.ovsdb.changed.clear()
-                dirty = full = True  # ports changed, or a restarted ovs-vswitchd
+                # ports changed (the plan follows them), or a restarted ovs-vswitchd
+                dirty = check = True
             if now >= next_resync:
+                dirty = check = True
+            if now >= next_audit:
                 dirty = full = True
             if self.refresh_gateway():
                 dirty = True
@@ -559,7 +587,7 @@ class DvrAgent:
             if dirty and self.topo is not None:
                 replan = full and now >= next_replan
                 try:
-                    result = self.sync(full, replan)
+                    result = self.sync(full, replan, check)
                 except (OpenFlowError, OvsdbError) as exc:
                     LOG.warning("sync failed: %s", exc)
                     self.metrics.failed("bundle" if isinstance(exc, OpenFlowError) else "ovsdb")
@@ -570,14 +598,16 @@ class DvrAgent:
                     backoff = min(backoff * 2, 2.0)
                     continue
                 backoff = 0.1
-                self.metrics.synced(full, result.flows, result.added, result.deleted,
-                                    result.timing)
+                self.metrics.synced(self.read_back, result.flows, result.added,
+                                    result.deleted, result.timing)
                 self._restore_done()
-                if full:
+                if full or check:
                     next_resync = now + conf.agent.resync_interval
+                if full:
+                    next_audit = now + conf.agent.audit_interval
                 if replan:
                     next_replan = now + REPLAN_INTERVAL
-                dirty = full = False
+                dirty = full = check = False
                 self._announce(result)
                 self.report(converged=True, generation=self.topo.digest, flows=result.flows,
                             vms=result.vms, snat=result.snat, error=None,
@@ -595,7 +625,7 @@ class DvrAgent:
             if self.sync_translations():
                 self.report(snat_bindings=list(self._published))
             self._send_due_garps()
-            self._wait(next_resync, backoff if dirty else None)
+            self._wait(min(next_resync, next_audit), backoff if dirty else None)
         if self.ovsdb is not None:
             self.ovsdb.close()
         self.switch.close()

@@ -392,6 +392,19 @@ class Switch:
                 if not msg.flags & ofp.OFPMPF_REPLY_MORE:
                     return out
 
+    def count_owned(self) -> int:
+        """How many flows carry this project's owner bits: one aggregate-statistics round
+        trip, whatever their number (the switch counts; nothing is sent back per flow)."""
+        with self._lock:
+            self._connect()
+            xid = self._send(parser.OFPAggregateStatsRequest(
+                self.dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
+                OWNER_COOKIE << 48, OWNER_MASK, parser.OFPMatch()))
+            msg = self._reply_to(xid)
+            if msg.msg_type == ofp.OFPT_ERROR:
+                raise OpenFlowError(f"{self.target}: flow count refused: {_error(msg)}")
+            return int(msg.body.flow_count)
+
     def dump_groups(self) -> dict[int, Group | None]:
         """Every group whose id carries this project's owner bits (None: a group of ours
         holding what the flow model cannot say)."""

@@ -19,6 +19,7 @@ from typing import Any
 # the ovs bindings import eventlet when it is installed, which warns about itself
 warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
 
+import ovs.db.idl as ovs_idl  # noqa: E402
 from ovsdbapp.backend.ovs_idl import connection, idlutils  # noqa: E402
 from ovsdbapp.schema.open_vswitch import impl_idl  # noqa: E402
 
@@ -27,6 +28,9 @@ from flows.ports import plugged as read_plugged  # noqa: E402
 
 LOG = logging.getLogger(__name__)
 TABLES = ("Open_vSwitch", "Bridge", "Port", "Interface")
+# columns ovs-vswitchd rewrites every few seconds (`other_config:stats-update-interval`) and
+# that tell the agent nothing: an update of these alone does not wake it
+COUNTERS = frozenset({"statistics", "rstp_statistics"})
 
 
 class OvsdbError(Exception):
@@ -64,9 +68,12 @@ class Wakeup:
 
 class _WatchingIdl(connection.OvsdbIdl):
     changed: Wakeup
-    changes = 0  # counts every change of a monitored row
+    changes = 0  # counts every change of a monitored row but of its counters alone
 
     def notify(self, event: str, row: Any, updates: Any = None) -> None:
+        if event == ovs_idl.ROW_UPDATE and updates is not None and COUNTERS.issuperset(
+                getattr(updates, "_data", None) or ("?",)):
+            return  # a port's counters, every few seconds: nothing to sync
         self.changes += 1
         self.changed.set()
 

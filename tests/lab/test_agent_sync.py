@@ -347,10 +347,10 @@ def test_a_burst_of_changes_costs_a_few_syncs(node: Node) -> None:
     synced: list[str] = []  # the generation of each sync
     agent_sync = agent.sync
 
-    def counted_sync(full: bool = True, replan: bool = False) -> Any:
+    def counted_sync(full: bool = True, replan: bool = False, check: bool = False) -> Any:
         assert agent.topo is not None
         synced.append(agent.topo.digest)
-        return agent_sync(full, replan)
+        return agent_sync(full, replan, check)
 
     def arrive() -> None:
         source.arrived.extend(burst[:10])
@@ -444,3 +444,71 @@ def test_a_periodic_whole_plan_finds_and_repairs_a_wrong_incremental_one(
     want = plan(topo, NODE, node.real_ports(agent, topo))
     assert node.cookies() == {f.cookie for f in want}
     assert wrong in node.cookies()
+
+
+def test_the_periodic_check_reads_nothing_back_until_the_switch_differs(
+        node: Node, lab: LabHandle) -> None:
+    """Every `resync_interval` the agent asks the switch how many flows of ours it holds
+    (one round trip) and reads them back only when that differs from what it installed: a
+    flow deleted behind its back is found and put back. ovs-vswitchd rewriting a port's
+    counters (every 5 s) does not wake it."""
+    cloud, topo = start(8)
+    node.follow(cloud, topo)
+    source = Topologies()
+    source.arrived.append(topo)
+    agent = node.agent(source)
+    agent.conf.set_override("resync_interval", 0.5, group="agent")
+    watch = Watch(agent.switch)
+    checks: list[int] = []
+    count = agent.switch.count_owned
+
+    def counted() -> int:
+        checks.append(count())
+        return checks[-1]
+
+    agent.switch.count_owned = counted  # type: ignore[method-assign]
+    vm = sorted(node.ports)[0]
+    node.settle(agent)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        assert agent.ovsdb is not None
+        deadline = time.monotonic() + 10
+        while not (agent.status.get("converged") and agent.planner is not None
+                   and agent.planner.ports == node.real_ports(agent, topo)
+                   and all(i.ofport > 0 for i in agent.ovsdb.interfaces(BRIDGE))):
+            assert time.monotonic() < deadline, agent.status
+            time.sleep(0.05)
+        # the VM's port up, sending (ARP, IPv6's own): its counters move
+        lab.node(LAB_NODE, "ip", "addr", "add", "192.0.2.1/24", "dev", iface(vm))
+        lab.node(LAB_NODE, "ip", "link", "set", iface(vm), "up")
+        time.sleep(1.0)
+        want = {f.cookie for f in plan(topo, NODE, node.real_ports(agent, topo))}
+        assert node.cookies() == want
+        dumps, changes, before = watch.dumps, agent.ovsdb.changes, len(checks)
+        counters = _counters(agent, iface(vm))
+        lab.dvr("node", LAB_NODE, "--", "ping", "-c", "7", "-i", "1", "-W", "1", "-I",
+                iface(vm), "192.0.2.2", check=False)  # unanswered: ARP requests
+        assert _counters(agent, iface(vm)) != counters  # rewritten meanwhile ...
+        assert agent.ovsdb.changes == changes  # ... and not one wakeup for it
+        assert len(checks) - before >= 8, checks  # a check every 0.5 s
+        assert watch.dumps == dumps  # and not one read-back
+        assert set(checks[before:]) == {len(want)}
+        victim = sorted(want)[len(want) // 2]
+        lab.node(LAB_NODE, "ovs-ofctl", "-O", "OpenFlow13", "del-flows", BRIDGE,
+                 f"cookie={victim:#x}/-1")
+        deadline = time.monotonic() + 3
+        while node.cookies() != want:
+            assert time.monotonic() < deadline, "the deleted flow did not come back"
+            time.sleep(0.05)
+        assert watch.dumps == dumps + 1  # found by the count: read back once, put back
+    finally:
+        agent.stop()
+        thread.join(10)
+
+
+def _counters(agent: DvrAgent, name: str) -> dict[str, int]:
+    """A port's counters as the agent's copy of OVSDB has them."""
+    assert agent.ovsdb is not None
+    rows = agent.ovsdb._conn.idl.tables["Interface"].rows.values()
+    return next(dict(r.statistics) for r in rows if r.name == name)

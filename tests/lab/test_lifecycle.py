@@ -131,8 +131,9 @@ def test_a_flow_of_ours_deleted_by_hand_comes_back_while_changes_flow(
     default_lab: LabHandle,
 ) -> None:
     """A change of the desired state alone is diffed against what the agent last installed
-    (no read-back); the periodic full resync (5 s in the lab) still finds a flow deleted
-    behind its back, and changes in between are applied at once."""
+    (no read-back); the periodic check (5 s in the lab: the switch's count of our flows)
+    still finds a flow deleted behind its back, and changes in between are applied at
+    once."""
     lab = default_lab
     dump = _dump(lab, "compute1")
     victim = next(m.group(1) for m in re.finditer(
@@ -145,7 +146,7 @@ def test_a_flow_of_ours_deleted_by_hand_comes_back_while_changes_flow(
     try:
         # the new remote VM's delivery flow on compute1, at once
         assert _wait_for(lambda: "reg0=0xa020063" in _dump(lab, "compute1"), timeout=2)
-        # and the deleted flow, at the next full resync
+        # and the deleted flow, at the next check
         assert _wait_for(lambda: victim in _cookies(_dump(lab, "compute1")), timeout=8)
     finally:
         nb_cli(db, "vm-del", "vm9")

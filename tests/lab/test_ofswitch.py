@@ -104,10 +104,14 @@ def test_foreign_flows_are_invisible_and_untouched(switch: tuple[LabHandle, Swit
     lab, sw = switch
     lab.node("solo", "ovs-ofctl", "add-flow", "br-test",
              "cookie=0x42,table=3,priority=5,actions=drop")
+    converged(sw)
     owned = sw.dump_owned()
     assert 0x42 not in {f.cookie for f in owned}
+    assert len(owned) > 10
+    assert sw.count_owned() == len(owned)  # the aggregate count skips the foreign flow too
     apply(sw, owned, [])  # delete everything we own
     assert cookies(sw) == set()
+    assert sw.count_owned() == 0
     dump = lab.node("solo", "ovs-ofctl", "-O", "OpenFlow13", "dump-flows", "br-test")
     assert "cookie=0x42," in dump
 
