@@ -8,8 +8,9 @@ the rows of a dump (or of an agent's IDL copy, in the same JSON form) as a topol
 row, guarded by the generation read (`diff_ops()`); the generation of a document; the
 daily changes (`vm_add()`, `fip_set()`, ...) as edits of the document (the whole-document
 path, and the reference of the next); and the same changes in O(change)
-(`vm_add_change()`, ...): commands that read only the rows they concern and return the
-operations of the rows they change (see "the daily changes in O(change)" below). No I/O:
+(`vm_add_change()`, ..., and `vm_put_change()`, a port's entry put whole as a mirror of
+another system's ports writes it): commands that read only the rows they concern and return
+the operations of the rows they change (see "the daily changes in O(change)" below). No I/O:
 `dvr/nb.py` is the client that sends these operations.
 """
 
@@ -20,7 +21,7 @@ import ipaddress
 import json
 import re
 import uuid
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,18 +139,23 @@ def document(results: list[dict[str, Any]], live: bool = False) -> dict[str, Any
                 spec["snat_nodes"] = chain
         spec.update(_ids(r.get("external_ids")))
         data["routers"][r["name"]] = spec
-    data["vms"] = {}
-    for p in sorted(ports, key=lambda r: r["name"]):
-        spec = {"node": node_name[p["node"][1]], "network": net_name[p["network"][1]],
-                "ip": p["ip"], "mac": p["mac"]}
-        if _one(p["floating_ip"]):
-            spec["floating_ip"] = _one(p["floating_ip"])
-        port_id = _one(p.get("port_id"))
-        if port_id and port_id != default_port_id(p["name"]):  # the default left out
-            spec["port_id"] = port_id
-        spec.update(_ids(p.get("external_ids")))
-        data["vms"][p["name"]] = spec
+    data["vms"] = {p["name"]: _port_spec(p, node_name, net_name)
+                   for p in sorted(ports, key=lambda r: r["name"])}
     return data
+
+
+def _port_spec(p: dict[str, Any], node_name: dict[str, str], net_name: dict[str, str]
+               ) -> dict[str, Any]:
+    """A Port row as the document's entry (its node and network named by the maps)."""
+    spec = {"node": node_name[p["node"][1]], "network": net_name[p["network"][1]],
+            "ip": p["ip"], "mac": p["mac"]}
+    if _one(p["floating_ip"]):
+        spec["floating_ip"] = _one(p["floating_ip"])
+    port_id = _one(p.get("port_id"))
+    if port_id and port_id != default_port_id(p["name"]):  # the default left out
+        spec["port_id"] = port_id
+    spec.update(_ids(p.get("external_ids")))
+    return spec
 
 
 def summary(data: dict[str, Any]) -> str:
@@ -528,17 +534,144 @@ def _port(name: str, columns: list[str], first: Reads
     return results[:-1], (rows[0] if rows else None)
 
 
-def _owners(keys: dict[str, list[Any]]) -> Generator[Reads, Results, dict[str, str]]:
+def _owners(keys: dict[str, list[Any]], but: str | None = None
+            ) -> Generator[Reads, Results, dict[str, str]]:
     """The VMs that hold each of these values (the refusal of a change: scans), by what
-    `keys` names: what -> a Port condition."""
+    `keys` names: what -> a Port condition; VM `but` left out (the one being replaced)."""
     names = list(keys)
     results = yield [_select("Port", keys[n], ["name"]) for n in names]
-    return {n: sorted(r["name"] for r in _rows(res))[0]
-            for n, res in zip(names, results, strict=True) if _rows(res)}
+    held = {n: sorted(r["name"] for r in _rows(res) if r["name"] != but)
+            for n, res in zip(names, results, strict=True)}
+    return {n: vms[0] for n, vms in held.items() if vms}
 
 
 def _glob(results: Results) -> bool:
     return bool(_rows(results[0]))
+
+
+@dataclass
+class _VmCheck:
+    """A VM's entry and the rows its change read, for `_vm_errors()`: its node's row (in
+    `nodes`, looked up by name), its network's, the provider network, the routers whose
+    external IP its floating IP is, its network's router. `held`: the VM is in the
+    document already (it keeps its place there, by name; a new VM comes last); `keys` and
+    `external_ids`: what the entry gives besides (checked as the model checks them)."""
+    name: str
+    node: str
+    network: str
+    ip: str | None
+    mac: str | None
+    floating_ip: str | None
+    port_id: str
+    nodes: list[dict[str, Any]]
+    net: dict[str, Any] | None
+    external: Any
+    ext_ip_of: list[dict[str, Any]]
+    router: dict[str, Any] | None
+    held: bool = False
+    keys: tuple[str, ...] = ()
+    external_ids: Any = None
+
+
+VM_KEYS = ("node", "network", "ip", "mac", "floating_ip", "port_id", "external_ids")
+
+
+def _vm_errors(v: _VmCheck, owners: dict[str, str]) -> _Errors:
+    """What `build_topology()` finds wrong with a document holding VM `v` (and otherwise
+    valid), in its order and words: the floating IPs first, then the routers, then the VMs
+    in the document's order. `owners`: the other VMs holding what `v` claims (what -> VM:
+    "fip", "port_id", "ip", "mac"). The first in the document keeps a value, the later is
+    refused: `v` when it comes after the holder (always, when it is new), else the holder,
+    in its place (its checks as the model makes them, knowing `v` took the value first)."""
+    name = v.name
+    e = _Errors()
+
+    def first(holder: str) -> bool:  # the holder comes before `v` in the document
+        return not v.held or holder < name
+
+    later: dict[str, list[tuple[int, str, str]]] = {}  # a later holder's errors, in order
+    fip = None
+    if v.floating_ip is not None:
+        fip = _fip_phase(e, name, v.floating_ip, v.external)
+        if fip is not None and "fip" in owners:
+            if first(owners["fip"]):
+                e.err(f"vms.{name}.floating_ip",
+                      f"{fip} is already the floating IP of vms.{owners['fip']}")
+                fip = None
+            else:  # the holder is refused, in the same pass over the floating IPs
+                e.err(f"vms.{owners['fip']}.floating_ip",
+                      f"{fip} is already the floating IP of vms.{name}")
+    if fip is not None:
+        for r in sorted(v.ext_ip_of, key=lambda r: r.get("position", 0)):
+            if r["external_gateway"]:
+                e.err(f"routers.{r['name']}.external_ip",
+                      f"{fip} is the floating IP of vms.{name}")
+    key = f"vms.{name}"
+    if not (NAME_RE.match(name) or UUID_RE.match(name)):
+        e.err(key, f"invalid name {name!r}: use [a-z][a-z0-9-]{{0,11}} or a UUID")
+        return e
+    if v.keys:
+        e.known_keys(dict.fromkeys(v.keys), key, VM_KEYS)
+    e.external_ids(v.external_ids, f"{key}.external_ids")
+    ok = True
+    port_id, holder_ok = v.port_id, True
+    if not UUID_RE.match(port_id):
+        e.err(f"{key}.port_id", f"{port_id!r} is not a UUID (lower case)")
+        ok = False
+    elif "port_id" in owners:
+        if first(owners["port_id"]):
+            e.err(f"{key}.port_id", f"{port_id} is already the port of vms."
+                  f"{owners['port_id']}")
+            ok = False
+        else:
+            later.setdefault(owners["port_id"], []).append((
+                0, f"vms.{owners['port_id']}.port_id",
+                f"{port_id} is already the port of vms.{name}"))
+            holder_ok = False
+    me = next((n for n in v.nodes if n["name"] == v.node), None)
+    if me is None:
+        e.err(f"{key}.node", f"unknown node {v.node!r}")
+        ok = False
+    elif me["role"] == "network":
+        e.err(f"{key}.node", f"{v.node} is a network node; VMs run on compute nodes")
+        ok = False
+    if v.net is None:
+        e.err(f"{key}.network", f"unknown network {v.network!r}")
+        ok = False
+    if ok and v.ip is not None:
+        assert v.net is not None
+        addr = e.ip(v.ip, f"{key}.ip")
+        cidr = ipaddress.IPv4Network(v.net["cidr"])
+        if addr is None or not e.host_in(addr, cidr, f"{key}.ip", f"network {v.network}"):
+            ok = False
+        elif str(addr) == v.net["gateway_ip"]:
+            e.err(f"{key}.ip", f"{addr} is the gateway_ip of network {v.network}")
+            ok = False
+        elif "ip" in owners and first(owners["ip"]):
+            e.err(f"{key}.ip", f"{addr} is already used by vms.{owners['ip']}")
+            ok = False
+        elif "ip" in owners:
+            h = owners["ip"]  # refused there unless its port_id was already
+            if holder_ok or owners.get("port_id") != h:
+                later.setdefault(h, []).append(
+                    (3, f"vms.{h}.ip", f"{addr} is already used by vms.{name}"))
+    if v.mac is not None:
+        mac_l = str(v.mac).lower()
+        if not MAC_RE.match(mac_l) or int(mac_l[:2], 16) & 1:
+            e.err(f"{key}.mac", f"{v.mac!r} is not a unicast MAC address")
+            ok = False
+        elif "mac" in owners and first(owners["mac"]):
+            e.err(f"{key}.mac", f"{mac_l} is already used by vms.{owners['mac']}")
+            ok = False
+        elif "mac" in owners:
+            later.setdefault(owners["mac"], []).append(
+                (4, f"vms.{owners['mac']}.mac", f"{mac_l} is already used by vms.{name}"))
+    if ok and v.floating_ip is not None:
+        _fip_router_phase(e, name, v.network, v.router)
+    for h in sorted(later):
+        for _, k, reason in sorted(later[h]):
+            e.err(k, reason)
+    return e
 
 
 def vm_add_change(name: str, node: str, network: str, ip: str | None = None,
@@ -584,60 +717,10 @@ def vm_add_change(name: str, node: str, network: str, ip: str | None = None,
         port_id = default_port_id(name)
 
         def errors(owners: dict[str, str]) -> _Errors:
-            e = _Errors()
-            fip = None
-            if floating_ip is not None:
-                fip = _fip_phase(e, name, floating_ip, external)
-                if fip is not None and "fip" in owners:
-                    e.err(f"vms.{name}.floating_ip",
-                          f"{fip} is already the floating IP of vms.{owners['fip']}")
-                    fip = None
-            if fip is not None:
-                for r in ext_ip_of:
-                    if r["external_gateway"]:
-                        e.err(f"routers.{r['name']}.external_ip",
-                              f"{fip} is the floating IP of vms.{name}")
-            key = f"vms.{name}"
-            if not (NAME_RE.match(name) or UUID_RE.match(name)):
-                e.err(key, f"invalid name {name!r}: use [a-z][a-z0-9-]{{0,11}} or a UUID")
-                return e
-            ok = True
-            if "port_id" in owners:
-                e.err(f"{key}.port_id", f"{port_id} is already the port of vms."
-                      f"{owners['port_id']}")
-                ok = False
-            me = next((n for n in nodes if n["name"] == node), None)
-            if me is None:
-                e.err(f"{key}.node", f"unknown node {node!r}")
-                ok = False
-            elif me["role"] == "network":
-                e.err(f"{key}.node", f"{node} is a network node; VMs run on compute nodes")
-                ok = False
-            if net is None:
-                e.err(f"{key}.network", f"unknown network {network!r}")
-                ok = False
-            if ok and ip is not None:
-                addr = e.ip(ip, f"{key}.ip")
-                cidr = ipaddress.IPv4Network(net["cidr"])
-                if addr is None or not e.host_in(addr, cidr, f"{key}.ip",
-                                                 f"network {network}"):
-                    ok = False
-                elif str(addr) == net["gateway_ip"]:
-                    e.err(f"{key}.ip", f"{addr} is the gateway_ip of network {network}")
-                    ok = False
-                elif "ip" in owners:
-                    e.err(f"{key}.ip", f"{addr} is already used by vms.{owners['ip']}")
-                    ok = False
-            if mac_l is not None:
-                if not MAC_RE.match(mac_l) or int(mac_l[:2], 16) & 1:
-                    e.err(f"{key}.mac", f"{mac!r} is not a unicast MAC address")
-                    ok = False
-                elif "mac" in owners:
-                    e.err(f"{key}.mac", f"{mac_l} is already used by vms.{owners['mac']}")
-                    ok = False
-            if ok and floating_ip is not None:
-                _fip_router_phase(e, name, network, router)
-            return e
+            return _vm_errors(_VmCheck(
+                name=name, node=node, network=network, ip=ip, mac=mac,
+                floating_ip=floating_ip, port_id=port_id, nodes=nodes, net=net,
+                external=external, ext_ip_of=ext_ip_of, router=router), owners)
 
         def unique_keys() -> dict[str, list[Any]]:
             keys: dict[str, list[Any]] = {"port_id": [["port_id", "==", port_id]]}
@@ -818,6 +901,155 @@ def fip_del_change(vm: str) -> Callable[[dict[str, Any]], Command]:
                                                          "fip_key": fip_key(vm, None)})])
 
     return command
+
+
+class Stale(ChangeError):
+    """An entry whose revision numbers are older than those of the entry held: refused, so
+    that a late writer never undoes a newer write."""
+
+
+def revision_of(entry: dict[str, Any] | None, key: str) -> int:
+    """The revision number `key` of an entry's external_ids (-1: none)."""
+    if not entry:
+        return -1
+    try:
+        return int((entry.get("external_ids") or {}).get(key, -1))
+    except ValueError:
+        return -1
+
+
+def check_revisions(section: str, name: str, entry: dict[str, Any],
+                    held: dict[str, Any] | None, keys: Iterable[str]) -> None:
+    """Refuse (`Stale`) `entry` when one of its revision numbers `keys` is older than the
+    held entry's (a number it does not give is not compared)."""
+    if held is None:
+        return
+    for key in keys:
+        new, old = revision_of(entry, key), revision_of(held, key)
+        if 0 <= new < old:
+            raise Stale(f"{section}.{name}: {key} {new} is older than the {old} held")
+
+
+PORT_COLUMNS = ["_uuid", "node", "network", "ip", "mac", "floating_ip", "port_id",
+                "external_ids"]
+
+
+def vm_put_change(name: str, entry: dict[str, Any] | None, revisions: Iterable[str] = (),
+                  unplaced: bool = False) -> Callable[[dict[str, Any]], Command]:
+    """Put VM `name`'s entry whole, as a writer that mirrors another system's ports does
+    (Neutron's): None deletes its Port row (absent: nothing to write); an entry (node,
+    network, ip, mac, and optionally floating_ip, port_id, external_ids: its addresses
+    given, nothing allocated) creates the row or replaces it, written as given. An entry
+    whose revision numbers `revisions` (keys of its external_ids) are older than the held
+    row's is refused (`Stale`), and one equal to it writes nothing. With `unplaced`, an
+    entry on a network the database does not hold or on a node that is not a compute node
+    counts as None (a port that is not the cloud's).
+
+    Read: the VM's row, its node, its network and the network's router, the provider
+    network and the routers whose external IP its floating IP is (with one), whether a
+    router or node holds its MAC; checked as `build_topology()` checks the document
+    holding it (the VM in its place there: a held one by its name, a new one last), the
+    uniqueness of its port id, address, MAC and floating IP by the indexes at commit."""
+    revisions = tuple(revisions)
+    if entry is not None and ("ip" not in entry or "mac" not in entry):
+        raise ValueError(f"vms.{name}: a put gives the VM's ip and mac")
+
+    def command(hints: dict[str, Any]) -> Command:
+        if entry is None:
+            results, port = yield from _port(name, ["_uuid"], [GLOBAL_SELECT])
+            if not _glob(results):
+                raise ChangeError("the database holds no desired state: load one first")
+            return _delete_port(port)
+        node, network = str(entry.get("node")), str(entry.get("network"))
+        ip, mac, fip = entry["ip"], entry["mac"], entry.get("floating_ip")
+        mac_l = str(mac).lower()
+        reads = [GLOBAL_SELECT,
+                 _select("Node", [["name", "==", node]], ["_uuid", "name", "role"]),
+                 _select("Network", [["name", "==", network]],
+                         ["_uuid", "cidr", "gateway_ip", "router"]),
+                 _select("Router", [["macs", "includes", mac_l]], ["name"]),
+                 _select("Node", [["macs", "includes", mac_l]], ["name"])]
+        if fip is not None:  # the provider network: one row at most
+            reads += [_select("External", [], ["cidr", "gateway_ip"]),
+                      _select("Router", [["external_ip", "==", _norm_ip(fip)]],
+                              ["name", "position", "external_gateway"])]
+        results, port = yield from _port(name, PORT_COLUMNS, reads)
+        if not _glob(results):
+            raise ChangeError("the database holds no desired state: load one first")
+        nodes, nets = _rows(results[1]), _rows(results[2])
+        net = nets[0] if nets else None
+        me = nodes[0] if nodes else None
+        if unplaced and (net is None or me is None or me["role"] != "compute"):
+            return _delete_port(port)
+        held = None
+        if port is not None:
+            node_of = {port["node"][1]: node if me and port["node"] == me["_uuid"] else ""}
+            net_of = {port["network"][1]: network if net and port["network"] == net["_uuid"]
+                      else ""}
+            held = _port_spec({**port, "name": name}, node_of, net_of)
+        check_revisions("vms", name, entry, held, revisions)
+        if held == dict(entry):
+            return None
+        infra_hit = bool(_rows(results[3]) or _rows(results[4]))
+        external = _external(_rows(results[5])) if fip is not None else None
+        ext_ip_of = _rows(results[6]) if fip is not None else []
+        router = None
+        if fip is not None and net is not None and _uuid_of(net.get("router")):
+            rows = _rows((yield [_by_uuid("Router", _uuid_of(net["router"]) or "",
+                                          ["name", "external_gateway"])])[0])
+            router = rows[0] if rows else None
+        port_id = entry.get("port_id", default_port_id(name))
+        check = _VmCheck(name=name, node=node, network=network, ip=ip, mac=mac,
+                         floating_ip=fip, port_id=str(port_id), nodes=nodes, net=net,
+                         external=external, ext_ip_of=ext_ip_of, router=router,
+                         held=port is not None, keys=tuple(entry),
+                         external_ids=entry.get("external_ids"))
+
+        def refuse() -> Generator[Reads, Results, None]:
+            """Raises when the VMs holding what it claims make it (or them) refused."""
+            keys: dict[str, list[Any]] = {"port_id": [["port_id", "==", str(port_id)]],
+                                          "mac": [["mac", "==", mac_l]]}
+            if fip is not None:
+                keys["fip"] = [["fip_key", "==", _norm_ip(fip)]]
+            if net is not None:
+                keys["ip"] = [["network", "==", net["_uuid"]], ["ip", "==", _norm_ip(ip)]]
+            owners = yield from _owners(keys, but=name)
+            _vm_errors(check, owners).raise_if_any()
+
+        e = _vm_errors(check, {})
+        if e.errors:
+            yield from refuse()
+            e.raise_if_any()
+        if infra_hit:  # after the collisions, as in the model
+            yield from refuse()
+            owner = yield from _infra_owner(mac_l)
+            raise TopologyError(SOURCE, [(f"vms.{name}.mac", f"{mac_l} is {owner}")])
+        assert net is not None and me is not None
+        row = {"node": me["_uuid"], "network": net["_uuid"], "ip": ip, "mac": mac,
+               "floating_ip": fip if fip is not None else ["set", []],
+               "fip_key": fip_key(name, fip), "port_id": str(port_id),
+               "external_ids": ["map", [list(p) for p in
+                                        _ids_map(entry.get("external_ids"))]]}
+        if port is not None:
+            ops = [_update("Port", port["_uuid"][1], row)]
+        else:
+            ops = [{"op": "insert", "table": "Port", "uuid": port_uuid(name),
+                    "row": {"name": name, **row}}]
+
+        def refused(refusal: Refusal, hints: dict[str, Any]
+                    ) -> Generator[Reads, Results, Write | None]:
+            yield from refuse()  # raises: what it collides with is held at this generation
+            raise TopologyError(SOURCE, [(f"vms.{name}", refusal.details)])
+
+        return Write(ops, refused)
+
+    return command
+
+
+def _delete_port(port: dict[str, Any] | None) -> Write | None:
+    if port is None:
+        return None
+    return Write([{"op": "delete", "table": "Port", "where": [["_uuid", "==", port["_uuid"]]]}])
 
 
 def router_if_change(router: str, network: str, add: bool

@@ -25,14 +25,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flows import northbound
 from flows.model import DEFAULT_MTU, DEFAULT_REMOTE_IP
 
 REVISION = "neutron:revision_number"
 OWNER = "neutron:owner"  # which Neutron resource kind an entry mirrors
 
 
-class Stale(Exception):
-    """An update older than what the northbound database holds."""
+# an update older than what the northbound database holds (`flows.northbound`'s: the
+# O(change) write refuses it with the same words)
+Stale = northbound.Stale
 
 
 class Unsupported(ValueError):
@@ -164,12 +166,7 @@ def router_entry(router: Mapping[str, Any], interface_networks: Iterable[str],
 
 # --- edits of the document -------------------------------------------------------------------
 def revision_of(entry: Mapping[str, Any] | None, key: str = REVISION) -> int:
-    if not entry:
-        return -1
-    try:
-        return int((entry.get("external_ids") or {}).get(key, -1))
-    except ValueError:
-        return -1
+    return northbound.revision_of(dict(entry) if entry else None, key)
 
 
 def put(doc: dict[str, Any], section: str, name: str, entry: Mapping[str, Any] | None,
@@ -177,11 +174,8 @@ def put(doc: dict[str, Any], section: str, name: str, entry: Mapping[str, Any] |
     """Set (or, with None, remove) `doc[section][name]`; refuse (`Stale`) an entry whose
     revision numbers are older than the held one's. True when it changed anything."""
     held = doc.setdefault(section, {}).get(name)
-    if entry is not None and held is not None:
-        for key in revisions:
-            if revision_of(entry, key) >= 0 and revision_of(entry, key) < revision_of(held, key):
-                raise Stale(f"{section}.{name}: {key} {revision_of(entry, key)} is older than "
-                            f"the {revision_of(held, key)} held")
+    if entry is not None:
+        northbound.check_revisions(section, name, dict(entry), held, revisions)
     if entry is None:
         return doc[section].pop(name, None) is not None
     if held == entry:
