@@ -2,9 +2,11 @@
 northbound database, port binding on hosts whose dvr agent is alive, and port and
 floating-IP status from what the agents report.
 
-Writes go through `NbWriter`: each Neutron event re-reads the resources it concerns from
-Neutron (`translate` makes them entries) and puts them in one northbound transaction,
-refusing entries older than the held ones (revision numbers). A write that cannot reach
+Writes go through `NbWriter` (`dvr.neutron.writer`): each Neutron event re-reads the
+resources it concerns from Neutron (`translate` makes them entries, `Put`s) and queues them;
+a port's entry is written in O(change) (its own rows read and checked), anything else in one
+transaction of the whole document, refusing entries older than the held ones (revision
+numbers). A write that cannot reach
 the northbound database is not lost: the writer remembers it, and the status thread, once
 the database answers again, repairs the whole difference (`dvr.neutron.sync`).
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from neutron_lib import constants as n_const
@@ -34,8 +35,8 @@ from oslo_log import log as logging
 
 from dvr import nb
 from dvr.neutron import translate as tr
+from dvr.neutron.writer import Edit, NbWriter, Put
 from flows import northbound
-from flows.model import TopologyError
 
 LOG = logging.getLogger(__name__)
 
@@ -58,127 +59,22 @@ OPTS = [
 ]
 cfg.CONF.register_opts(OPTS, group="dvr")
 
-Edit = Callable[[dict[str, Any]], None]
-
 
 def _conf() -> Any:
     return cfg.CONF.dvr
 
 
-# --- the northbound writer -------------------------------------------------------------------
-class NbWriter:
-    """Applies edits of the desired state to the northbound database in the order Neutron
-    made them. The request that made an edit does not wait for the database: a thread
-    writes what is queued, all of it in one transaction (a burst of events, a bulk create,
-    costs one write); a batch the northbound rules refuse is written edit by edit, so that
-    only the offending one is left out. A write that cannot reach the database marks the
-    writer `dirty`: the status thread repairs everything once the database answers."""
-
-    def __init__(self) -> None:
-        self.dirty = False
-        self.cond = threading.Condition()
-        # (what, edits), or (what, job): a job (the repair) runs alone, after what came before
-        self.pending: list[tuple[str, Any]] = []
-        self.busy = False
-        self.thread: threading.Thread | None = None
-
-    def apply(self, what: str, edits: list[Edit]) -> None:
-        with self.cond:
-            self.pending.append((what, edits))
-            if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self._run, name="dvr-writer",
-                                               daemon=True)
-                self.thread.start()
-            self.cond.notify_all()
-
-    def run_alone(self, what: str, job: Callable[[], None]) -> None:
-        """Run `job` in the writer, after every edit queued before it and before any queued
-        after it (the repair: a snapshot of Neutron is never older than what it overwrites)."""
-        self.apply(what, job)  # type: ignore[arg-type]
-
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Until everything queued is written (or given up); False on timeout."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while self.pending or self.busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.cond.wait(left)
-        return True
-
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                while not self.pending:
-                    self.cond.wait()
-                jobs = [i for i, (_, e) in enumerate(self.pending) if callable(e)]
-                cut = jobs[0] if jobs else len(self.pending)
-                batch, job = self.pending[:cut], self.pending[cut] if jobs else None
-                self.pending = self.pending[cut + 1 if jobs else cut:]
-                self.busy = True
-            try:
-                if batch and self._write(batch) == "refused" and len(batch) > 1:
-                    for one in batch:
-                        self._write([one])
-                if job is not None:
-                    job[1]()
-            except Exception:  # never let the writer die
-                LOG.exception("dvr: writing to the northbound database failed")
-                self.dirty = True
-            finally:
-                with self.cond:
-                    self.busy = False
-                    self.cond.notify_all()
-
-    def _write(self, batch: list[tuple[str, list[Edit]]]) -> str:
-        what = batch[0][0] if len(batch) == 1 else f"{len(batch)} changes ({batch[0][0]}, ...)"
-
-        def edit(doc: dict[str, Any] | None) -> dict[str, Any]:
-            if not doc:
-                raise nb.ChangeError("the northbound database holds no nodes yet")
-            for _, edits in batch:
-                for e in edits:
-                    e(doc)
-            return doc
-
-        try:
-            conn = nb.Northbound(_conf().northbound, timeout=_conf().timeout)
-        except nb.NbError as exc:
-            self.dirty = True
-            LOG.warning("dvr: %s not written, the northbound database is unreachable "
-                        "(%s); the repair will write it on reconnection", what, exc)
-            return "lost"
-        try:
-            conn.change(edit, effective=False)
-            LOG.debug("dvr: %s written", what)
-            return "written"
-        except TopologyError as exc:
-            LOG.error("dvr: %s refused by the northbound rules, nothing written: %s",
-                      what, exc)
-            return "refused"
-        except nb.ChangeError as exc:
-            LOG.error("dvr: %s not written: %s", what, exc)
-            return "refused"
-        except nb.NbError as exc:
-            self.dirty = True
-            LOG.warning("dvr: %s not written (%s); the repair will write it", what, exc)
-            return "lost"
-        finally:
-            conn.close()
+def _connect() -> nb.Northbound:
+    return nb.Northbound(_conf().northbound, timeout=_conf().timeout)
 
 
-WRITER = NbWriter()
+# --- the northbound writer (dvr.neutron.writer) -----------------------------------------------
+WRITER = NbWriter(_connect)
 
 
 def put_entry(section: str, name: str, entry: dict[str, Any] | None,
-         revisions: tuple[str, ...] = (tr.REVISION,)) -> Edit:
-    def edit(doc: dict[str, Any]) -> None:
-        try:
-            tr.put(doc, section, name, entry, revisions)
-        except tr.Stale as exc:
-            LOG.warning("dvr: stale update refused: %s", exc)
-    return edit
+              revisions: tuple[str, ...] = (tr.REVISION,)) -> Put:
+    return Put(section, name, entry, revisions)
 
 
 # --- Neutron's resources, re-read -----------------------------------------------------------
@@ -214,19 +110,16 @@ def network_edit(ctx: Any, network_id: str) -> Edit:
     return put_entry("networks", network_id, entry, (tr.REVISION, "neutron:subnet_revision"))
 
 
-def port_edit(ctx: Any, port_id: str) -> Edit:
+def port_edit(ctx: Any, port_id: str) -> Put:
+    """The entry of one port, as Neutron holds it now (none while it is on a network that
+    is not dvr's or not bound to a compute node of dvr's: `Put.unplaced`)."""
     try:
         port = core().get_port(ctx, port_id)
     except n_exc.PortNotFound:
         return put_entry("vms", port_id, None)
     fips = l3().get_floatingips(ctx, filters={"port_id": [port_id]}) if l3() else []
-
-    def edit(doc: dict[str, Any]) -> None:
-        entry = None
-        if port["network_id"] in doc.get("networks", {}):
-            entry = tr.vm_entry(port, fips[0] if fips else None, doc.get("nodes", {}))
-        put_entry("vms", port_id, entry, (tr.REVISION, "neutron:fip_revision"))(doc)
-    return edit
+    return Put("vms", port_id, tr.vm_entry(port, fips[0] if fips else None),
+               (tr.REVISION, "neutron:fip_revision"), unplaced=True)
 
 
 def router_edit(ctx: Any, router_id: str) -> Edit:
