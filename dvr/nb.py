@@ -115,6 +115,17 @@ def member_role(remote: str, timeout: float = 1.0) -> str:
         conn.close()
 
 
+def _guarded(generation: str | None, ops: list[dict[str, Any]], fresh: str
+             ) -> list[dict[str, Any]]:
+    """A change's operations guarded by the generation read, setting a fresh one."""
+    return [{"op": "wait", "table": "NB_Global", "where": [], "columns": ["generation"],
+             "until": "==", "timeout": 0, "rows": [{"generation": generation}]},
+            *ops,
+            {"op": "update", "table": "NB_Global", "where": [], "row": {"generation": fresh}},
+            {"op": "mutate", "table": "NB_Global", "where": [],
+             "mutations": [["changes", "+=", 1]]}]
+
+
 class Northbound:
     """A connection to the northbound database: one remote (unix:PATH or tcp:HOST:PORT) or
     the members of a cluster, comma-separated. With several, it talks to the cluster's
@@ -320,14 +331,7 @@ class Northbound:
                     return generation or ""
                 while write is not None:
                     fresh = fresh_generation()
-                    ops = [{"op": "wait", "table": "NB_Global", "where": [],
-                            "columns": ["generation"], "until": "==", "timeout": 0,
-                            "rows": [{"generation": generation}]},
-                           *write.ops,
-                           {"op": "update", "table": "NB_Global", "where": [],
-                            "row": {"generation": fresh}},
-                           {"op": "mutate", "table": "NB_Global", "where": [],
-                            "mutations": [["changes", "+=", 1]]}]
+                    ops = _guarded(generation, write.ops, fresh)
                     expected = fresh
                     try:
                         self.transact(ops)
@@ -347,6 +351,50 @@ class Northbound:
             except NbConflict:
                 expected = None
                 hints.clear()
+                conflicts += 1
+                if conflicts >= retries:
+                    raise NbError("the desired state kept changing under this change; "
+                                  "try again") from None
+
+    def apply_all(self, commands: list[Any], retries: int = 5) -> str:
+        """Several changes of `apply()` in one transaction under one generation guard: each
+        command reads as there (all at one generation), their writes go together, setting
+        one fresh generation; returns it. All or nothing: a command that refuses raises
+        its error, and a write refused at commit raises NbRefused (which change it
+        concerns, each alone says: `apply()` them one by one); a concurrent change makes
+        them all start over. Exactly once across a failover, as `apply()`."""
+        expected: str | None = None
+        conflicts = failovers = 0
+        while True:
+            try:
+                if expected is not None:  # did the lost write commit?
+                    rows = self.transact([GLOBAL_SELECT])[0].get("rows", [])
+                    if rows and rows[0]["generation"] == expected:
+                        return expected
+                    expected = None
+                generation: str | None = None
+                ops: list[dict[str, Any]] = []
+                for i, command in enumerate(commands):
+                    write: Write | None = self._drive(command({}))
+                    rows = self._first[0].get("rows", [])
+                    read = rows[0]["generation"] if rows else None
+                    if i and read != generation:
+                        raise NbConflict("the desired state changed between the reads")
+                    generation = read
+                    if write is not None:
+                        ops += write.ops
+                if not ops:
+                    return generation or ""
+                expected = fresh_generation()
+                self.transact(_guarded(generation, ops, expected))
+                return expected
+            except NbLost:
+                failovers += 1
+                if failovers > MAX_FAILOVERS:
+                    raise
+                self._reconnect()
+            except NbConflict:
+                expected = None
                 conflicts += 1
                 if conflicts >= retries:
                     raise NbError("the desired state kept changing under this change; "

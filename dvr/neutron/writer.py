@@ -27,6 +27,8 @@ from flows.model import TopologyError
 
 LOG = logging.getLogger(__name__)
 
+GROUP = 100  # ports' puts at most in one transaction
+
 Edit = Callable[[dict[str, Any]], None]
 
 
@@ -158,34 +160,75 @@ class NbWriter:
         return outcome
 
     def _write_ports(self, batch: list[tuple[str, list[Edit]]]) -> str:
-        """Each port's put its own guarded transaction, in order. One refused (logged,
-        nothing of it written) before others: the rest of the batch, from it, goes as one
-        edit of the whole document, as a batch did before, so that puts which only hold
-        together (a floating IP moved from one port to another, the second put queued
-        first) are written; refused too, the others one by one again."""
+        """The ports' puts in order, in O(change): as many as follow each other with
+        different ports (up to GROUP) in one transaction under one generation guard
+        (`Northbound.apply_all()`); when one of them refuses (or is stale), or the
+        database's indexes refuse them together, those one by one, each its own guarded
+        transaction. One refused alone (logged, nothing of it written) before others: the
+        rest of the batch, from it, goes as one edit of the whole document, as a batch did
+        before, so that puts which only hold together (a floating IP moved from one port
+        to another, the second put queued first) are written; refused too, the others in
+        O(change) again."""
         conn = self._open(batch)
         if conn is None:
             return "lost"
-        flat = [(i, j) for i, (_, edits) in enumerate(batch) for j in range(len(edits))]
+        flat = [(i, j, what, put) for i, (what, edits) in enumerate(batch)
+                for j, put in enumerate(edits) if isinstance(put, Put)]
+        refused = False
         try:
-            for k, (i, j) in enumerate(flat):
-                what, edits = batch[i]
-                put = edits[j]
-                assert isinstance(put, Put)
-                outcome = self._put(conn, what, put)
-                if outcome == "lost":
-                    return outcome
-                if outcome == "refused" and k + 1 < len(flat):
-                    break
+            k = 0
+            while k < len(flat):
+                end, names = k, set()
+                while end < len(flat) and end - k < GROUP:
+                    if flat[end][3].name in names:
+                        break
+                    names.add(flat[end][3].name)
+                    end += 1
+                if end - k > 1:
+                    outcome = self._put_all(conn, [(w, p) for _, _, w, p in flat[k:end]])
+                    if outcome == "lost":
+                        return outcome
+                    if outcome == "written":
+                        k = end
+                        continue
+                for m in range(k, end):  # one by one
+                    i, j, what, put = flat[m]
+                    outcome = self._put(conn, what, put)
+                    if outcome == "lost":
+                        return outcome
+                    refused = refused or outcome == "refused"
+                    if outcome == "refused" and m + 1 < len(flat):
+                        break
+                else:
+                    k = end
+                    continue
+                break
             else:
-                return "written"
+                return "refused" if refused else "written"
         finally:
             conn.close()
+        edits = batch[i][1]
         outcome = self._change([(what, edits[j:]), *batch[i + 1:]])
         after = [(w, e) for w, e in [(what, edits[j + 1:]), *batch[i + 1:]] if e]
         if outcome == "refused" and after:
-            outcome = self._write_ports(after)
-        return "lost" if outcome == "lost" else "refused"
+            return "lost" if self._write_ports(after) == "lost" else "refused"
+        return outcome
+
+    def _put_all(self, conn: nb.Northbound, puts: list[tuple[str, Put]]) -> str:
+        """Several ports' puts in one transaction: "written", "lost", or "split" (to be
+        written one by one: one of them refused or was stale, or they collide)."""
+        try:
+            conn.apply_all([put.command() for _, put in puts])
+            LOG.debug("dvr: %d ports written in one transaction (%s, ...)", len(puts),
+                      puts[0][0])
+            return "written"
+        except (northbound.ChangeError, TopologyError, nb.NbRefused):
+            return "split"
+        except nb.NbError as exc:
+            self.dirty = True
+            LOG.warning("dvr: %s and %d more not written (%s); the repair will write them",
+                        puts[0][0], len(puts) - 1, exc)
+            return "lost"
 
     def _put(self, conn: nb.Northbound, what: str, put: Put) -> str:
         try:

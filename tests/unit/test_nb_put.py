@@ -282,8 +282,9 @@ def test_the_writer_puts_ports_one_by_one_and_leaves_out_only_a_refused_one(
         assert outcome == "refused" and not writer.dirty
         assert p[0] in vms and p[3] in vms and p[1] not in vms and p[2] not in vms
         assert f"vms.{p[1]}.ip: 10.1.0.40 is already used by vms.{p[0]}" in caplog.text
-        # two ports written, each its own transaction; the refusal read the rest again as
-        # a whole document (a batch that only holds together would be written so)
+        # together refused by the index on addresses, then one by one: port 1 alone, port
+        # 2 refused, the rest from it as a whole document (refused: port 2 again), ports 3
+        # and 4 together (port 3 nothing)
         assert state(conn)[1] == before[1] + 2
         # a stale entry: logged, nothing written
         caplog.clear()
@@ -298,10 +299,11 @@ def test_the_writer_puts_ports_one_by_one_and_leaves_out_only_a_refused_one(
         conn.close()
 
 
-def test_a_floating_ip_move_queued_backwards_is_written_whole(db: str) -> None:
+def test_a_floating_ip_move_queued_backwards_is_written(db: str) -> None:
     """The port that takes a floating IP put before the port that lets it go (two events
-    queued in that order): alone the first is refused; the rest of the batch, from it,
-    goes as one whole-document edit, as batches did, and holds."""
+    queued in that order): alone the first is refused, together they hold. In one
+    transaction of the two puts; and when a stale put among them has them written one by
+    one, the rest of the batch from the refused one as one whole-document edit."""
     rec = Recorder(db)
     writer = NbWriter(rec.connect)
     conn = nb.Northbound(db)
@@ -310,28 +312,34 @@ def test_a_floating_ip_move_queued_backwards_is_written_whole(db: str) -> None:
         doc = conn.dump()
         holder = next(n for n, v in doc["vms"].items() if "floating_ip" in v)
         taker = next(n for n, v in doc["vms"].items() if v["network"] == "b")
+        late = next(n for n in doc["vms"] if n not in (holder, taker))
         fip = doc["vms"][holder]["floating_ip"]
-        gains = dict(doc["vms"][taker], floating_ip=fip)
-        gains["external_ids"] = dict(gains["external_ids"], **{tr.REVISION: "4"})
-        loses = {k: v for k, v in doc["vms"][holder].items() if k != "floating_ip"}
-        loses["external_ids"] = dict(loses["external_ids"], **{tr.REVISION: "4"})
-        assert writer.write([("floating IP moved", [Put("vms", taker, gains, REVISIONS),
-                                                    Put("vms", holder, loses, REVISIONS)])
-                             ]) == "refused"
+
+        def entries(rev: int, on: str) -> list[Put]:
+            out = []
+            for name in (taker, holder) if on == taker else (holder, taker):
+                e = {k: v for k, v in doc["vms"][name].items() if k != "floating_ip"}
+                e["external_ids"] = dict(e["external_ids"], **{tr.REVISION: str(rev)})
+                if name == on:
+                    e["floating_ip"] = fip
+                out.append(Put("vms", name, e, REVISIONS))
+            return out
+
+        before = state(conn)
+        assert writer.write([("floating IP moved", entries(4, taker))]) == "written"
         vms = conn.dump()["vms"]
         assert vms[taker]["floating_ip"] == fip and "floating_ip" not in vms[holder]
-        # in the right order: two puts, no whole document read
+        assert state(conn)[1] == before[1] + 1  # one transaction
+        assert set(rec.whole_reads()) <= {"NB_Global", "External"}, rec.whole_reads()
+        stale = dict(doc["vms"][late])
+        stale["external_ids"] = dict(stale["external_ids"], **{tr.REVISION: "0"})
         rec.sent.clear()
-        back = dict(doc["vms"][holder])
-        back["external_ids"] = dict(back["external_ids"], **{tr.REVISION: "5"})
-        away = {k: v for k, v in gains.items() if k != "floating_ip"}
-        away["external_ids"] = dict(away["external_ids"], **{tr.REVISION: "5"})
-        assert writer.write([("floating IP moved back", [
-            Put("vms", taker, away, REVISIONS), Put("vms", holder, back, REVISIONS)])]) \
-            == "written"
+        assert writer.write([("port late", [Put("vms", late, stale, REVISIONS)]),
+                             ("floating IP moved back", entries(5, holder))]) == "written"
         vms = conn.dump()["vms"]
         assert vms[holder]["floating_ip"] == fip and "floating_ip" not in vms[taker]
-        assert set(rec.whole_reads()) <= {"NB_Global", "External"}, rec.whole_reads()
+        assert vms[late] == doc["vms"][late]
+        assert "Port" in rec.whole_reads()  # the whole document, after the refusal
     finally:
         conn.close()
 
@@ -365,8 +373,8 @@ def test_a_batch_with_a_network_goes_whole(db: str) -> None:
 def test_at_10000_ports_a_put_reads_no_whole_table(db: str) -> None:
     """A port created, its floating IP moved to it from another port, the port deleted,
     through the writer: no table read whole but NB_Global and External (one row each at
-    most, by the schema; External for a floating IP only), a few rows read, one row
-    written each."""
+    most, by the schema; External for a floating IP only), a few rows read, one
+    transaction writing the ports' rows."""
     doc = generate(10_000, computes=50, networks=100, fip_every=10)
     for v in doc["vms"].values():
         v["external_ids"] = {tr.OWNER: "port", tr.REVISION: "1"}
@@ -393,12 +401,50 @@ def test_at_10000_ports_a_put_reads_no_whole_table(db: str) -> None:
             rec.sent.clear()
             before = state(conn)
             assert writer.write([(what, edits)]) == "written", what
-            assert state(conn)[1] == before[1] + changed, what
+            assert state(conn)[1] == before[1] + 1, what
             assert set(rec.whole_reads()) <= {"NB_Global", "External"}, (what, rec.sent)
             writes = [op for ops in rec.sent for op in ops
                       if op["op"] in ("insert", "update", "delete") and op["table"] == "Port"]
             assert len(writes) == changed, (what, writes)
         vms = conn.dump()["vms"]
         assert new not in vms and "floating_ip" not in vms[holder]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_puts_in_one_transaction_are_written_once_across_a_lost_answer(
+        db: str, committed: bool) -> None:
+    """`apply_all()`'s write lost with its answer, committed or not: NB_Global read alone
+    tells, and the puts are written again only when they must."""
+    conn = nb.Northbound(db)
+    sent: list[list[dict[str, Any]]] = []
+    original = conn.transact
+    lost: list[list[dict[str, Any]]] = []
+
+    def losing(ops: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        sent.append(ops)
+        if not lost and any(op["op"] == "wait" for op in ops):
+            lost.append(ops)
+            if committed:
+                original(ops)
+            raise nb.NbLost("the answer was lost")
+        return original(ops)
+
+    try:
+        conn.change(lambda _: cloud(), effective=False)
+        _, changes = state(conn)
+        a, b = port_name(40), port_name(41)
+        conn.transact = losing  # type: ignore[method-assign]
+        got = conn.apply_all([
+            Put("vms", a, vm("c1", "a", "10.1.0.60", "fa:16:3e:00:04:01"), REVISIONS).command(),
+            Put("vms", b, vm("c2", "d", "10.4.0.60", "fa:16:3e:00:04:02"), REVISIONS).command()])
+        conn.transact = original  # type: ignore[method-assign]
+        assert state(conn) == (got, changes + 1)
+        vms = conn.dump()["vms"]
+        assert vms[a]["ip"] == "10.1.0.60" and vms[b]["ip"] == "10.4.0.60"
+        assert [op["table"] for op in sent[sent.index(lost[0]) + 1]] == ["NB_Global"]
+        writes = [ops for ops in sent if any(op["op"] == "wait" for op in ops)]
+        assert len(writes) == (1 if committed else 2)
     finally:
         conn.close()
