@@ -604,7 +604,9 @@ class Neutron:
 
     def _terminate(self, pids: list[int], grace: float) -> None:
         """SIGTERM to pids[0] (the others are its workers: it stops them), SIGKILL to all that
-        still run after grace seconds. Only processes whose command line mentions workdir."""
+        still run after grace seconds. Only processes whose command line mentions workdir;
+        waited for until gone (an exiting process's command line reads empty before it is)."""
+        pids = [pid for pid in pids if self._ours(pid)]
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             targets = pids[:1] if sig == signal.SIGTERM else pids
             for pid in targets:
@@ -612,9 +614,9 @@ class Neutron:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, sig)
             end = time.monotonic() + wait
-            while any(self._ours(pid) for pid in pids) and time.monotonic() < end:
+            while any(_running(pid) for pid in pids) and time.monotonic() < end:
                 time.sleep(0.05)
-            if not any(self._ours(pid) for pid in pids):
+            if not any(_running(pid) for pid in pids):
                 return
         left = [pid for pid in pids if self._ours(pid)]
         if left:
