@@ -973,7 +973,12 @@ def vm_put_change(name: str, entry: dict[str, Any] | None, revisions: Iterable[s
             reads += [_select("External", [], ["cidr", "gateway_ip"]),
                       _select("Router", [["external_ip", "==", _norm_ip(fip)]],
                               ["name", "position", "external_gateway"])]
-        results, port = yield from _port(name, PORT_COLUMNS, reads)
+        if hints.get("by_name"):  # a row from before names gave UUIDs: a scan
+            results, port = yield from _port(name, PORT_COLUMNS, reads)
+        else:  # by its UUID alone: a new port is not looked for by name
+            results = yield [*reads, _by_uuid("Port", port_uuid(name), [*PORT_COLUMNS, "name"])]
+            found = [r for r in _rows(results[-1]) if r["name"] == name]
+            results, port = results[:-1], (found[0] if found else None)
         if not _glob(results):
             raise ChangeError("the database holds no desired state: load one first")
         nodes, nets = _rows(results[1]), _rows(results[2])
@@ -1038,6 +1043,9 @@ def vm_put_change(name: str, entry: dict[str, Any] | None, revisions: Iterable[s
 
         def refused(refusal: Refusal, hints: dict[str, Any]
                     ) -> Generator[Reads, Results, Write | None]:
+            if refusal.index() == ("name",) and port is None and not hints.get("by_name"):
+                hints["by_name"] = True  # held under another UUID: found by name, again
+                return None
             yield from refuse()  # raises: what it collides with is held at this generation
             raise TopologyError(SOURCE, [(f"vms.{name}", refusal.details)])
 

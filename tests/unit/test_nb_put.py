@@ -448,3 +448,27 @@ def test_puts_in_one_transaction_are_written_once_across_a_lost_answer(
         assert len(writes) == (1 if committed else 2)
     finally:
         conn.close()
+
+
+def test_a_row_from_before_names_gave_uuids_is_found_by_name(db: str) -> None:
+    """A port's row under a UUID not derived from its name (a database written before they
+    were): the put's insert is refused by the index on names, and the put starts over
+    with the row found by name, replacing it."""
+    conn = nb.Northbound(db)
+    try:
+        conn.change(lambda _: cloud(), effective=False)
+        name = port_name(1)
+        row = conn.transact([{"op": "select", "table": "Port",
+                              "where": [["name", "==", name]]}])[0]["rows"][0]
+        copy = {k: v for k, v in row.items() if k not in ("_uuid", "_version")}
+        conn.transact([{"op": "delete", "table": "Port", "where": [["name", "==", name]]},
+                       {"op": "insert", "table": "Port", "row": copy}])
+        entry = dict(conn.dump()["vms"][name], ip="10.2.0.6")
+        entry["external_ids"] = dict(entry["external_ids"], **{tr.REVISION: "9"})
+        conn.apply(Put("vms", name, entry, REVISIONS).command())
+        assert conn.dump()["vms"][name] == entry
+        # deleted: found by name too
+        conn.apply(Put("vms", name, None, REVISIONS).command())
+        assert name not in conn.dump()["vms"]
+    finally:
+        conn.close()
