@@ -262,7 +262,8 @@ class DvrAgent:
             self.installed.forget()  # unknown until the bundle is committed
             self._bundle(new_groups, changed_groups, stale, missing, stale_groups)
             clock.lap("apply")
-            self.installed.applied(current, stale, missing, connection, dict(desired.groups))
+            self.installed.applied(current, stale, missing, connection, dict(desired.groups),
+                                   desired.by_cookie)
         self._touched, self._touched_groups = set(), set()  # the switch has the plan
         self.read_back = full
         self._up_before = frozenset(p for p, st in self._bfd.items() if st == ha.UP)
