@@ -251,7 +251,7 @@ class DvrAgent:
             current = None if full else self.installed.known(connection)
             groups = None if full else self.installed.groups(connection)
             if current is None or groups is None:
-                current = self.switch.dump_owned()
+                current = self.switch.dump_owned(desired.by_cookie)
                 groups = self.switch.dump_groups()
                 connection = self.switch.connections
                 self.installed.read(current, connection, groups)

@@ -185,9 +185,9 @@ class Watch:
         self.during: Any = None
         dump, bundle = switch.dump_owned, switch.bundle
 
-        def dump_owned() -> list[InstalledFlow]:
+        def dump_owned(planned: Any = None) -> list[InstalledFlow]:
             self.dumps += 1
-            return dump()
+            return dump(planned)
 
         @contextlib.contextmanager
         def counted() -> Iterator[Any]:

@@ -120,3 +120,24 @@ def test_unreachable_switch_is_a_clear_error(tmp_path: Path) -> None:
     sw = Switch(f"unix:{tmp_path}/nothing.mgmt")
     with pytest.raises(OpenFlowError, match="cannot connect"):
         sw.dump_owned()
+
+
+def test_flows_read_back_as_planned_are_deleted_by_the_planned_match(
+        switch: tuple[LabHandle, Switch]) -> None:
+    """Read back with the plan, a flow of a planned cookie carries no parsed match (the
+    planned one stands for it): deleting such flows still deletes exactly them."""
+    _, sw = switch
+    want = planned()
+    converged(sw)
+    by_cookie = {f.cookie: f for f in want}
+    extra = delivery(0x0A0000FE, 9)  # ours, not planned: read back with its own match
+    apply(sw, [], [extra])
+    read = sw.dump_owned(by_cookie)
+    assert {f.cookie for f in read} == set(by_cookie) | {extra.cookie}
+    assert all(f.match is None and f.flow is by_cookie[f.cookie]
+               for f in read if f.cookie in by_cookie)
+    assert next(f for f in read if f.cookie == extra.cookie).match is not None
+    victims = [f for f in read if f.cookie in by_cookie][:5] + [
+        f for f in read if f.cookie == extra.cookie]
+    apply(sw, victims, [])
+    assert cookies(sw) == set(by_cookie) - {f.cookie for f in victims}
