@@ -949,7 +949,10 @@ def vm_put_change(name: str, entry: dict[str, Any] | None, revisions: Iterable[s
     network and the routers whose external IP its floating IP is (with one), whether a
     router or node holds its MAC; checked as `build_topology()` checks the document
     holding it (the VM in its place there: a held one by its name, a new one last), the
-    uniqueness of its port id, address, MAC and floating IP by the indexes at commit."""
+    uniqueness of its port id, address, MAC and floating IP by the indexes at commit. The
+    row is looked up by its UUID (`port_uuid()`); by name (a scan) only for a delete that
+    does not find it so, or once an insert is refused by the index on names (a row from
+    before names gave UUIDs)."""
     revisions = tuple(revisions)
     if entry is not None and ("ip" not in entry or "mac" not in entry):
         raise ValueError(f"vms.{name}: a put gives the VM's ip and mac")

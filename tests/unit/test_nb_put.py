@@ -373,8 +373,8 @@ def test_a_batch_with_a_network_goes_whole(db: str) -> None:
 def test_at_10000_ports_a_put_reads_no_whole_table(db: str) -> None:
     """A port created, its floating IP moved to it from another port, the port deleted,
     through the writer: no table read whole but NB_Global and External (one row each at
-    most, by the schema; External for a floating IP only), a few rows read, one
-    transaction writing the ports' rows."""
+    most, by the schema; External for a floating IP only), ports looked up by their row
+    UUIDs only, one transaction writing the ports' rows."""
     doc = generate(10_000, computes=50, networks=100, fip_every=10)
     for v in doc["vms"].values():
         v["external_ids"] = {tr.OWNER: "port", tr.REVISION: "1"}
@@ -403,6 +403,8 @@ def test_at_10000_ports_a_put_reads_no_whole_table(db: str) -> None:
             assert writer.write([(what, edits)]) == "written", what
             assert state(conn)[1] == before[1] + 1, what
             assert set(rec.whole_reads()) <= {"NB_Global", "External"}, (what, rec.sent)
+            assert all(op["where"][0][0] == "_uuid" for ops in rec.sent for op in ops
+                       if op["op"] == "select" and op["table"] == "Port"), what  # no scan
             writes = [op for ops in rec.sent for op in ops
                       if op["op"] in ("insert", "update", "delete") and op["table"] == "Port"]
             assert len(writes) == changed, (what, writes)
