@@ -28,6 +28,7 @@ matches what the model read. `delta()` tells the agent's planner what changed.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -43,6 +44,9 @@ from flows.northbound import split_remotes
 from flows.planner import Scope
 
 LOG = logging.getLogger(__name__)
+# columns the agent never reads, not copied (a port's fip_key exists for the database's
+# index alone: a string a port, 10,000 of them on a node that NATs in a large cloud)
+UNUSED_COLUMNS = {"Port": frozenset({"fip_key"})}
 
 
 class Source(ABC):
@@ -169,7 +173,12 @@ class NbSource(Source):
         import ovs.db.idl
 
         helper = ovs.db.idl.SchemaHelper(location=str(northbound.SCHEMA))
-        helper.register_all()
+        for table, spec in json.loads(northbound.SCHEMA.read_text())["tables"].items():
+            unused = UNUSED_COLUMNS.get(table)
+            if unused:
+                helper.register_columns(table, [c for c in spec["columns"] if c not in unused])
+            else:
+                helper.register_table(table)
         self.node = node
         self.idl = _replica_class()(spread(remote, node), helper, leader_only=False)
         if node is not None:  # no port before this node's own row is known
