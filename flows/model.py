@@ -527,6 +527,7 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
     raw_routers = c.mapping(data.get("routers"), "routers", required=False)
     ext_ip_owner: dict[ipaddress.IPv4Address, str] = {}
     router_specs: dict[str, dict] = {}
+    has_network_node = any(n.is_network for n in nodes.values())  # once, not per router
     for name, spec in raw_routers.items():
         key = f"routers.{name}"
         if not c.name(name, key):
@@ -571,7 +572,7 @@ def build_topology(data: Any, source: str = "<topology>") -> Topology:
         if ext_gw and external is None:
             c.err(f"{key}.external_gateway", "needs an `external:` network")
             ext_gw = False
-        if ext_gw and not any(n.is_network for n in nodes.values()):
+        if ext_gw and not has_network_node:
             c.err(f"{key}.external_gateway", "needs at least one node with role network for SNAT")
         if "external_ip" in spec:
             ekey = f"{key}.external_ip"
