@@ -4,11 +4,13 @@ made them. No Neutron import (the driver hands it edits; the unit tests and
 
 An edit is a `Put` (an entry of the document put whole, or removed, refused when older
 than the one held) or, for what depends on the document (the external network), a plain
-function of it. A batch of ports only (a port's entry, a floating IP moved between two)
-is written in O(change): each port its own guarded transaction of the northbound's
-`vm_put_change()`, reading the rows it concerns only. Any other batch (networks, subnets,
-routers, the external network: rare events) is an edit of the whole document
-(`Northbound.change()`), read, validated and diffed whole.
+function of it. What is queued is written in order. The ports' entries (a port's event, a
+floating IP moved between two) in O(change): the northbound's `vm_put_change()`, reading
+the rows of its port only, consecutive ports in one guarded transaction
+(`Northbound.apply_all()`), one by one (`Northbound.apply()`) when one of them refuses. The
+other entries (networks, subnets, routers, the external network: rare events), those
+between two ports' entries together, as an edit of the whole document
+(`Northbound.change()`: read, validated and diffed whole).
 """
 
 from __future__ import annotations
@@ -80,11 +82,12 @@ def ports_only(batch: list[tuple[str, list[Edit]]]) -> bool:
 class NbWriter:
     """Applies edits of the desired state to the northbound database in the order Neutron
     made them. The request that made an edit does not wait for the database: a thread
-    writes what is queued. Ports are written one by one in O(change); any other batch in
-    one transaction of the whole document (a burst of events, a bulk create, costs one
-    write), and one the northbound rules refuse is then written entry by entry, so that
-    only the offending one is left out. A write that cannot reach the database marks the
-    writer `dirty`: the status thread repairs everything once the database answers.
+    writes what is queued, in order: ports' entries in O(change) (consecutive ones in one
+    transaction), the other entries between them in one transaction of the whole document
+    (a burst of events costs one write), and a batch of those the northbound rules refuse
+    entry by entry, so that only the offending one is left out. A write that cannot reach
+    the database marks the writer `dirty`: the status thread repairs everything once the
+    database answers.
 
     `connect()` opens a connection to the northbound database (the driver's: from its
     configuration)."""
@@ -151,8 +154,22 @@ class NbWriter:
         refused some of it: logged) or "lost" (the database unreachable: `dirty`). With
         `whole`, ports too as one edit of the whole document (the path they had: the
         benchmark's baseline)."""
-        if ports_only(batch) and not whole:
-            return self._write_ports(batch)
+        if not whole:
+            runs: list[list[tuple[str, list[Edit]]]] = []
+            for entry in batch:  # the ports' entries apart from the others, in order
+                if runs and ports_only(runs[-1]) == ports_only([entry]):
+                    runs[-1].append(entry)
+                else:
+                    runs.append([entry])
+            if len(runs) > 1:
+                outcomes = []
+                for run in runs:
+                    outcomes.append(self.write(run))
+                    if outcomes[-1] == "lost":  # the repair writes the rest
+                        return "lost"
+                return "refused" if "refused" in outcomes else "written"
+            if ports_only(batch):
+                return self._write_ports(batch)
         outcome = self._change(batch)
         if outcome == "refused" and len(batch) > 1:  # entry by entry
             for one in batch:

@@ -350,7 +350,9 @@ def test_a_lost_database_marks_the_writer_dirty(tmp_path: Path) -> None:
     assert writer.dirty
 
 
-def test_a_batch_with_a_network_goes_whole(db: str) -> None:
+def test_a_network_goes_whole_and_the_ports_beside_it_in_o_change(db: str) -> None:
+    """A batch of a port, a network, a port on that network: the network is an edit of the
+    whole document, the ports beside it are put in O(change), in the batch's order."""
     rec = Recorder(db)
     writer = NbWriter(rec.connect)
     conn = nb.Northbound(db)
@@ -358,13 +360,18 @@ def test_a_batch_with_a_network_goes_whole(db: str) -> None:
         conn.change(lambda _: cloud(), effective=False)
         net = {"cidr": "10.7.0.0/24", "gateway_ip": "10.7.0.1", "mtu": 1450, "vni": 17,
                "external_ids": {tr.OWNER: "network", tr.REVISION: "1"}}
-        port = port_name(30)
+        first, port = port_name(31), port_name(30)
+        before = state(conn)
         assert writer.write([
+            ("port", [Put("vms", first, vm("c1", "a", "10.1.0.31", "fa:16:3e:00:03:02"),
+                          REVISIONS, unplaced=True)]),
             ("network", [Put("networks", "g", net)]),
             ("port", [Put("vms", port, vm("c1", "g", "10.7.0.5", "fa:16:3e:00:03:01"),
                           REVISIONS, unplaced=True)])]) == "written"
-        assert conn.dump()["vms"][port]["network"] == "g"
-        assert "Port" in rec.whole_reads()  # the whole document read
+        vms = conn.dump()["vms"]
+        assert vms[port]["network"] == "g" and vms[first]["ip"] == "10.1.0.31"
+        assert state(conn)[1] == before[1] + 3  # three writes, in order
+        assert rec.whole_reads().count("Port") == 1  # the whole document read once
     finally:
         conn.close()
 
