@@ -67,10 +67,19 @@ if [[ ! -x $VENV/bin/python ]]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip
 fi
-reinstall=$("$VENV/bin/pip" show -q dvr >/dev/null 2>&1 && echo yes || echo no)
-"$VENV/bin/pip" install -q "$SRC"
-if [[ $reinstall == yes ]]; then   # same version number: make pip take the synced code
-    "$VENV/bin/pip" install -q --no-deps --force-reinstall "$SRC"
+WHEEL=$(ls "$SRC"/vagrant/.wheel/dvr-*.whl 2>/dev/null | head -n 1 || true)
+if [[ -n $WHEEL ]]; then
+    # the wheel the Vagrantfile built from the checkout; its dependencies are the box's
+    # (vagrant/build-box.sh): nothing is fetched
+    "$VENV/bin/pip" install -q --no-deps --no-index --force-reinstall "$WHEEL"
+    "$VENV/bin/pip" check -q >/dev/null || die "dvr's dependencies are missing from $VENV: \
+rebuild the box (vagrant/build-box.sh --add)"
+else
+    reinstall=$("$VENV/bin/pip" show -q dvr >/dev/null 2>&1 && echo yes || echo no)
+    "$VENV/bin/pip" install -q "$SRC"
+    if [[ $reinstall == yes ]]; then   # same version number: make pip take the synced code
+        "$VENV/bin/pip" install -q --no-deps --force-reinstall "$SRC"
+    fi
 fi
 ln -sf "$VENV/bin/dvr" /usr/local/bin/dvr
 ln -sf "$VENV/bin/dvr-agent" /usr/local/bin/dvr-agent
