@@ -57,9 +57,15 @@ NB_FIRST_IP=${IP_OF[${NB_MEMBERS[0]}]}
 [[ -f $SRC/$TOPOLOGY ]] || die "no topology file $SRC/$TOPOLOGY"
 
 log "packages"
-apt-get update -q
-apt-get install -y -q --no-install-recommends \
-    openvswitch-switch iproute2 nftables tcpdump ethtool iperf3 python3-venv
+PACKAGES=(openvswitch-switch iproute2 nftables tcpdump ethtool iperf3 python3-venv)
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [[ ${#missing[@]} -gt 0 ]]; then   # the dvr/debian12 box has them all: nothing fetched
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
 systemctl enable --now openvswitch-switch
 
 log "the project into $VENV"

@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# The `dvr lab` contract (../shared/topology.md, "The same contract on VMs") on the Vagrant
+# lab: the same verbs with the same meanings, so that one check can drive either lab.
+#
+#   vagrant/lab.sh up [TOPOLOGY] | down | status [--json]
+#   vagrant/lab.sh exec VM -- CMD... | node NODE -- CMD... | ext -- CMD...
+#   vagrant/lab.sh kill NODE | start NODE | restart-agent NODE | restart-ovs NODE
+#
+# Commands run over ssh with one persistent connection per VM (ControlMaster), not through
+# `vagrant ssh -c` (5 s a call under emulation); CMD gets the caller's standard input,
+# output and exit status. Needs root (libvirt). Exits non-zero with a one-line reason.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+STATE=$HERE/.vagrant/dvr-lab
+SSHCFG=$STATE/ssh_config
+STATUS=/var/lib/dvr/agent-status.json
+TOPOLOGY_IN_VM=/etc/dvr/topology.yaml
+
+die() { echo "lab.sh: $*" >&2; exit 1; }
+usage() { sed -n '5,7p' "$0" | sed 's/^# *//' >&2; exit 2; }
+
+cd "$HERE"
+
+# --- libvirt without systemd (as on this kind of machine) ------------------------------------
+libvirt_ready() {
+  virsh -c qemu:///system version >/dev/null 2>&1 && return 0
+  pgrep -x virtlogd >/dev/null || virtlogd -d
+  if grep -qE '\b(vmx|svm)\b' /proc/cpuinfo; then
+    libvirtd -d
+  else
+    # a /dev/kvm without hardware virtualisation only slows libvirtd's probing down: hide it
+    unshare -m sh -c 'mount --bind /dev/null /dev/kvm 2>/dev/null; exec libvirtd -d'
+  fi
+  local i
+  for i in $(seq 50); do
+    virsh -c qemu:///system version >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  die "libvirtd does not answer"
+}
+
+machines() {  # the lab's VMs, as the Vagrantfile defines them
+  vagrant status --machine-readable 2>/dev/null | awk -F, '$3 == "state" {print $2}'
+}
+
+domain_of() {  # a VM's libvirt domain (its UUID, as vagrant-libvirt recorded it)
+  local id=$HERE/.vagrant/machines/$1/libvirt/id
+  [[ -s $id ]] || die "no VM $1 in this lab (is it up?)"
+  cat "$id"
+}
+
+# --- ssh, one persistent connection a VM ------------------------------------------------------
+ssh_config() {
+  mkdir -p "$STATE"
+  vagrant ssh-config >"$SSHCFG.tmp" 2>/dev/null || die "vagrant ssh-config failed (is the lab up?)"
+  {
+    echo "Host *"
+    echo "  ControlMaster auto"
+    echo "  ControlPath $STATE/cm-%h"
+    echo "  ControlPersist 30m"
+    echo "  ServerAliveInterval 5"
+    echo "  LogLevel ERROR"
+    cat "$SSHCFG.tmp"
+  } >"$SSHCFG"
+  rm -f "$SSHCFG.tmp"
+}
+
+# on NODE -- CMD...: CMD as root on the VM, its arguments kept as given
+on() {
+  local node=$1
+  shift
+  [[ -f $SSHCFG ]] || ssh_config
+  grep -q "^Host $node\$" "$SSHCFG" || die "no VM $node in this lab"
+  local cmd="" a
+  for a in "$@"; do cmd+=" $(printf '%q' "$a")"; done
+  ssh -F "$SSHCFG" "$node" "sudo -n${cmd}"
+}
+
+vm_node() {  # the node a tenant VM is on, from the topology the nodes hold
+  local first
+  first=$(machines | grep -v '^ext$' | head -n 1)
+  on "$first" /opt/dvr/venv/bin/python -c '
+import sys, yaml
+vms = (yaml.safe_load(open(sys.argv[1])) or {}).get("vms") or {}
+spec = vms.get(sys.argv[2])
+sys.exit(f"no VM {sys.argv[2]} in the topology") if spec is None else print(spec["node"])
+' "$TOPOLOGY_IN_VM" "$1" 2>/dev/null || die "no VM $1 in the lab's topology"
+}
+
+# --- status ---------------------------------------------------------------------------------
+status_json() {
+  local node first=yes
+  printf '{"nodes": {'
+  for node in $(machines); do
+    [[ $node == ext ]] && continue
+    [[ $first == yes ]] || printf ', '
+    first=no
+    printf '"%s": ' "$node"
+    on "$node" python3 - "$STATUS" <<'EOF' 2>/dev/null || printf '{"agent": {"alive": false}}'
+import json, os, subprocess, sys
+try:
+    st = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    st = {}
+alive = subprocess.run(["systemctl", "is-active", "-q", "dvr-agent"]).returncode == 0
+print(json.dumps({"agent": {"alive": alive, "converged": bool(st.get("converged")),
+                            "pid": st.get("pid"), "flows": st.get("flows"),
+                            "metrics": st.get("metrics"), "vms": st.get("vms", []),
+                            "snat": st.get("snat", []), "error": st.get("error")}}), end="")
+EOF
+  done
+  printf '}}\n'
+}
+
+wait_converged() {
+  local deadline=$((SECONDS + ${1:-600})) out
+  while (( SECONDS < deadline )); do
+    out=$(status_json)
+    python3 -c 'import json,sys; n=json.loads(sys.argv[1])["nodes"]; sys.exit(0 if n and all(v["agent"].get("alive") and v["agent"].get("converged") for v in n.values()) else 1)' "$out" && return 0
+    sleep 2
+  done
+  die "the agents did not all converge: $out"
+}
+
+# --- verbs ------------------------------------------------------------------------------------
+[[ $# -ge 1 ]] || usage
+[[ $(id -u) -eq 0 ]] || die "run as root (libvirt)"
+verb=$1
+shift
+case $verb in
+  up)
+    [[ $# -le 1 ]] || usage
+    libvirt_ready
+    if [[ $# -eq 1 ]]; then
+      topo=$(realpath "$1")
+      [[ $topo == "$(dirname "$HERE")"/* ]] || die "the topology must be inside the project \
+(it is copied into the VMs with it): $1"
+      export DVR_TOPOLOGY=${topo#"$(dirname "$HERE")"/}
+    fi
+    vagrant box list 2>/dev/null | grep -q '^dvr/debian12 ' || "$HERE/build-box.sh" --add >/dev/null
+    vagrant up --provider=libvirt >"$STATE.up.log" 2>&1 || {
+      tail -n 20 "$STATE.up.log" >&2; die "vagrant up failed (all of it: $STATE.up.log)"; }
+    ssh_config
+    wait_converged
+    echo "lab up: $(machines | tr '\n' ' ')"
+    ;;
+  down)
+    [[ $# -eq 0 ]] || usage
+    if [[ -f $SSHCFG ]]; then
+      for cm in "$STATE"/cm-*; do
+        [[ -S $cm ]] && ssh -F "$SSHCFG" -O exit -o ControlPath="$cm" x 2>/dev/null || true
+      done
+    fi
+    if virsh -c qemu:///system version >/dev/null 2>&1; then
+      vagrant destroy -f >/dev/null 2>&1 || die "vagrant destroy failed"
+    fi
+    rm -rf "$STATE" "$STATE.up.log" "$HERE/.wheel"
+    echo "lab down"
+    ;;
+  status)
+    if [[ ${1:-} == --json ]]; then
+      status_json
+    else
+      status_json | python3 -c '
+import json, sys
+for name, n in json.load(sys.stdin)["nodes"].items():
+    a = n["agent"]
+    state = "converged" if a.get("converged") else ("alive" if a.get("alive") else "down")
+    vms, snat = ",".join(a.get("vms") or []) or "-", ",".join(a.get("snat") or []) or "-"
+    flows = a.get("flows")
+    print(f"{name:10} agent {state:9} flows {flows}  vms {vms}  snat {snat}")'
+    fi
+    ;;
+  node)
+    [[ $# -ge 3 && $2 == -- ]] || usage
+    node=$1
+    shift 2
+    on "$node" "$@"
+    ;;
+  exec)
+    [[ $# -ge 3 && $2 == -- ]] || usage
+    vm=$1
+    shift 2
+    node=$(vm_node "$vm") || exit 1
+    on "$node" ip netns exec "$vm" "$@"
+    ;;
+  ext)
+    [[ $# -ge 2 && $1 == -- ]] || usage
+    shift
+    machines | grep -qx ext || die "this lab has no external host"
+    on ext "$@"
+    ;;
+  kill)
+    [[ $# -eq 1 ]] || usage
+    virsh -c qemu:///system destroy "$(domain_of "$1")" >/dev/null || die "cannot kill $1"
+    rm -f "$STATE/cm-$1"
+    ;;
+  start)
+    [[ $# -eq 1 ]] || usage
+    virsh -c qemu:///system start "$(domain_of "$1")" >/dev/null || die "cannot start $1"
+    deadline=$((SECONDS + 600))
+    until on "$1" true 2>/dev/null; do
+      (( SECONDS < deadline )) || die "$1 did not come back"
+      sleep 2
+    done
+    wait_converged
+    ;;
+  restart-agent)
+    [[ $# -eq 1 ]] || usage
+    on "$1" systemctl restart dvr-agent
+    ;;
+  restart-ovs)
+    [[ $# -eq 1 ]] || usage
+    # as an upgrade restarts it: the new ovs-vswitchd forwards nothing until the agent has
+    # put every flow back and cleared the flag
+    on "$1" sh -c 'ovs-vsctl set Open_vSwitch . other_config:flow-restore-wait=true &&
+                   systemctl restart ovs-vswitchd'
+    ;;
+  *) usage ;;
+esac
