@@ -20,6 +20,7 @@ TOPOLOGY_IN_VM=/etc/dvr/topology.yaml
 die() { echo "lab.sh: $*" >&2; exit 1; }
 usage() { sed -n '5,7p' "$0" | sed 's/^# *//' >&2; exit 2; }
 
+CALLER=$PWD  # a topology is named from where lab.sh is called
 cd "$HERE"
 
 # --- libvirt without systemd (as on this kind of machine) ------------------------------------
@@ -133,7 +134,7 @@ case $verb in
     [[ $# -le 1 ]] || usage
     libvirt_ready
     if [[ $# -eq 1 ]]; then
-      topo=$(realpath "$1")
+      topo=$(cd "$CALLER" && realpath "$1") || die "no topology file $1"
       [[ $topo == "$(dirname "$HERE")"/* ]] || die "the topology must be inside the project \
 (it is copied into the VMs with it): $1"
       export DVR_TOPOLOGY=${topo#"$(dirname "$HERE")"/}
