@@ -248,11 +248,19 @@ class NbWriter:
             return "lost"
 
     def _put(self, conn: nb.Northbound, what: str, put: Put) -> str:
+        return self._outcome(f"{what} (vms.{put.name})", lambda: conn.apply(put.command()),
+                             stale_is_written=True)
+
+    def _outcome(self, what: str, write: Callable[[], Any],
+                 stale_is_written: bool = False) -> str:
+        """Run one write; what came of it ("written", "refused", "lost"), logged. A write
+        that cannot reach the database marks the writer dirty (the repair writes it)."""
         try:
-            conn.apply(put.command())
-            LOG.debug("dvr: %s written (vms.%s)", what, put.name)
-            return "written"
+            write()
         except northbound.Stale as exc:
+            if not stale_is_written:
+                LOG.error("dvr: %s not written: %s", what, exc)
+                return "refused"
             LOG.warning("dvr: stale update refused: %s", exc)
             return "written"  # nothing to write
         except TopologyError as exc:
@@ -266,6 +274,8 @@ class NbWriter:
             self.dirty = True
             LOG.warning("dvr: %s not written (%s); the repair will write it", what, exc)
             return "lost"
+        LOG.debug("dvr: %s written", what)
+        return "written"
 
     def _open(self, batch: list[tuple[str, list[Edit]]]) -> nb.Northbound | None:
         try:
@@ -291,20 +301,7 @@ class NbWriter:
         if conn is None:
             return "lost"
         try:
-            conn.change(edit, effective=False)
-            LOG.debug("dvr: %s written", what)
-            return "written"
-        except TopologyError as exc:
-            LOG.error("dvr: %s refused by the northbound rules, nothing written: %s",
-                      what, exc)
-            return "refused"
-        except nb.ChangeError as exc:
-            LOG.error("dvr: %s not written: %s", what, exc)
-            return "refused"
-        except nb.NbError as exc:
-            self.dirty = True
-            LOG.warning("dvr: %s not written (%s); the repair will write it", what, exc)
-            return "lost"
+            return self._outcome(what, lambda: conn.change(edit, effective=False))
         finally:
             conn.close()
 
