@@ -91,22 +91,16 @@ class Installed:
 
     def applied(self, before: Iterable[InstalledFlow], deleted: Iterable[InstalledFlow],
                 added: Iterable[Flow], connection: int,
-                groups: dict[int, Group] | None = None,
-                desired: Mapping[int, Flow] | None = None) -> None:
+                groups: dict[int, Group] | None = None) -> None:
         """A committed bundle over `connection` turned `before` into `before - deleted +
-        added`, and left `groups`. A flow read back that `desired` holds (its cookie names
-        its content) is kept as the planned flow, not as the switch's reply: the plan holds
-        it anyway, and os-ken's parsed match of every flow read back would be kept for
-        nothing (about 1 KB a flow)."""
+        added`, and left `groups`."""
         if groups is not None:
             self._groups = dict(groups)
         gone = {id(f) for f in deleted}
-        want = desired or {}
         self._flows = {}
         for f in before:
-            if id(f) not in gone and f.cookie not in self._flows:
-                planned = want.get(f.cookie) if f.match is not None else None
-                self._flows[f.cookie] = f if planned is None else installed(planned)
+            if id(f) not in gone:
+                self._flows.setdefault(f.cookie, f)
         self._flows.update((f.cookie, installed(f)) for f in added)
         self._connection = connection
 

@@ -78,6 +78,7 @@ class SyncResult:
     announce: dict[str, str] = field(default_factory=dict)
     provider: int | None = None
     timing: dict[str, float] = field(default_factory=dict)  # milliseconds, by phase
+    read_back: bool = False  # every flow read back from the switch and diffed
 
 
 class _Clock:
@@ -126,7 +127,6 @@ class DvrAgent:
         self._gateway_next = 0.0
         # the flows we own on the switch, as last known (see agent/flowtables.py)
         self.installed = Installed()
-        self.read_back = False  # whether the last sync read every flow back
         # the node's plan, indexed by object and updated by what changed (flows.incremental);
         # what changed in the topology since its last update (None: unknown, compared); the
         # cookies and group ids it touched since the last committed bundle (None: unknown,
@@ -262,10 +262,8 @@ class DvrAgent:
             self.installed.forget()  # unknown until the bundle is committed
             self._bundle(new_groups, changed_groups, stale, missing, stale_groups)
             clock.lap("apply")
-            self.installed.applied(current, stale, missing, connection, dict(desired.groups),
-                                   desired.by_cookie)
+            self.installed.applied(current, stale, missing, connection, dict(desired.groups))
         self._touched, self._touched_groups = set(), set()  # the switch has the plan
-        self.read_back = full
         self._up_before = frozenset(p for p, st in self._bfd.items() if st == ha.UP)
         self._synced_on = self.switch.connections
         if stale or missing or new_groups or changed_groups or stale_groups:
@@ -274,7 +272,7 @@ class DvrAgent:
                      len(changed_groups), len(stale_groups), clock)
         return SyncResult(len(missing), len(stale), len(desired), sorted(ports.vms),
                           sorted(ports.snat), announcements(topo, self.node, ports),
-                          ports.provider, clock.laps)
+                          ports.provider, clock.laps, full)
 
     def _holds(self, flows: Any, groups: Any, connection: int) -> bool:
         """Whether the switch still holds what the last sync left: as many flows of ours
@@ -599,7 +597,7 @@ class DvrAgent:
                     backoff = min(backoff * 2, 2.0)
                     continue
                 backoff = 0.1
-                self.metrics.synced(self.read_back, result.flows, result.added,
+                self.metrics.synced(result.read_back, result.flows, result.added,
                                     result.deleted, result.timing)
                 self._restore_done()
                 if full or check:
