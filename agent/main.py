@@ -147,6 +147,11 @@ class DvrAgent:
         self._up_before: frozenset[str] = frozenset()
         self._trusted: dict[str, float] = {}
         self._synced_on = 0  # the switch connection of the last sync
+        # the switch connection a sync completed on with flow-restore-wait unset: the flag
+        # set later on that same switch is for its coming restart, not this one's
+        self._synced_unheld_on: int | None = None
+        self._held_noted = False
+        self._vm_ports: dict[str, int] = {}  # the local VMs' OpenFlow ports, at the last sync
         # what the last sync read plugged, and for which nodes and external network
         self._plugged: tuple[Any, Any] | None = None
         self._claims: frozenset[str] = frozenset()
@@ -266,6 +271,7 @@ class DvrAgent:
         self._touched, self._touched_groups = set(), set()  # the switch has the plan
         self._up_before = frozenset(p for p, st in self._bfd.items() if st == ha.UP)
         self._synced_on = self.switch.connections
+        self._vm_ports = dict(ports.vms)
         if stale or missing or new_groups or changed_groups or stale_groups:
             LOG.info("node %s: +%d -%d flows (%d desired), groups +%d ~%d -%d in %s",
                      self.node, len(missing), len(stale), len(desired), len(new_groups),
@@ -517,14 +523,60 @@ class DvrAgent:
     def _restore_done(self) -> None:
         """After a sync that installed every flow: if ovs-vswitchd was started holding its
         datapath (flow-restore-wait, an OVS restart or upgrade), let it forward. A failure
-        is retried after the next sync; the switch forwards nothing meanwhile, never half."""
+        is retried after the next sync; the switch forwards nothing meanwhile, never half.
+
+        The flag is read by ovs-vswitchd when it starts: set on a switch this agent has
+        already synced on the same connection (an operator about to restart or upgrade it:
+        `ovs-vsctl set ... flow-restore-wait=true; systemctl restart ovs-vswitchd`), it is
+        for the next ovs-vswitchd, and clearing it would make that one flush the kernel's
+        flows at start. It is left set until the agent's connection is to a new switch."""
         assert self.ovsdb is not None
         try:
-            if self.ovsdb.flow_restore_wait():
-                self.ovsdb.clear_flow_restore_wait()
-                LOG.info("node %s: every flow is back: flow-restore-wait cleared", self.node)
+            if not self.ovsdb.flow_restore_wait():
+                self._synced_unheld_on = self._synced_on
+                self._held_noted = False
+                return
+            if self._synced_unheld_on == self._synced_on:
+                if not self._held_noted:
+                    sent = self._confirm_gateways()
+                    LOG.info("node %s: flow-restore-wait set on the running switch: left set "
+                             "for its restart; %d VMs told their gateway's MAC again",
+                             self.node, sent)
+                    self._held_noted = True
+                return
+            self.ovsdb.clear_flow_restore_wait()
+            self._held_noted = False
+            LOG.info("node %s: every flow is back: flow-restore-wait cleared", self.node)
         except OvsdbError as exc:
             LOG.warning("cannot clear flow-restore-wait: %s", exc)
+
+    def _confirm_gateways(self) -> int:
+        """Ahead of a restart of the switch: tell every local VM on a routed network, by a
+        unicast ARP reply from its gateway, that the gateway is at the router's MAC, which
+        makes its neighbour entry reachable again (Linux: for 15 to 45 s, then stale but
+        usable, probed only 5 s after its next use). The kernel datapath cannot answer ARP
+        itself (it cannot rewrite ARP fields: those replies are made in ovs-vswitchd), so a
+        VM that probes its gateway while ovs-vswitchd is down would get no answer and
+        drop what it sends until the switch is back; confirmed now, it has no reason to
+        probe during the restart. Returns how many VMs were told."""
+        assert self.topo is not None
+        sent = 0
+        for vm in self.topo.vms_on(self.node):
+            port = self._vm_ports.get(vm.name)
+            router = self.topo.router_of(vm.network)
+            if port is None or router is None:
+                continue
+            for itf in router.interfaces:
+                if itf.network != vm.network:
+                    continue
+                frame = arp.arp_frame(2, itf.mac, str(itf.ip), vm.mac, str(vm.ip),
+                                      dst=bytes.fromhex(vm.mac.replace(":", "")))
+                try:
+                    self.switch.packet_out(port, frame)
+                    sent += 1
+                except OpenFlowError as exc:
+                    LOG.warning("ARP reply to %s failed: %s", vm.name, exc)
+        return sent
 
     # --- the loop -------------------------------------------------------------------------
     def _load(self) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,6 +244,54 @@ def test_restart_ovs_recovers_flows(default_lab: LabHandle) -> None:
     assert "flow-restore-wait" not in other, other
     log = (lab.rundir / "nodes" / "compute2" / "agent.log").read_text()
     assert "flow-restore-wait cleared" in log
+
+
+@pytest.mark.timeout(120)
+def test_flow_restore_wait_set_before_a_restart_is_left_for_the_new_switch(
+    default_lab: LabHandle,
+) -> None:
+    """An operator sets flow-restore-wait on compute2's running ovs-vswitchd, then restarts
+    it (`ovs-vsctl set ... flow-restore-wait=true; systemctl restart ovs-vswitchd`): the
+    flag is for the new ovs-vswitchd (on the kernel datapath it then keeps the kernel's
+    flows forwarding), so the agent, which has been programming the running one all along,
+    leaves it set; it clears it only once it has put every flow into the new one. Ahead of
+    the restart it confirms to each of the node's VMs its gateway's MAC by a unicast ARP
+    reply (the kernel datapath cannot answer ARP while ovs-vswitchd is down): vm2's stale
+    entry for 10.2.0.1 becomes reachable."""
+    lab = default_lab
+    log = lab.rundir / "nodes" / "compute2" / "agent.log"
+    gateway = next(i for i in lab.topology().routers["r1"].interfaces if i.network == "red")
+
+    def flag() -> str:
+        return lab.node("compute2", "ovs-vsctl", "get", "Open_vSwitch", ".", "other_config")
+
+    def neighbour() -> str:
+        return subprocess.run(["ip", "netns", "exec", lab.vm_ns("vm2"), "ip", "neigh", "show",
+                               str(gateway.ip)], capture_output=True, text=True).stdout
+
+    subprocess.run(["ip", "netns", "exec", lab.vm_ns("vm2"), "ip", "neigh", "replace",
+                    str(gateway.ip), "lladdr", gateway.mac, "dev", "eth0", "nud", "stale"],
+                   check=True)
+    assert "STALE" in neighbour()
+    seen = log.read_text().count("left set for its restart")
+    lab.node("compute2", "ovs-vsctl", "set", "Open_vSwitch", ".",
+             "other_config:flow-restore-wait=true")
+    try:
+        assert _wait_for(lambda: log.read_text().count("left set for its restart") > seen,
+                         timeout=20), log.read_text()[-2000:]
+        assert _wait_for(lambda: "REACHABLE" in neighbour(), timeout=5), neighbour()
+        assert gateway.mac in neighbour()
+        time.sleep(1.0)  # more syncs: still left alone
+        assert 'flow-restore-wait="true"' in flag()
+        assert lab.ping("vm1", "10.2.0.12")  # the running switch forwards meanwhile
+        cleared = log.read_text().count("flow-restore-wait cleared")
+        lab.dvr("restart-ovs", "compute2")
+        assert _wait_for(lambda: "flow-restore-wait" not in flag(), timeout=20), flag()
+        assert log.read_text().count("flow-restore-wait cleared") > cleared
+        assert _wait_for(lambda: lab.ping("vm1", "10.2.0.12", wait=1), timeout=10)
+    finally:
+        lab.node("compute2", "ovs-vsctl", "remove", "Open_vSwitch", ".", "other_config",
+                 "flow-restore-wait")
 
 
 def test_apply_refuses_a_broken_topology_and_keeps_the_lab(
