@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +17,15 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.lab.harness import TOPOLOGIES, LabHandle, echo_requests, ext_ping, nb_cli, running_lab
+from tests.lab.harness import (
+    ROOT,
+    TOPOLOGIES,
+    LabHandle,
+    echo_requests,
+    ext_ping,
+    nb_cli,
+    running_lab,
+)
 
 TOPO = TOPOLOGIES / "northsouth.yaml"
 REMOTE = "198.51.100.10"  # the "internet" address of the external host
@@ -75,6 +86,28 @@ def test_agents_resolve_the_gateway_mac_by_arp(lab: LabHandle) -> None:
 
 
 # --- inbound to a floating IP -----------------------------------------------------------------
+def test_the_lab_contract_checks_the_same_answers_as_on_vms(lab: LabHandle) -> None:
+    """tests/lab/contract.sh, the checks vagrant/test.sh runs on the VM lab, through the lab
+    contract's verbs only: every check passes here, each answer as this topology plans it."""
+    dvr_cmd = f"{sys.executable} -m dvr.cli"
+    res = subprocess.run(
+        [str(ROOT / "tests/lab/contract.sh"), "--trace", f"{dvr_cmd} trace --prefix {lab.prefix}",
+         *dvr_cmd.split(), "lab", "--prefix", lab.prefix],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    answers = [line for line in res.stdout.splitlines() if line.startswith("answer: ")]
+    assert "answer: east-west vm1 -> vm2 (10.2.0.12): replies, ttl 63" in answers
+    assert ("answer: SNAT vm2 -> 203.0.113.1: replies, the external host sees "
+            f"{R1_EXT} > {GATEWAY}") in answers
+    assert ("answer: isolation vm2 (r1) -> vm5 (r2, 10.3.0.15): no reply, vm5 sees nothing"
+            in answers)
+    # the east-west trace crosses exactly one tunnel, compute1 to compute2
+    tunnels = [a for a in answers if a.startswith("answer: trace vm1 icmp, ip.dst=10.2.0.12:")
+               and "-> tunnel" in a]
+    assert len(tunnels) == 1 and "compute1 => compute2" in tunnels[0], tunnels
+
+
 def test_external_host_reaches_a_floating_ip_with_its_real_address(lab: LabHandle) -> None:
     with lab.sniff(lab.vm_ns("vm1"), proto="icmp", host=REMOTE) as cap:
         assert ext_ping(lab, FIP1, source=REMOTE)
