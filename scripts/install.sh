@@ -45,22 +45,35 @@ APT_PACKAGES=(
   rabbitmq-server                          # Neutron's agents' messaging (--l2-agent)
   python3 python3-venv python3-dev gcc     # the agent and its dependencies
 )
-apt_packages() {
+# apt_install PACKAGE...: installs those missing, says which (or that all are present)
+apt_install() {
   local missing=() p
-  for p in "${APT_PACKAGES[@]}"; do
+  for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ "${#missing[@]}" -eq 0 ]; then
-    echo "all ${#APT_PACKAGES[@]} present" >&3
+    echo "all $# present" >&3
     return 0
   fi
   echo "added ${missing[*]}" >&3
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # the package's service cannot start without systemd; the lab runs its own daemons
+  # a package's service may not start without systemd (Open vSwitch, libvirt): installed
+  # all the same, the labs run their own daemons
   apt-get install -y -qq --no-install-recommends "${missing[@]}" || \
-    dpkg-query -W openvswitch-switch
+    dpkg-query -W "${missing[@]}"
 }
+apt_packages() { apt_install "${APT_PACKAGES[@]}"; }
+
+# the Vagrant lab on VMs (vagrant/): libvirt and QEMU (its emulation where the CPU has no
+# virtualisation), Vagrant with its libvirt provider, and what vagrant/build-box.sh makes
+# the box with; vagrant/lab.sh starts libvirt's daemons itself where no systemd runs
+VM_PACKAGES=(
+  vagrant vagrant-libvirt libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
+  qemu-system-x86 qemu-utils dnsmasq-base debootstrap rsync openssh-client
+  e2fsprogs fdisk util-linux
+)
+vm_packages() { apt_install "${VM_PACKAGES[@]}"; }
 
 PYTHON=${PYTHON:-python3}
 # the build backend the project declares, installed in the venv: the editable install and
@@ -86,6 +99,7 @@ assert flows.northbound.SCHEMA.is_file(), flows.northbound.SCHEMA'
 }
 
 step "apt packages" apt_packages
+step "VM lab packages (vagrant/)" vm_packages
 step "python venv (.venv)" python_venv
 VERSION=$(.venv/bin/python -c 'import tomllib
 print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
