@@ -5,7 +5,13 @@
 #   vagrant/lab.sh up [TOPOLOGY] | down | status [--json]
 #   vagrant/lab.sh exec VM -- CMD... | node NODE -- CMD... | ext -- CMD...
 #   vagrant/lab.sh kill NODE | start NODE | restart-agent NODE | restart-ovs NODE
+#   vagrant/lab.sh trace [--summary|--json|...] --offline VM PACKET
 #
+# `trace --offline` is `dvr trace --offline` of the topology the nodes hold (run on a node).
+# The lab's libvirt resources carry its name: domains dvr-lab-NODE, networks dvr-*, the
+# storage pool dvr-lab (its volumes: the box's copy and the VMs' disks); `down` removes them
+# all, and what libvirt added on the host when lab.sh started it (its firewall chains,
+# net.ipv4.ip_forward) goes back as it was.
 # Commands run over ssh with one persistent connection per VM (ControlMaster), not through
 # `vagrant ssh -c` (5 s a call under emulation); CMD gets the caller's standard input,
 # output and exit status. Needs root (libvirt). Exits non-zero with a one-line reason.
@@ -18,27 +24,97 @@ STATUS=/var/lib/dvr/agent-status.json
 TOPOLOGY_IN_VM=/etc/dvr/topology.yaml
 
 die() { echo "lab.sh: $*" >&2; exit 1; }
-usage() { sed -n '5,7p' "$0" | sed 's/^# *//' >&2; exit 2; }
+usage() { sed -n '5,8p' "$0" | sed 's/^# *//' >&2; exit 2; }
 
 CALLER=$PWD  # a topology is named from where lab.sh is called
 cd "$HERE"
 
 # --- libvirt without systemd (as on this kind of machine) ------------------------------------
+RUN=/run/dvr-vagrant-lab     # what lab.sh started or changed on the host, to undo at down
+POOL=dvr-lab
+POOL_DIR=/var/lib/libvirt/dvr-lab
+V() { virsh -c qemu:///system "$@"; }
+
 libvirt_ready() {
-  virsh -c qemu:///system version >/dev/null 2>&1 && return 0
-  pgrep -x virtlogd >/dev/null || virtlogd -d
+  mkdir -p "$RUN"
+  # libvirt turns forwarding on for its NAT network: put it back as it was at down
+  [[ -f $RUN/ip_forward ]] || sysctl -n net.ipv4.ip_forward >"$RUN/ip_forward"
+  V version >/dev/null 2>&1 && return 0
+  if ! pgrep -x virtlogd >/dev/null; then
+    virtlogd -d
+    touch "$RUN/virtlogd.started"
+  fi
   if grep -qE '\b(vmx|svm)\b' /proc/cpuinfo; then
     libvirtd -d
   else
     # a /dev/kvm without hardware virtualisation only slows libvirtd's probing down: hide it
     unshare -m sh -c 'mount --bind /dev/null /dev/kvm 2>/dev/null; exec libvirtd -d'
   fi
+  touch "$RUN/libvirtd.started"
   local i
   for i in $(seq 50); do
-    virsh -c qemu:///system version >/dev/null 2>&1 && return 0
+    V version >/dev/null 2>&1 && return 0
     sleep 0.2
   done
   die "libvirtd does not answer"
+}
+
+pool_ready() {  # the lab's own storage pool (the box's volume and the VMs' disks)
+  if ! V pool-info "$POOL" >/dev/null 2>&1; then
+    mkdir -p "$POOL_DIR"
+    V pool-define-as "$POOL" dir --target "$POOL_DIR" >/dev/null || die "cannot define pool $POOL"
+  fi
+  V pool-info "$POOL" | grep -q '^State: *running' || V pool-start "$POOL" >/dev/null \
+    || die "cannot start pool $POOL"
+}
+
+pool_remove() {
+  V pool-info "$POOL" >/dev/null 2>&1 || return 0
+  local vol
+  V pool-refresh "$POOL" >/dev/null 2>&1 || true
+  for vol in $(V vol-list "$POOL" --name 2>/dev/null); do
+    V vol-delete --pool "$POOL" "$vol" >/dev/null || die "cannot delete volume $vol of pool $POOL"
+  done
+  V pool-destroy "$POOL" >/dev/null 2>&1 || true
+  V pool-undefine "$POOL" >/dev/null || die "cannot undefine pool $POOL"
+  rmdir "$POOL_DIR" 2>/dev/null || true
+}
+
+host_restore() {  # what libvirt added on the host, once no libvirt network of anyone is left
+  [[ -d $RUN ]] || return 0
+  if V version >/dev/null 2>&1 && [[ -n $(V net-list --name 2>/dev/null | grep -v '^$') ]]; then
+    return 0   # another user's libvirt network is running: its chains stay
+  fi
+  local f pid
+  for f in libvirtd virtlogd; do
+    [[ -f $RUN/$f.started ]] || continue
+    pid=$(cat "/run/$f.pid" 2>/dev/null || true)
+    if [[ -n $pid ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$f" ]]; then
+      kill "$pid"
+      for _ in $(seq 50); do [[ -d /proc/$pid ]] || break; sleep 0.1; done
+    fi
+    rm -f "$RUN/$f.started"
+  done
+  if pgrep -x libvirtd >/dev/null; then
+    return 0   # a libvirtd lab.sh did not start: it owns its chains
+  fi
+  # the chains libvirt's networks made (libvirt 9: iptables, filter, nat and mangle tables)
+  local cmd table chain parent
+  for cmd in iptables ip6tables; do
+    command -v "$cmd" >/dev/null || continue
+    for table in filter nat mangle; do
+      for chain in $("$cmd" -t "$table" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^LIBVIRT_/ {print $2}'); do
+        for parent in $("$cmd" -t "$table" -S 2>/dev/null |
+                        awk -v c="$chain" '$1 == "-A" && $0 ~ ("-j " c "$") {print $2}'); do
+          "$cmd" -t "$table" -D "$parent" -j "$chain" 2>/dev/null || true
+        done
+        "$cmd" -t "$table" -F "$chain" 2>/dev/null || true
+        "$cmd" -t "$table" -X "$chain" 2>/dev/null || true
+      done
+    done
+  done
+  [[ -f $RUN/ip_forward ]] && sysctl -q -w net.ipv4.ip_forward="$(cat "$RUN/ip_forward")"
+  rm -rf "$RUN"
 }
 
 machines() {  # the lab's VMs, as the Vagrantfile defines them
@@ -139,12 +215,17 @@ case $verb in
 (it is copied into the VMs with it): $1"
       export DVR_TOPOLOGY=${topo#"$(dirname "$HERE")"/}
     fi
-    vagrant box list 2>/dev/null | grep -q '^dvr/debian12 ' || "$HERE/build-box.sh" --add >/dev/null
+    started=$SECONDS box="box cached"
+    if ! vagrant box list 2>/dev/null | grep -q '^dvr/debian12 '; then
+      "$HERE/build-box.sh" --add >/dev/null || die "cannot build the box (vagrant/build-box.sh)"
+      box="box built in $((SECONDS - started)) s"
+    fi
+    pool_ready
     vagrant up --provider=libvirt >"$STATE.up.log" 2>&1 || {
       tail -n 20 "$STATE.up.log" >&2; die "vagrant up failed (all of it: $STATE.up.log)"; }
     ssh_config
     wait_converged
-    echo "lab up: $(machines | tr '\n' ' ')"
+    echo "lab up: $(machines | tr '\n' ' ' | sed 's/ $//') in $((SECONDS - started)) s ($box)"
     ;;
   down)
     [[ $# -eq 0 ]] || usage
@@ -153,9 +234,16 @@ case $verb in
         [[ -S $cm ]] && ssh -F "$SSHCFG" -O exit -o ControlPath="$cm" x 2>/dev/null || true
       done
     fi
-    if virsh -c qemu:///system version >/dev/null 2>&1; then
+    if V version >/dev/null 2>&1 || [[ -f $RUN/libvirtd.started ]]; then
+      libvirt_ready
       vagrant destroy -f >/dev/null 2>&1 || die "vagrant destroy failed"
+      for net in $(V net-list --all --name 2>/dev/null | grep '^dvr-' || true); do
+        V net-destroy "$net" >/dev/null 2>&1 || true
+        V net-undefine "$net" >/dev/null || die "cannot remove network $net"
+      done
+      pool_remove
     fi
+    host_restore
     rm -rf "$STATE" "$STATE.up.log" "$HERE/.wheel"
     echo "lab down"
     ;;
@@ -194,12 +282,12 @@ for name, n in json.load(sys.stdin)["nodes"].items():
     ;;
   kill)
     [[ $# -eq 1 ]] || usage
-    virsh -c qemu:///system destroy "$(domain_of "$1")" >/dev/null || die "cannot kill $1"
+    V destroy "$(domain_of "$1")" >/dev/null || die "cannot kill $1"
     rm -f "$STATE/cm-$1"
     ;;
   start)
     [[ $# -eq 1 ]] || usage
-    virsh -c qemu:///system start "$(domain_of "$1")" >/dev/null || die "cannot start $1"
+    V start "$(domain_of "$1")" >/dev/null || die "cannot start $1"
     deadline=$((SECONDS + 600))
     until on "$1" true 2>/dev/null; do
       (( SECONDS < deadline )) || die "$1 did not come back"
@@ -210,6 +298,21 @@ for name, n in json.load(sys.stdin)["nodes"].items():
   restart-agent)
     [[ $# -eq 1 ]] || usage
     on "$1" systemctl restart dvr-agent
+    ;;
+  trace)
+    # the offline trace of what the nodes hold (a live trace drives the namespace lab's
+    # switches directly: not on VMs)
+    args=() offline=no
+    for a in "$@"; do
+      if [[ $a == --offline ]]; then
+        offline=yes
+        args+=(--offline "$TOPOLOGY_IN_VM")
+      else
+        args+=("$a")
+      fi
+    done
+    [[ $offline == yes ]] || die "on VMs only the offline trace runs: trace --offline VM PACKET"
+    on "$(machines | grep -v '^ext$' | head -n 1)" dvr trace "${args[@]}"
     ;;
   restart-ovs)
     [[ $# -eq 1 ]] || usage

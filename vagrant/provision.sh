@@ -100,6 +100,13 @@ ovs-vsctl --may-exist add-br br-ex -- set Bridge br-ex datapath_type=system
 if ip link show "$EXT_IF" >/dev/null 2>&1; then
     ovs-vsctl --may-exist add-port br-ex "$EXT_IF"
     ip link set "$EXT_IF" up
+    # up again after a reboot (`lab.sh kill` and `start`), with no address
+    cat >"/etc/network/interfaces.d/dvr-$EXT_IF" <<EOF
+# the uplink of br-ex to the provider network: up, no address (vagrant/provision.sh)
+auto $EXT_IF
+iface $EXT_IF inet manual
+    up ip link set \$IFACE up
+EOF
 fi
 
 log "topology $ETC/topology.yaml (from $TOPOLOGY, with each node's tunnel_ip)"
