@@ -246,7 +246,7 @@ def test_restart_ovs_recovers_flows(default_lab: LabHandle) -> None:
     assert "flow-restore-wait cleared" in log
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(60)
 def test_flow_restore_wait_set_before_a_restart_is_left_for_the_new_switch(
     default_lab: LabHandle,
 ) -> None:
@@ -254,7 +254,7 @@ def test_flow_restore_wait_set_before_a_restart_is_left_for_the_new_switch(
     it (`ovs-vsctl set ... flow-restore-wait=true; systemctl restart ovs-vswitchd`): the
     flag is for the new ovs-vswitchd (on the kernel datapath it then keeps the kernel's
     flows forwarding), so the agent, which has been programming the running one all along,
-    leaves it set; it clears it only once it has put every flow into the new one. Ahead of
+    leaves it set (to clear it once it has put every flow into the new one). Ahead of
     the restart it confirms to each of the node's VMs its gateway's MAC by a unicast ARP
     reply (the kernel datapath cannot answer ARP while ovs-vswitchd is down): vm2's stale
     entry for 10.2.0.1 becomes reachable."""
@@ -284,11 +284,9 @@ def test_flow_restore_wait_set_before_a_restart_is_left_for_the_new_switch(
         time.sleep(1.0)  # more syncs: still left alone
         assert 'flow-restore-wait="true"' in flag()
         assert lab.ping("vm1", "10.2.0.12")  # the running switch forwards meanwhile
-        cleared = log.read_text().count("flow-restore-wait cleared")
-        lab.dvr("restart-ovs", "compute2")
-        assert _wait_for(lambda: "flow-restore-wait" not in flag(), timeout=20), flag()
-        assert log.read_text().count("flow-restore-wait cleared") > cleared
-        assert _wait_for(lambda: lab.ping("vm1", "10.2.0.12", wait=1), timeout=10)
+        # (the restart itself, and the flag cleared once every flow is in the new switch:
+        # test_restart_ovs_recovers_flows here, and vagrant/test.sh on the kernel datapath,
+        # where a flag cleared too early costs a flushed datapath)
     finally:
         lab.node("compute2", "ovs-vsctl", "remove", "Open_vSwitch", ".", "other_config",
                  "flow-restore-wait")
