@@ -117,8 +117,13 @@ host_restore() {  # what libvirt added on the host, once no libvirt network of a
   rm -rf "$RUN"
 }
 
-machines() {  # the lab's VMs, as the Vagrantfile defines them
-  vagrant status --machine-readable 2>/dev/null | awk -F, '$3 == "state" {print $2}'
+machines() {  # the lab's VMs, as the Vagrantfile defines them (kept at up: concurrent
+  # `vagrant status` calls lock each other out, and each costs seconds)
+  if [[ -s $STATE/machines ]]; then
+    cat "$STATE/machines"
+  else
+    vagrant status --machine-readable 2>/dev/null | awk -F, '$3 == "state" {print $2}'
+  fi
 }
 
 domain_of() {  # a VM's libvirt domain (its UUID, as vagrant-libvirt recorded it)
@@ -154,15 +159,19 @@ on() {
   ssh -F "$SSHCFG" "$node" "sudo -n${cmd}"
 }
 
-vm_node() {  # the node a tenant VM is on, from the topology the nodes hold
-  local first
-  first=$(machines | grep -v '^ext$' | head -n 1)
-  on "$first" /opt/dvr/venv/bin/python -c '
+vm_node() {  # the node a tenant VM is on, from the topology the nodes hold (kept at up)
+  local node
+  if [[ ! -s $STATE/vms ]]; then
+    on "$(machines | grep -v '^ext$' | head -n 1)" /opt/dvr/venv/bin/python -c '
 import sys, yaml
 vms = (yaml.safe_load(open(sys.argv[1])) or {}).get("vms") or {}
-spec = vms.get(sys.argv[2])
-sys.exit(f"no VM {sys.argv[2]} in the topology") if spec is None else print(spec["node"])
-' "$TOPOLOGY_IN_VM" "$1" 2>/dev/null || die "no VM $1 in the lab's topology"
+print("\n".join(name + " " + spec["node"] for name, spec in vms.items()))
+' "$TOPOLOGY_IN_VM" >"$STATE/vms.$$" 2>/dev/null || die "cannot read the lab's topology"
+    mv "$STATE/vms.$$" "$STATE/vms"
+  fi
+  node=$(awk -v vm="$1" '$1 == vm {print $2}' "$STATE/vms")
+  [[ -n $node ]] || die "no VM $1 in the lab's topology"
+  echo "$node"
 }
 
 # --- status ---------------------------------------------------------------------------------
@@ -215,6 +224,10 @@ case $verb in
 (it is copied into the VMs with it): $1"
       export DVR_TOPOLOGY=${topo#"$(dirname "$HERE")"/}
     fi
+    # the Vagrantfile makes one VM per node of it, in this command and the lab's later ones
+    mkdir -p "$STATE"
+    rm -f "$STATE/machines" "$STATE/vms"
+    echo "${DVR_TOPOLOGY:-dvr/examples/default.yaml}" >"$STATE/topology"
     started=$SECONDS box="box cached"
     if ! vagrant box list 2>/dev/null | grep -q '^dvr/debian12 '; then
       "$HERE/build-box.sh" --add >/dev/null || die "cannot build the box (vagrant/build-box.sh)"
@@ -223,6 +236,8 @@ case $verb in
     pool_ready
     vagrant up --provider=libvirt >"$STATE.up.log" 2>&1 || {
       tail -n 20 "$STATE.up.log" >&2; die "vagrant up failed (all of it: $STATE.up.log)"; }
+    machines >"$STATE/machines.tmp" && mv "$STATE/machines.tmp" "$STATE/machines"
+    rm -f "$STATE/vms"
     ssh_config
     wait_converged
     echo "lab up: $(machines | tr '\n' ' ' | sed 's/ $//') in $((SECONDS - started)) s ($box)"

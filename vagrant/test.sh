@@ -3,8 +3,9 @@
 #
 #   vagrant/test.sh [--keep]     (as root; --keep leaves the lab up at the end)
 #
-# From a clean state: the lab up with tests/lab/topologies/northsouth.yaml (two routers with
-# gateways, floating IPs on both compute nodes), then:
+# From a clean state: the lab up with tests/lab/topologies/ha.yaml (two compute nodes, two
+# network nodes, two routers with gateways and floating IPs: five VMs with the external
+# host), then:
 #   1. tests/lab/contract.sh on the VMs and on a `dvr lab` of the same topology (the VMs'
 #      own copy, tunnel addresses included): every check passes on both (east-west routed
 #      once on the source node, TTL 63, one tunnel crossing; a floating IP reached from the
@@ -13,8 +14,9 @@
 #   2. an agent restart on compute1 under a ping every 20 ms: no packet lost;
 #   3. an OVS restart on compute1 (flow-restore-wait, the kernel datapath) under the same
 #      ping: no packet lost;
-#   4. compute2 killed (as a power cut) and started: vm1 -> vm2 fails while it is down,
-#      vm1 -> vm3 (on compute1) goes on, and all works again once it is back;
+#   4. net1, the network node serving r1's SNAT, killed (as a power cut): vm2's traffic to
+#      the outside goes on through net2, still from r1's address; net1 started again:
+#      everything is back (the interruptions are printed);
 # then `lab.sh down`, after which nothing of the lab is left in libvirt or on the host (no
 # domain, network, storage pool, volume, firewall chain). Prints the figures: `up` time
 # (box cached or built), memory per VM, packets lost across each restart. Says loudly and
@@ -46,16 +48,21 @@ SIDE=vgt$$   # the namespace lab run beside the VMs
 started=$SECONDS
 "$LAB" down >/dev/null
 cleanup() {
+  local rc=$?
   "$DVR" lab --prefix "$SIDE" down >/dev/null 2>&1 || true
   [[ $keep == yes ]] || "$LAB" down >/dev/null || true
-  rm -rf "$TMP"
+  if [[ $rc -eq 0 ]]; then
+    rm -rf "$TMP"
+  else
+    echo "vagrant/test.sh: what the checks captured: $TMP" >&2
+  fi
 }
 trap cleanup EXIT
-up=$("$LAB" up tests/lab/topologies/northsouth.yaml) || fail "lab.sh up failed"
+up=$("$LAB" up tests/lab/topologies/ha.yaml) || fail "lab.sh up failed"
 say "figure: $up"
 
 # memory per VM: the QEMU process on the host, and what the guest uses
-for vm in compute1 compute2 net1 ext; do
+for vm in $(cd "$HERE" && vagrant status --machine-readable | awk -F, '$3 == "state" {print $2}'); do
   pid=$(pgrep -f -- "guest=dvr-lab-$vm," | head -n 1 || true)
   rss=$([[ -n $pid ]] && ps -o rss= -p "$pid" | awk '{printf "%d", $1 / 1024}' || echo "?")
   used=$("$LAB" node "$vm" -- free -m 2>/dev/null | awk '$1 == "Mem:" {print $3}' || echo "?")
@@ -96,7 +103,7 @@ read -r sent got sent3 got3 < <(lost_across restart-agent compute1)
 say "figure: agent restart on compute1: $((sent - got)) of $sent pings at 20 ms lost to vm2," \
     "$((sent3 - got3)) of $sent3 to vm3"
 [[ $sent -gt 0 && $sent -eq $got && $sent3 -gt 0 && $sent3 -eq $got3 ]] \
-  || fail "agent restart: pings lost"
+  || fail "agent restart: pings lost: $(tail -qn 2 "$TMP/ping2" "$TMP/ping3" | tr '\n' ' ')"
 say "ok: agent restart on compute1 lost nothing"
 
 # 3. an OVS restart on the kernel datapath: what stays on the node loses nothing; what
@@ -108,26 +115,48 @@ say "figure: OVS restart on compute1 (kernel datapath, flow-restore-wait):" \
     "$((sent3 - got3)) of $sent3 pings at 20 ms lost to vm3 (on the node)," \
     "$((sent - got)) of $sent to vm2 (through the tunnel)"
 [[ $sent3 -gt 0 && $sent3 -eq $got3 ]] \
-  || fail "OVS restart: $((sent3 - got3)) of $sent3 pings lost on the node"
+  || fail "OVS restart: $((sent3 - got3)) of $sent3 pings lost on the node: $(tail -qn 2 "$TMP/ping3")"
 [[ $sent -gt 0 && $((sent - got)) -le 15 ]] \
   || fail "OVS restart: $((sent - got)) of $sent pings lost through the tunnel (at most 15)"
 say "ok: OVS restart on compute1: nothing lost on the node, $((sent - got)) through the tunnel"
 
-# 4. a node killed and started again
-"$LAB" kill compute2
-"$LAB" exec vm1 -- ping -n -c 2 -W 1 10.2.0.12 >/dev/null 2>&1 \
-  && fail "vm2 still answers with compute2 killed"
-"$LAB" exec vm1 -- ping -n -c 2 -i 0.2 -W 2 10.2.0.13 >/dev/null \
-  || fail "vm1 -> vm3 (both on compute1) broke while compute2 was down"
+# 4. the network node serving r1's SNAT killed, then started again, under a ping every
+#    20 ms from vm2 (no floating IP: SNATed by r1) to the external host, run on compute2
+"$LAB" exec vm2 -- sh -c 'nohup ping -D -n -i 0.02 203.0.113.1 >/tmp/snat-ping 2>&1 &
+                          echo $! >/tmp/snat-ping.pid'
+sleep 2
+"$LAB" kill net1
+sleep 5
+capture=$("$LAB" ext -- timeout 6 tcpdump -n -l -c 1 -i eth1 'icmp[icmptype] == icmp-echo' \
+          2>/dev/null) || true
+grep -q '203.0.113.10 > 203.0.113.1' <<<"$capture" \
+  || fail "with net1 killed, vm2's traffic does not leave from r1's 203.0.113.10: ${capture:-none}"
+snat=$("$LAB" status --json | python3 -c 'import json,sys
+print(",".join(n for n, v in json.load(sys.stdin)["nodes"].items()
+               if "r1" in (v["agent"].get("snat") or [])))')
+[[ $snat == net2 ]] || fail "with net1 killed, r1's SNAT is on '${snat}', not net2"
+say "ok: net1 killed: r1's SNAT on net2, vm2's traffic still leaves from 203.0.113.10"
 t0=$SECONDS
-"$LAB" start compute2
-say "figure: compute2 back and converged $((SECONDS - t0)) s after start"
+"$LAB" start net1
+say "figure: net1 back and converged $((SECONDS - t0)) s after start"
+sleep 3
+"$LAB" exec vm2 -- sh -c 'kill -INT "$(cat /tmp/snat-ping.pid)"; sleep 0.5; cat /tmp/snat-ping' \
+  >"$TMP/snat-ping"
+gaps=$(python3 - "$TMP/snat-ping" <<'EOF'
+import re, sys
+times = [float(m.group(1)) for m in re.finditer(r"^\[([0-9.]+)\] \d+ bytes from",
+                                                 open(sys.argv[1]).read(), re.M)]
+gaps = [b - a for a, b in zip(times, times[1:]) if b - a > 0.1]
+print(" ".join(f"{g * 1000:.0f}" for g in gaps) or "none", len(times))
+EOF
+)
+read -r -a parts <<<"$gaps"
+say "figure: SNAT failover: vm2 -> external host, gaps over 100 ms (ms): ${parts[*]:0:${#parts[@]}-1}"
+"$LAB" exec vm2 -- ping -n -c 3 -i 0.2 -W 2 203.0.113.1 >/dev/null \
+  || fail "vm2 cannot reach the external host after net1 came back"
 "$LAB" exec vm1 -- ping -n -c 3 -i 0.2 -W 2 10.2.0.12 >/dev/null \
-  || fail "vm1 cannot reach vm2 after compute2 came back"
-"$LAB" ext -- ping -n -c 3 -i 0.2 -W 2 203.0.113.52 >/dev/null \
-  || fail "vm5's floating IP 203.0.113.52 (on compute2) not reached after it came back"
-say "ok: kill compute2: vm2 unreachable, compute1's own traffic untouched; start: vm2 and" \
-    "vm5's floating IP back"
+  || fail "vm1 cannot reach vm2 after net1 came back"
+say "ok: net1 started again: east-west and SNAT work"
 
 if [[ $keep == no ]]; then
   trap - EXIT
