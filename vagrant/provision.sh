@@ -244,6 +244,29 @@ cat >/etc/systemd/system/dvr-agent.service.d/lab.conf <<EOF
 After=dvr-nb.service
 EOF
 
+log "ovs-vswitchd starts holding its datapath until the agent's flows are in"
+# at boot as at a restart: with flow-restore-wait the switch forwards nothing and answers no
+# BFD until the agent has put every flow back and cleared it, so a rebooted node draws no
+# traffic (no compute node steers SNAT to it) before it can serve it
+mkdir -p /etc/systemd/system/ovs-vswitchd.service.d
+cat >/etc/systemd/system/ovs-vswitchd.service.d/dvr.conf <<EOF
+[Service]
+ExecStartPre=-/usr/bin/ovs-vsctl --no-wait set Open_vSwitch . other_config:flow-restore-wait=true
+EOF
+
+ROLE=$("$VENV/bin/python" -c 'import sys
+from flows.model import load_topology
+print(load_topology(sys.argv[1]).nodes[sys.argv[2]].role)' "$ETC/topology.yaml" "$NODE")
+if [[ $ROLE == network ]]; then
+    log "dvr-scheduler.service (the package's unit; a network node)"
+    install -m 0644 "$SRC/agent/etc/dvr-scheduler.service" /etc/systemd/system/dvr-scheduler.service
+    mkdir -p /etc/systemd/system/dvr-scheduler.service.d
+    cat >/etc/systemd/system/dvr-scheduler.service.d/lab.conf <<EOF
+[Service]
+Environment=DVR_NB=$NB_REMOTES
+EOF
+fi
+
 log "VM plugging (dvr-vms.service)"
 cat >/usr/local/sbin/dvr-plug-vms <<EOF
 #!/bin/bash
@@ -302,6 +325,10 @@ EOF
 
 systemctl daemon-reload
 systemctl enable dvr-agent.service dvr-vms.service
+if [[ $ROLE == network ]]; then
+    systemctl enable dvr-scheduler.service
+    systemctl restart dvr-scheduler.service
+fi
 rm -f "$STATE/agent-status.json"    # wait below for this run's report
 systemctl restart dvr-agent.service   # picks up a re-installed project and new config
 systemctl restart dvr-vms.service
