@@ -65,19 +65,19 @@ pool_ready() {  # the lab's own storage pool (the box's volume and the VMs' disk
     V pool-define-as "$POOL" dir --target "$POOL_DIR" >/dev/null || die "cannot define pool $POOL"
   fi
   V pool-info "$POOL" | grep -q '^State: *running' || V pool-start "$POOL" >/dev/null \
-    || die "cannot start pool $POOL"
+    || V pool-info "$POOL" | grep -q '^State: *running' || die "cannot start pool $POOL"
 }
 
 pool_remove() {
   V pool-info "$POOL" >/dev/null 2>&1 || return 0
   local vol
   V pool-refresh "$POOL" >/dev/null 2>&1 || true
-  for vol in $(V vol-list "$POOL" --name 2>/dev/null); do
+  for vol in $(V vol-list "$POOL" 2>/dev/null | awk 'NR > 2 && NF {print $1}'); do
     V vol-delete --pool "$POOL" "$vol" >/dev/null || die "cannot delete volume $vol of pool $POOL"
   done
   V pool-destroy "$POOL" >/dev/null 2>&1 || true
   V pool-undefine "$POOL" >/dev/null || die "cannot undefine pool $POOL"
-  rmdir "$POOL_DIR" 2>/dev/null || true
+  rm -rf "$POOL_DIR"   # the lab's own directory: nothing else is in it
 }
 
 host_restore() {  # what libvirt added on the host, once no libvirt network of anyone is left
