@@ -45,6 +45,11 @@ def gratuitous_arp(ip: str, mac: str) -> bytes:
     return arp_frame(1, mac, ip, "00:00:00:00:00:00", ip)
 
 
+def unicast_reply(sha: str, spa: str, tha: str, tpa: str) -> bytes:
+    """An ARP reply sent to `tha` alone: `spa` is at `sha`."""
+    return arp_frame(2, sha, spa, tha, tpa, dst=_mac_bytes(tha))
+
+
 def parse_reply(frame: bytes) -> tuple[str, str] | None:
     """(sender IP, sender MAC) of an ARP reply frame, or None for anything else."""
     if len(frame) < 42 or frame[12:14] != b"\x08\x06" or frame[14:20] != ARP_HEADER:

@@ -18,7 +18,7 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,7 +151,7 @@ class DvrAgent:
         # set later on that same switch is for its coming restart, not this one's
         self._synced_unheld_on: int | None = None
         self._held_noted = False
-        self._vm_ports: dict[str, int] = {}  # the local VMs' OpenFlow ports, at the last sync
+        self._vm_ports: Mapping[str, int] = {}  # the local VMs' OpenFlow ports, last sync
         # what the last sync read plugged, and for which nodes and external network
         self._plugged: tuple[Any, Any] | None = None
         self._claims: frozenset[str] = frozenset()
@@ -271,7 +271,7 @@ class DvrAgent:
         self._touched, self._touched_groups = set(), set()  # the switch has the plan
         self._up_before = frozenset(p for p, st in self._bfd.items() if st == ha.UP)
         self._synced_on = self.switch.connections
-        self._vm_ports = dict(ports.vms)
+        self._vm_ports = ports.vms
         if stale or missing or new_groups or changed_groups or stale_groups:
             LOG.info("node %s: +%d -%d flows (%d desired), groups +%d ~%d -%d in %s",
                      self.node, len(missing), len(stale), len(desired), len(new_groups),
@@ -569,10 +569,9 @@ class DvrAgent:
             for itf in router.interfaces:
                 if itf.network != vm.network:
                     continue
-                frame = arp.arp_frame(2, itf.mac, str(itf.ip), vm.mac, str(vm.ip),
-                                      dst=bytes.fromhex(vm.mac.replace(":", "")))
                 try:
-                    self.switch.packet_out(port, frame)
+                    self.switch.packet_out(
+                        port, arp.unicast_reply(itf.mac, str(itf.ip), vm.mac, str(vm.ip)))
                     sent += 1
                 except OpenFlowError as exc:
                     LOG.warning("ARP reply to %s failed: %s", vm.name, exc)
