@@ -199,6 +199,19 @@ EOF
   printf '}}\n'
 }
 
+failed_machines() {  # the machines a vagrant log reports an error for
+  sed -n "s/^An error occurred while executing the action on the '\([^']*\)'.*/\1/p" "$1" | sort -u
+}
+
+up_failed() {  # WHAT: say which machines failed, with their own last lines from the log
+  local m
+  tail -n 12 "$STATE.up.log" >&2
+  for m in $(failed_machines "$STATE.up.log"); do
+    echo "lab.sh: $1: $m failed; its last lines:" >&2
+    grep -E "^ *$m: " "$STATE.up.log" | tail -n 30 >&2 || true
+  done
+}
+
 wait_converged() {
   local deadline=$((SECONDS + ${1:-600})) out
   while (( SECONDS < deadline )); do
@@ -234,8 +247,21 @@ case $verb in
       box="box built in $((SECONDS - started)) s"
     fi
     pool_ready
-    vagrant up --provider=libvirt >"$STATE.up.log" 2>&1 || {
-      tail -n 20 "$STATE.up.log" >&2; die "vagrant up failed (all of it: $STATE.up.log)"; }
+    if ! vagrant up --provider=libvirt >"$STATE.up.log" 2>&1; then
+      up_failed "vagrant up"
+      # a machine whose provisioning failed is up: provision it once more (provision.sh is
+      # idempotent), loudly, so that a slow start of another machine does not sink the lab
+      for m in $(failed_machines "$STATE.up.log"); do
+        echo "lab.sh: provisioning $m again" >&2
+        vagrant provision "$m" >>"$STATE.up.log.$m" 2>&1 || {
+          sed "s/^/    /" "$STATE.up.log.$m" | tail -n 40 >&2
+          die "provisioning $m failed twice (all of it: $STATE.up.log, $STATE.up.log.$m)"; }
+        echo "lab.sh: $m provisioned at the second attempt" >&2
+      done
+      # anything else (a machine not created, not booted) is not retried
+      vagrant up --provider=libvirt --no-provision >>"$STATE.up.log" 2>&1 ||
+        { up_failed "vagrant up --no-provision"; die "vagrant up failed (all of it: $STATE.up.log)"; }
+    fi
     machines >"$STATE/machines.tmp" && mv "$STATE/machines.tmp" "$STATE/machines"
     rm -f "$STATE/vms"
     ssh_config
@@ -259,7 +285,7 @@ case $verb in
       pool_remove
     fi
     host_restore
-    rm -rf "$STATE" "$STATE.up.log" "$HERE/.wheel"
+    rm -rf "$STATE" "$STATE".up.log* "$HERE/.wheel"
     echo "lab down"
     ;;
   status)

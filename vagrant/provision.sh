@@ -171,17 +171,25 @@ EOF
     systemctl daemon-reload
     systemctl enable dvr-nb.service
     systemctl restart dvr-nb.service
-    log "waiting for this member to join the cluster"
+    # the machines come up in parallel: under emulation the member that creates the cluster
+    # may still be minutes behind this one, so wait long, and say so
+    log "waiting for this member to join the cluster (through ${NB_MEMBERS[0]}, $NB_FIRST_IP)"
     joined=no
-    for _ in $(seq 1 120); do
+    started=$SECONDS
+    while (( SECONDS - started < ${DVR_NB_JOIN_TIMEOUT:-900} )); do
         if ovs-appctl -t /run/dvr/nb.ctl cluster/status DVR_Northbound 2>/dev/null |
             grep -q '^Status: cluster member'; then
             joined=yes
             break
         fi
-        sleep 0.5
+        (( (SECONDS - started) % 60 == 59 )) && log "still joining after $((SECONDS - started)) s"
+        sleep 1
     done
-    [[ $joined == yes ]] || die "not a member of the northbound cluster after 60 s"
+    if [[ $joined != yes ]]; then
+        ovs-appctl -t /run/dvr/nb.ctl cluster/status DVR_Northbound 2>&1 | sed 's/^/    /' >&2 || true
+        die "not a member of the northbound cluster after $((SECONDS - started)) s"
+    fi
+    log "joined the cluster in $((SECONDS - started)) s"
     # the project's schema is newer than the database's: convert it in place
     if [[ $(ovsdb-client needs-conversion unix:/run/dvr/nb.sock \
             "$SRC/flows/nb.ovsschema") == yes ]]; then
@@ -192,14 +200,16 @@ fi
 
 log "desired state into the northbound database ($NB_REMOTES)"
 loaded=no
-for _ in $(seq 1 30); do   # a leader may still be being elected
-    if "$VENV/bin/dvr" nb --db "$NB_REMOTES" load "$ETC/topology.yaml"; then
+started=$SECONDS
+while (( SECONDS - started < ${DVR_NB_JOIN_TIMEOUT:-900} )); do   # a leader may still be elected,
+    if "$VENV/bin/dvr" nb --db "$NB_REMOTES" load "$ETC/topology.yaml"; then   # or members be joining
         loaded=yes
         break
     fi
     sleep 2
 done
-[[ $loaded == yes ]] || die "cannot load the topology into the northbound database"
+[[ $loaded == yes ]] || die "cannot load the topology into the northbound database \
+after $((SECONDS - started)) s"
 
 log "agent configuration $ETC/agent.ini (from the package's sample)"
 # the sample oslo-config-generator made of the agent's options, each value set in place
