@@ -60,7 +60,21 @@ TOPOLOGY_OPTS = [
                     "northbound database."),
     cfg.StrOpt("file", help="Topology file (YAML), for source=file."),
     cfg.StrOpt("nb_connection",
-               help="The northbound database (unix:PATH or tcp:HOST:PORT), for source=nb."),
+               help="The northbound database, for source=nb: unix:PATH, ssl:HOST:PORT "
+                    "(with the [northbound] TLS files) or, only where asked for, plain "
+                    "tcp:HOST:PORT; a cluster's members comma-separated."),
+]
+
+NORTHBOUND_OPTS = [
+    cfg.StrOpt("private_key",
+               help="This agent's TLS private key (PEM), for ssl: northbound remotes."),
+    cfg.StrOpt("certificate",
+               help="This agent's certificate (PEM). Its CN must be this node's name: the "
+                    "database lets the agent write only the Agent row of that name. A "
+                    "certificate replaced on disk is taken at once (the agent reconnects)."),
+    cfg.StrOpt("ca_cert",
+               help="The CA certificate (PEM) the database servers' certificates are "
+                    "checked against."),
 ]
 
 AGENT_OPTS = [
@@ -107,6 +121,7 @@ def list_opts() -> list[tuple[str | None, list[cfg.Opt]]]:
         (None, DEFAULT_OPTS + LOGGING_OPTS),
         ("ovs", OVS_OPTS),
         ("topology", TOPOLOGY_OPTS),
+        ("northbound", NORTHBOUND_OPTS),
         ("agent", AGENT_OPTS),
         ("metrics", METRICS_OPTS),
     ]

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import arp, config
+from agent import arp, config, tls
 from agent.conntrack import Conntrack, ConntrackError
 from agent.flowtables import (
     Desired,
@@ -164,9 +164,28 @@ class DvrAgent:
         self._held_by_router: dict[str, tuple[float, frozenset[Binding]]] = {}
         self._nat_next = 0.0
         self.metrics = Metrics(self.node, VERSION)
+        # this agent's TLS files, looked at once a second: a rotated certificate is taken
+        # by reconnecting (the `ovs` streams read the files at each connection)
+        self._tls = tls.Watch(tls.identity())
+        self._tls_next = 0.0
+        self._refused_seen = 0
         if conf.metrics.bind_host:
             self.status["metrics"] = self.metrics.serve(conf.metrics.bind_host,
                                                         conf.metrics.port)
+
+    def _watch_identity(self, now: float) -> None:
+        """Reconnect when the TLS files changed; count the reports the database refused."""
+        if isinstance(self.source, NbSource):
+            refused = self.source.refused
+            if refused > self._refused_seen:
+                self.metrics.nb_refused.inc(refused - self._refused_seen)
+                self._refused_seen = refused
+        if now < self._tls_next or self._tls.ident is None:
+            return
+        self._tls_next = now + 1.0
+        if self._tls.changed() and isinstance(self.source, NbSource):
+            self.metrics.nb_reconnects.labels("certificate").inc()
+            self.source.reconnect(f"the certificate {self._tls.ident.certificate} changed")
 
     # --- status ---------------------------------------------------------------------------
     def report(self, **changes: Any) -> None:
@@ -674,6 +693,7 @@ class DvrAgent:
                 self.report()
             if self.sync_translations():
                 self.report(snat_bindings=list(self._published))
+            self._watch_identity(now)
             self._send_due_garps()
             self._wait(min(next_resync, next_audit), backoff if dirty else None)
         if self.ovsdb is not None:
@@ -765,6 +785,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if conf.topology.source == "nb" and not northbound.SCHEMA.is_file():
             raise ValueError(f"the northbound schema {northbound.SCHEMA} is missing from "
                              "this installation: reinstall dvr")
+        tls.configure(conf.northbound.private_key, conf.northbound.certificate,
+                      conf.northbound.ca_cert)
+        if conf.topology.source == "nb":
+            tls.require(conf.topology.nb_connection)
     except Exception as exc:
         print(f"dvr-agent: {exc}", file=sys.stderr)
         return 2

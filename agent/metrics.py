@@ -46,6 +46,12 @@ class Metrics:
                                "Desired states refused", registry=r)
         self.northbound = Gauge("dvr_agent_northbound_connected",
                                 "Connected to the northbound database", registry=r)
+        self.nb_refused = Counter("dvr_agent_northbound_writes_refused",
+                                  "Reports the northbound database refused (RBAC)",
+                                  registry=r)
+        self.nb_reconnects = Counter("dvr_agent_northbound_reconnects",
+                                     "Reconnections to the northbound database the agent "
+                                     "asked for", ["reason"], registry=r)
         self.bfd = Gauge("dvr_agent_bfd_session_up", "A tunnel's BFD session is up", ["peer"],
                          registry=r)
         self.snat = Gauge("dvr_agent_snat_active", "SNAT served here", ["router"], registry=r)

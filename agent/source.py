@@ -174,6 +174,8 @@ class NbSource(Source):
 
         helper = ovs.db.idl.SchemaHelper(location=str(northbound.SCHEMA))
         for table, spec in json.loads(northbound.SCHEMA.read_text())["tables"].items():
+            if table in northbound.ACCESS_TABLES:  # the servers' remotes and roles
+                continue
             unused = UNUSED_COLUMNS.get(table)
             if unused:
                 helper.register_columns(table, [c for c in spec["columns"] if c not in unused])
@@ -207,6 +209,14 @@ class NbSource(Source):
         self._seen = -1  # ... when `load()` last handed it out
         self._pending_since: float | None = None
         self._report: Any = None  # the report transaction in flight (ovs.db.idl.Transaction)
+        self.refused = 0  # reports the database refused (RBAC: not this node's row)
+        self.reconnects = 0  # reconnections asked for (a rotated certificate)
+
+    def reconnect(self, why: str) -> None:
+        """Drop the connection and make a new one now (the copy is kept meanwhile)."""
+        LOG.info("northbound database: reconnecting (%s)", why)
+        self.reconnects += 1
+        self.idl.force_reconnect()
 
     def wait(self, poller: Any) -> bool:
         idl = self.idl
@@ -256,7 +266,7 @@ class NbSource(Source):
         dirty, self.idl.dirty = self.idl.dirty, set()
         glob = list(self.idl.tables["NB_Global"].rows.values())
         try:
-            if not glob:
+            if not glob or not glob[0].generation:  # (its remotes alone are set: no state)
                 raise TopologyError("northbound", [("(database)", "holds no desired state yet")])
             topo = self._model(dirty)
             self._state = _with_digest(topo, glob[0].generation)
@@ -530,9 +540,14 @@ class NbSource(Source):
             return
         self._report = None
         if status not in (ovs.db.idl.Transaction.SUCCESS, ovs.db.idl.Transaction.UNCHANGED):
+            error = txn.get_error() or "no detail"
+            if "permission error" in error or "RBAC" in error:
+                self.refused += 1
+                LOG.error("report to the northbound database refused (is this node's "
+                          "certificate's CN %r?): %s", self.node, error)
+                return
             log = LOG.info if status == ovs.db.idl.Transaction.TRY_AGAIN else LOG.warning
-            log("report to the northbound database: %s (%s)", status,
-                         txn.get_error() or "no detail")
+            log("report to the northbound database: %s (%s)", status, error)
 
     def close(self) -> None:
         self.idl.close()

@@ -28,6 +28,11 @@ def _lab_parser(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--nb-cluster", type=int, metavar="N",
                     help="run the northbound database as a RAFT cluster of N members, each "
                          "in its own namespace (default: one standalone ovsdb-server)")
+    up.add_argument("--nb-tcp", action="store_true",
+                    help="the northbound database on plain TCP over the underlay: no TLS, "
+                         "and so no roles (any client may write anything); by default every "
+                         "connection over the network is TLS with the lab's PKI "
+                         "(/run/PREFIX-lab/pki) and each agent writes only its own report")
     up.add_argument("--bfd-interval", type=int, metavar="MS",
                     help="milliseconds between BFD packets on the tunnels to and between "
                          "network nodes (default 100; 0: no BFD, no SNAT failover)")
@@ -155,7 +160,14 @@ def _nb_parser(sub: argparse._SubParsersAction) -> None:
                          "a cluster, comma-separated (default: $DVR_NB_DB)")
     nb.add_argument("--lab", metavar="PREFIX",
                     help="the database of the running lab PREFIX (standalone or cluster)")
+    _tls_arguments(nb)
     cmds = nb.add_subparsers(dest="nb_cmd", required=True, metavar="COMMAND")
+    sc = cmds.add_parser(
+        "set-connection", help="the servers' remotes and the roles of their clients: "
+        "`role=dvr-agent pssl:6641 role=dvr-scheduler pssl:6642 role= pssl:6644:MGMT-IP`; "
+        "also (re)writes the project's RBAC roles")
+    sc.add_argument("remotes", nargs="+", metavar="[role=ROLE] [read-only] TARGET")
+    cmds.add_parser("get-connection", help="print the servers' remotes and their roles")
     ld = cmds.add_parser("load", help="replace the desired state (validated, one transaction)")
     ld.add_argument("topology")
     cmds.add_parser("dump", help="print the desired state as a topology file")
@@ -184,6 +196,27 @@ def _nb_parser(sub: argparse._SubParsersAction) -> None:
     sm.add_argument("node")
 
 
+def _tls_arguments(p: argparse.ArgumentParser) -> None:
+    """A database client's TLS identity, for ssl: remotes (as ovn-nbctl takes it)."""
+    p.add_argument("-p", "--private-key", default=os.environ.get("DVR_NB_PRIVATE_KEY"),
+                   help="the client's private key, for ssl: remotes ($DVR_NB_PRIVATE_KEY)")
+    p.add_argument("-c", "--certificate", default=os.environ.get("DVR_NB_CERTIFICATE"),
+                   help="the client's certificate ($DVR_NB_CERTIFICATE)")
+    p.add_argument("-C", "--ca-cert", default=os.environ.get("DVR_NB_CA_CERT"),
+                   help="the CA certificate the servers' are checked against "
+                        "($DVR_NB_CA_CERT)")
+
+
+def _tls_setup(args: argparse.Namespace, target: str) -> None:
+    from agent import tls
+
+    try:
+        tls.configure(args.private_key, args.certificate, args.ca_cert)
+        tls.require(target)
+    except tls.TlsError as exc:
+        raise LabError(str(exc)) from None
+
+
 def nb_main(args: argparse.Namespace) -> int:
     import yaml
 
@@ -200,10 +233,22 @@ def nb_main(args: argparse.Namespace) -> int:
         raise LabError("no northbound database: give --db unix:PATH, --lab PREFIX, or set "
                        "DVR_NB_DB")
     topo = load_topology(args.topology) if args.nb_cmd == "load" else None  # validate first
+    _tls_setup(args, args.db)
+    try:
+        remotes = (northbound.parse_remotes(args.remotes) if args.nb_cmd == "set-connection"
+                   else None)
+    except northbound.ChangeError as exc:
+        raise LabError(str(exc)) from None
     try:
         db = nb.Northbound(args.db)
         try:
-            if topo is not None:
+            if remotes is not None:
+                db.set_connections(remotes)
+                print(f"{len(remotes)} remotes; roles {', '.join(sorted(northbound.roles()))}")
+            elif args.nb_cmd == "get-connection":
+                for r in db.connections():
+                    print(f"{'read-only ' if r.read_only else ''}role={r.role} {r.target}")
+            elif topo is not None:
                 db.load(topo)
                 print(f"loaded {args.topology}: {len(topo.nodes)} nodes, "
                       f"{len(topo.networks)} networks, {len(topo.routers)} routers, "
@@ -242,6 +287,7 @@ def scheduler_main(args: argparse.Namespace) -> int:
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"))
+    _tls_setup(args, args.db)
     return Scheduler(args.db, args.agent_down_time, args.status_file).run()
 
 
@@ -301,7 +347,7 @@ def lab_main(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         lab.up(args.topology, timeout=args.timeout, nb_cluster=args.nb_cluster,
                bfd_interval=args.bfd_interval, neutron=args.neutron,
-               l2_agents=[n for n in args.l2_agent.split(",") if n])
+               l2_agents=[n for n in args.l2_agent.split(",") if n], nb_tls=not args.nb_tcp)
         st = lab.status()
         print(f"lab {lab.prefix} up: {len(st['nodes'])} nodes, {len(st['vms'])} VMs, "
               f"converged in {time.monotonic() - t0:.2f}s"
@@ -366,6 +412,7 @@ def neutron_sync_main(args: argparse.Namespace) -> int:
             raise LabError(f"lab {args.prefix} runs no Neutron (`dvr lab up --neutron`)")
     if not url or not db:
         raise LabError("neutron-sync: give --url and --db (or --prefix of a lab)")
+    _tls_setup(args, db)
     try:
         return sync.main(url, db, args.mode, args.token)
     except (sync.SyncError, nb.NbError) as exc:
@@ -387,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sc.add_argument("--agent-down-time", type=float, default=5.0, metavar="S",
                     help="seconds without a report after which an agent is dead (default 5)")
     sc.add_argument("--status-file", help="where to say whether this one holds the lock")
+    _tls_arguments(sc)
     ns = sub.add_parser("neutron-sync", help="compare Neutron's resources with the northbound "
                         "database; report (log) or repair each difference")
     ns.add_argument("--mode", choices=("log", "repair"), default="log")
@@ -396,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns.add_argument("--db", default=os.environ.get("DVR_NB_DB"),
                     help="the northbound database (default $DVR_NB_DB; with --prefix, the lab's)")
     ns.add_argument("--prefix", help="the lab whose Neutron and northbound database to use")
+    _tls_arguments(ns)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="dvr: %(levelname)s: %(message)s")
     try:

@@ -12,7 +12,10 @@ import itertools
 import json
 import os
 import socket
+import ssl
 from typing import Any
+
+from agent import tls
 
 RECV_SIZE = 1 << 20
 
@@ -22,7 +25,8 @@ class RpcError(OSError):
 
 
 class Connection:
-    """One connection to `unix:PATH` or `tcp:HOST:PORT`; `call()` sends a request and
+    """One connection to `unix:PATH`, `tcp:HOST:PORT` or `ssl:HOST:PORT` (with the
+    process's TLS identity, `agent.tls`); `call()` sends a request and
     returns its answer, answering the server's echo (keepalive) requests meanwhile."""
 
     def __init__(self, remote: str, timeout: float):
@@ -33,15 +37,31 @@ class Connection:
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 self.sock.settimeout(timeout)
                 self.sock.connect(where)
-            elif kind == "tcp":
+            elif kind in ("tcp", "ssl"):
                 host, _, port = where.rpartition(":")
-                self.sock = socket.create_connection((host.strip("[]"), int(port)),
-                                                     timeout=timeout)
+                ctx = tls.client_context() if kind == "ssl" else None
+                sock = socket.create_connection((host.strip("[]"), int(port)),
+                                                timeout=timeout)
+                if ctx is not None:
+                    try:
+                        sock = ctx.wrap_socket(sock)   # the handshake, within the timeout
+                    except ssl.SSLError as exc:
+                        sock.close()
+                        raise RpcError(f"TLS handshake refused: {exc.reason or exc}") from None
+                    except OSError:
+                        sock.close()
+                        raise
+                self.sock = sock
             else:
-                raise RpcError(f"{remote}: not a unix:PATH or tcp:HOST:PORT remote")
+                raise RpcError(f"{remote}: not a unix:PATH, tcp:HOST:PORT or ssl:HOST:PORT "
+                               "remote")
+        except tls.TlsError as exc:
+            raise RpcError(str(exc)) from None
         except (OSError, ValueError) as exc:
             if isinstance(exc, RpcError):
                 raise
+            if isinstance(exc, ssl.SSLError):
+                raise RpcError(f"TLS: {exc.reason or exc}") from None
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise RpcError(reason) from None
         self._buf = b""

@@ -22,7 +22,9 @@ from flows.northbound import (
     ChangeError,
     Command,
     Refusal,
+    Remote,
     Write,
+    access_ops,
     diff_ops,
     document,
     dump_ops,
@@ -424,6 +426,33 @@ class Northbound:
                                                        for i, n in enumerate(chain)]]}}])
         return tuple(chain)
 
+    def set_connections(self, remotes: list[Remote]) -> None:
+        """Make the servers' remotes `remotes` (each member listens on them: the targets
+        are the cluster's, so give no member's address but a management one all share)
+        and the project's RBAC roles what `flows.northbound.roles()` says, in one
+        transaction."""
+        glob, existing = self.transact([
+            {"op": "select", "table": "NB_Global", "where": [], "columns": ["_uuid"]},
+            {"op": "select", "table": "RBAC_Role", "where": [],
+             "columns": ["_uuid", "name", "permissions"]}])
+        self.transact(access_ops(remotes, existing["rows"], bool(glob["rows"])))
+
+    def connections(self) -> list[Remote]:
+        """The servers' remotes, as set (NB_Global.connections)."""
+        glob, conns = self.transact([
+            {"op": "select", "table": "NB_Global", "where": [], "columns": ["connections"]},
+            {"op": "select", "table": "Connection", "where": []}])
+        if not glob["rows"]:
+            return []
+        refs = {u for _, u in _set_items(glob["rows"][0]["connections"])}
+        out = []
+        for c in conns["rows"]:
+            if c["_uuid"][1] in refs:
+                probe = c["inactivity_probe"]
+                out.append(Remote(c["target"], c["role"], c["read_only"],
+                                  probe if isinstance(probe, int) else None))
+        return sorted(out, key=lambda r: r.target)
+
     def dump(self, live: bool = False) -> dict[str, Any]:
         """The desired state as a topology document (with `live`, the routers' HA chains as
         the scheduler keeps them: see `flows.northbound.document`)."""
@@ -436,3 +465,10 @@ class Northbound:
         _, generation = uuids_of(results)
         return dataclasses.replace(build_topology(document(results, live=live), source),
                                    digest=generation or "")
+
+
+def _set_items(value: Any) -> list[Any]:
+    """The members of an OVSDB set in its JSON form (one member alone, or ["set", [...]])."""
+    if isinstance(value, list) and value and value[0] == "set":
+        return list(value[1])
+    return [value] if value not in (None, []) else []

@@ -57,6 +57,9 @@ def split_remotes(target: str) -> list[str]:
 
 # the tables of the desired state, in the order `document()` reads them
 DESIRED_TABLES = ("NB_Global", "Node", "External", "Network", "Router", "Port")
+# the servers' own remotes (NB_Global.connections) and the roles of their clients (RBAC):
+# written by operators' tools only, read by the servers
+ACCESS_TABLES = ("Connection", "RBAC_Role", "RBAC_Permission")
 
 
 def dump_ops() -> list[dict[str, Any]]:
@@ -1181,3 +1184,110 @@ def router_if_change(router: str, network: str, add: bool
         return Write(ops)
 
     return command
+
+
+# --- who may write what: the servers' remotes and the roles of their clients (OVSDB RBAC) --
+# A client on a remote with a role may read everything, and write only what the role's
+# permission for a table allows, in rows whose `authorization` column equals the CN of the
+# client's certificate (ovsdb-server takes it from the TLS session). A remote without a
+# role gives full access: the operators' tools and the Neutron driver use it, through the
+# members' unix sockets or a TLS remote on a management address only.
+AGENT_ROLE = "dvr-agent"
+SCHEDULER_ROLE = "dvr-scheduler"
+
+
+def _agent_columns() -> list[str]:
+    columns = json.loads(SCHEMA.read_text())["tables"]["Agent"]["columns"]
+    return sorted(c for c in columns if c != "node")
+
+
+def roles() -> dict[str, dict[str, dict[str, Any]]]:
+    """Role -> table -> permission. An agent inserts and updates only the Agent row of its
+    node (the CN of its certificate); the scheduler only reorders routers' HA chains."""
+    return {
+        AGENT_ROLE: {"Agent": {"authorization": ["node"], "insert_delete": True,
+                               "update": _agent_columns()}},
+        SCHEDULER_ROLE: {"Router": {"authorization": [""], "insert_delete": False,
+                                    "update": ["snat_chain"]}},
+    }
+
+
+@dataclass(frozen=True)
+class Remote:
+    """One of the servers' remotes: `pssl:PORT[:IP]` (or `ptcp:`), its clients' role
+    ("" for none: full access)."""
+    target: str
+    role: str = ""
+    read_only: bool = False
+    inactivity_probe: int | None = None
+
+
+def parse_remotes(words: list[str]) -> list[Remote]:
+    """`role=ROLE TARGET... [role=OTHER TARGET...]` (as ovn-sbctl set-connection takes
+    them): each `role=` applies to the targets after it; `read-only` to the next one."""
+    out: list[Remote] = []
+    role, read_only = "", False
+    known = set(roles())
+    for w in words:
+        if w.startswith("role="):
+            role = w.partition("=")[2]
+            if role and role not in known:
+                raise ChangeError(f"role {role!r}: not one of {', '.join(sorted(known))} "
+                                  "(or role= for full access)")
+        elif w == "read-only":
+            read_only = True
+        elif w.split(":", 1)[0] in ("pssl", "ptcp", "punix") and ":" in w:
+            out.append(Remote(w, role, read_only))
+            read_only = False
+        else:
+            raise ChangeError(f"{w!r}: not a passive remote (pssl:PORT[:IP], ptcp:PORT[:IP], "
+                              "punix:PATH) nor role=ROLE or read-only")
+    targets = [r.target for r in out]
+    if len(set(targets)) != len(targets):
+        raise ChangeError("a remote is given twice")
+    return out
+
+
+def access_ops(remotes: list[Remote], existing: list[dict[str, Any]],
+               global_exists: bool) -> list[dict[str, Any]]:
+    """The operations that make the servers' remotes `remotes` and the project's roles
+    what `roles()` says, replacing the rows of the roles in `existing` (RBAC_Role rows
+    with their permissions, as selected); other roles are left as they are."""
+    mine = set(roles())
+    ops: list[dict[str, Any]] = []
+    for row in existing:
+        if row["name"] not in mine:
+            continue
+        for _, ref in row["permissions"][1]:
+            ops.append({"op": "delete", "table": "RBAC_Permission",
+                        "where": [["_uuid", "==", ref]]})
+        ops.append({"op": "delete", "table": "RBAC_Role",
+                    "where": [["_uuid", "==", row["_uuid"]]]})
+    for i, (role, tables) in enumerate(sorted(roles().items())):
+        perms = []
+        for j, (table, p) in enumerate(sorted(tables.items())):
+            name = f"perm{i}_{j}"
+            ops.append({"op": "insert", "table": "RBAC_Permission", "uuid-name": name,
+                        "row": {"table": table,
+                                "authorization": ["set", p["authorization"]],
+                                "insert_delete": p["insert_delete"],
+                                "update": ["set", p["update"]]}})
+            perms.append([table, ["named-uuid", name]])
+        ops.append({"op": "insert", "table": "RBAC_Role",
+                    "row": {"name": role, "permissions": ["map", perms]}})
+    refs = []
+    for i, r in enumerate(remotes):
+        row: dict[str, Any] = {"target": r.target, "role": r.role, "read_only": r.read_only}
+        if r.inactivity_probe is not None:
+            row["inactivity_probe"] = r.inactivity_probe
+        ops.append({"op": "insert", "table": "Connection", "uuid-name": f"conn{i}",
+                    "row": row})
+        refs.append(["named-uuid", f"conn{i}"])
+    connections = ["set", refs]
+    if global_exists:   # the old Connection rows go with their references (not roots)
+        ops.append({"op": "update", "table": "NB_Global", "where": [],
+                    "row": {"connections": connections}})
+    else:  # a database nothing was loaded into yet: its NB_Global row, no generation
+        ops.append({"op": "insert", "table": "NB_Global",
+                    "row": {"generation": "", "changes": 0, "connections": connections}})
+    return ops

@@ -36,6 +36,7 @@ import yaml
 
 from dvr.lab import LabError, run
 from dvr.lab.netlink import NetlinkError, Netns, delete_namespace, ensure_namespace, list_namespaces
+from dvr.lab.pki import Pki, PkiError
 from flows import northbound
 from flows.model import (
     NAME_RE,
@@ -61,6 +62,12 @@ PROVIDER_BRIDGE = "br-ex"
 # underlay at 198.18.250.i, clients on NB_PORT, RAFT between members on NB_RAFT_PORT
 NB_PORT, NB_RAFT_PORT = 6641, 6643
 NB_MEMBER_NET = 250
+# the databases' TLS remotes (each member's): agents on NB_PORT with the role that lets each
+# write only its own Agent row, schedulers on NB_SCHEDULER_PORT with theirs; operators'
+# tools without a role on NB_ADMIN_PORT, on the member's loopback only (and its unix socket)
+NB_SCHEDULER_PORT, NB_ADMIN_PORT = 6642, 6644
+# the standalone database's address on the underlay (in the underlay's namespace)
+NB_STANDALONE_HOST = 254
 MAX_NB_MEMBERS = 9
 NB_CLUSTER_TIMEOUT = 20.0
 BFD_INTERVAL = 100  # ms between BFD packets on the tunnels to and between network nodes
@@ -160,15 +167,67 @@ class Lab:
     def nb_member_ip(member: str) -> str:
         return str(UNDERLAY.network_address + NB_MEMBER_NET * 256 + int(member[2:]))
 
-    def nb_connection(self, agents: bool = False) -> str:
+    @staticmethod
+    def nb_standalone_ip() -> str:
+        return str(UNDERLAY.network_address + NB_MEMBER_NET * 256 + NB_STANDALONE_HOST)
+
+    @property
+    def pki(self) -> Pki:
+        """The lab's PKI: a CA, a certificate for each node (CN: its name), for `admin`,
+        and for each database server (`server_nb`, `server_nb1`, ...)."""
+        return Pki(self.dir / "pki")
+
+    def nb_tls(self) -> bool:
+        """Whether the lab's databases speak TLS on the network (the default), or plain
+        TCP (`up --nb-tcp`: no TLS, no roles)."""
+        try:
+            return self.state().get("nb_transport", "ssl") == "ssl"
+        except LabError:
+            return True
+
+    def nb_connection(self, agents: bool = False, port: int = NB_PORT) -> str:
         """How to reach the northbound database: from this host (unix sockets), or, with
-        `agents`, as the nodes' agents do (a cluster's members over the underlay)."""
+        `agents`, as the nodes' agents do (over the underlay, TLS unless the lab was
+        brought up with plain TCP; `port` NB_SCHEDULER_PORT: as the schedulers do)."""
         members = self.nb_members()
+        if agents:
+            proto = "ssl" if self.nb_tls() else "tcp"
+            if not self.nb_tls():
+                port = NB_PORT  # no roles: one remote for all
+            ips = ([self.nb_member_ip(m) for m in members] if members
+                   else [self.nb_standalone_ip()])
+            return ",".join(f"{proto}:{ip}:{port}" for ip in ips)
         if not members:
             return f"unix:{self.nb_socket}"
-        if agents:
-            return ",".join(f"tcp:{self.nb_member_ip(m)}:{NB_PORT}" for m in members)
         return ",".join(f"unix:{self.dir / m / 'nb.sock'}" for m in members)
+
+    def nb_remotes(self) -> list[northbound.Remote]:
+        """The remotes every database server of the lab listens on (NB_Global.connections)."""
+        if not self.nb_tls():
+            return [northbound.Remote(f"ptcp:{NB_PORT}")]
+        return [northbound.Remote(f"pssl:{NB_PORT}", northbound.AGENT_ROLE),
+                northbound.Remote(f"pssl:{NB_SCHEDULER_PORT}", northbound.SCHEDULER_ROLE),
+                northbound.Remote(f"pssl:{NB_ADMIN_PORT}:127.0.0.1")]
+
+    def _server_args(self, name: str) -> list[str]:
+        """ovsdb-server's remotes from the database, and its TLS identity `name`."""
+        args = ["--remote=db:DVR_Northbound,NB_Global,connections"]
+        if self.nb_tls():
+            key, cert, ca = self.pki.files(name)
+            args += [f"--private-key={key}", f"--certificate={cert}", f"--ca-cert={ca}"]
+        return args
+
+    def _set_nb_remotes(self) -> None:
+        from dvr import nb
+
+        try:
+            conn = nb.Northbound(self.nb_connection(), timeout=NB_CLUSTER_TIMEOUT)
+            try:
+                conn.set_connections(self.nb_remotes())
+            finally:
+                conn.close()
+        except nb.NbError as exc:
+            raise LabError(f"cannot set the northbound database's remotes: {exc}") from None
 
     def _nb_present(self) -> bool:
         members = self.nb_members()
@@ -218,25 +277,27 @@ class Lab:
             self._sh(self.nb_member_ns(m), ["ethtool", "-K", "eth0", "tx", "off"], check=False)
             d = self.dir / m
             d.mkdir(parents=True, exist_ok=True)
-            local = f"tcp:{self.nb_member_ip(m)}:{NB_RAFT_PORT}"
+            raft = "ssl" if self.nb_tls() else "tcp"
+            local = f"{raft}:{self.nb_member_ip(m)}:{NB_RAFT_PORT}"
             if m == members[0]:
                 cmd = ["ovsdb-tool", "create-cluster", str(d / "nb.db"),
                        str(northbound.SCHEMA), local]
             else:
-                first = f"tcp:{self.nb_member_ip(members[0])}:{NB_RAFT_PORT}"
+                first = f"{raft}:{self.nb_member_ip(members[0])}:{NB_RAFT_PORT}"
                 cmd = ["ovsdb-tool", "join-cluster", str(d / "nb.db"), "DVR_Northbound",
                        local, first]
             run.run(None, cmd)
         for m in members:
             self._start_nb_member(m)
         self._wait_nb_cluster(members)
+        self._set_nb_remotes()
 
     def _start_nb_member(self, member: str) -> None:
         d = self.dir / member
         self._sh(self.nb_member_ns(member), [
             "ovsdb-server", str(d / "nb.db"), f"--remote=punix:{d}/nb.sock",
-            f"--remote=ptcp:{NB_PORT}:{self.nb_member_ip(member)}",
-            f"--pidfile={d}/nb.pid", f"--unixctl={d}/nb.ctl", f"--log-file={d}/nb.log",
+            *self._server_args(f"server_{member}"), f"--pidfile={d}/nb.pid",
+            f"--unixctl={d}/nb.ctl", f"--log-file={d}/nb.log",
             "--detach", "--no-chdir", "-vconsole:off"])
 
     def _wait_nb_cluster(self, members: list[str], timeout: float = NB_CLUSTER_TIMEOUT
@@ -255,14 +316,19 @@ class Lab:
 
     def _start_northbound(self) -> None:
         """The lab's northbound database: a standalone ovsdb-server with this project's
-        schema, on a unix socket every node's agent reaches (namespaces share the files)."""
+        schema, in the underlay's namespace: the nodes' agents reach it on the underlay
+        (at nb_standalone_ip), this host's tools on its unix socket."""
         db = self.dir / "nb.db"
-        if not db.exists():
+        fresh = not db.exists()
+        if fresh:
             run.run(None, ["ovsdb-tool", "create", str(db), str(northbound.SCHEMA)])
         self._sh(self.ul_ns, [
             "ovsdb-server", str(db), f"--remote=punix:{self.nb_socket}",
-            f"--pidfile={self.dir}/nb.pid", f"--unixctl={self.dir}/nb.ctl",
+            *self._server_args("server_nb"), f"--pidfile={self.dir}/nb.pid",
+            f"--unixctl={self.dir}/nb.ctl",
             f"--log-file={self.dir}/nb.log", "--detach", "--no-chdir", "-vconsole:off"])
+        if fresh:
+            self._set_nb_remotes()
 
     def nb_agents(self) -> dict[str, dict[str, Any]]:
         """The Agent table of the lab's northbound database, by node ({} if unreachable)."""
@@ -315,7 +381,8 @@ class Lab:
     # --- commands -------------------------------------------------------------------------
     def up(self, topology: str | Path | None = None, timeout: float = CONVERGE_TIMEOUT,
            nb_cluster: int | None = None, bfd_interval: int | None = None,
-           neutron: bool = False, l2_agents: list[str] | None = None) -> None:
+           neutron: bool = False, l2_agents: list[str] | None = None,
+           nb_tls: bool = True) -> None:
         """Build the lab (its northbound database standalone, or a RAFT cluster of
         `nb_cluster` members; with `neutron`, driven by a Neutron API that holds the
         topology's objects), or apply `topology` to the running lab."""
@@ -336,6 +403,10 @@ class Lab:
                     raise LabError(f"lab {self.prefix} runs its northbound database "
                                    f"{f'as {have} members' if have else 'standalone'}: "
                                    "`dvr lab down` first to change that")
+                if nb_tls != self.nb_tls():
+                    raise LabError(f"lab {self.prefix}'s northbound database speaks "
+                                   f"{'TLS' if self.nb_tls() else 'plain TCP'}: "
+                                   "`dvr lab down` first to change that")
                 if neutron != self.neutron_driven():
                     raise LabError(f"lab {self.prefix} is "
                                    f"{'' if self.neutron_driven() else 'not '}driven by "
@@ -345,7 +416,7 @@ class Lab:
             try:
                 self._create(topo, raw, path, timeout, nb_cluster or 0,
                              BFD_INTERVAL if bfd_interval is None else bfd_interval,
-                             neutron, sorted(set(l2_agents or [])))
+                             neutron, sorted(set(l2_agents or [])), nb_tls)
             except BaseException:
                 if os.environ.get("DVR_LAB_KEEP"):  # for a post-mortem; `down` removes it
                     LOG.error("lab %s: up failed; kept as it is (DVR_LAB_KEEP)", self.prefix)
@@ -387,6 +458,7 @@ class Lab:
         out = {n: ip for n, ip in current.items() if n in topo.nodes}
         used = set(out.values()) | {self.nb_member_ip(f"nb{i}")
                                     for i in range(1, MAX_NB_MEMBERS + 1)}
+        used.add(self.nb_standalone_ip())
         hosts = (str(h) for h in UNDERLAY.hosts())
         for node in sorted(topo.nodes.values(), key=lambda n: n.index):
             if node.name in out:
@@ -406,7 +478,7 @@ class Lab:
 
     def _create(self, topo: Topology, raw: dict[str, Any], path: Path, timeout: float,
                 nb_cluster: int = 0, bfd_interval: int = 0, neutron: bool = False,
-                l2_agents: list[str] | None = None) -> None:
+                l2_agents: list[str] | None = None, nb_tls: bool = True) -> None:
         for cmd in ("ovsdb-server", "ovs-vswitchd", "ovs-vsctl", "ovsdb-tool", "ethtool"):
             if shutil.which(cmd) is None:
                 raise LabError(f"{cmd} not found: install openvswitch-switch and ethtool")
@@ -421,13 +493,24 @@ class Lab:
         self._write_topology(text)
         state = {"prefix": self.prefix, "source": str(path.resolve()), "underlay": underlay,
                  "vms": {}, "nodes": sorted(eff.nodes), "nb_cluster": nb_cluster,
-                 "bfd_interval": bfd_interval}
+                 "bfd_interval": bfd_interval, "nb_transport": "ssl" if nb_tls else "tcp"}
         self._save_state(state)
+        if nb_tls:
+            servers = [f"server_nb{i}" for i in range(1, nb_cluster + 1)] or ["server_nb"]
+            try:
+                self.pki.ensure([*sorted(eff.nodes), "admin", *servers])
+            except PkiError as exc:
+                raise LabError(f"the lab's PKI: {exc}") from None
         ensure_namespace(self.ul_ns)
         with Netns(self.ul_ns) as ul:
             ul.up_loopback()
             ul.add_bridge("ul")
             ul.add_bridge("ex")
+            if not nb_cluster:  # the standalone database's address on the underlay
+                ul.set_link("ul", up=True, mtu=UNDERLAY_MTU)
+                ul.add_address("ul", f"{self.nb_standalone_ip()}/{UNDERLAY.prefixlen}")
+        if not nb_cluster:  # TCP to the nodes crosses their userspace datapath
+            self._sh(self.ul_ns, ["ethtool", "-K", "ul", "tx", "off"], check=False)
         if nb_cluster:
             self._create_nb_members(nb_cluster)
         else:
@@ -702,6 +785,24 @@ class Lab:
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(warm, sorted(nodes or underlay)))
 
+    def _node_tls(self, node: str) -> list[str]:
+        """The TLS files of `node` (made if missing), as the tools' -p -c -C take them."""
+        if not self.nb_tls():
+            return []
+        try:
+            self.pki.ensure([node])
+        except PkiError as exc:
+            raise LabError(f"the lab's PKI: {exc}") from None
+        key, cert, ca = self.pki.files(node)
+        return ["--private-key", key, "--certificate", cert, "--ca-cert", ca]
+
+    def _agent_tls(self, node: str) -> str:
+        if not self._node_tls(node):
+            return ""
+        key, cert, ca = self.pki.files(node)
+        return (f"[northbound]\nprivate_key = {key}\ncertificate = {cert}\n"
+                f"ca_cert = {ca}\n")
+
     def _write_agent_config(self, node: str, tunnel_ip: str) -> None:
         d = self.node_dir(node)
         (d / "agent.ini").write_text(
@@ -720,6 +821,7 @@ class Lab:
             "source = nb\n"
             f"nb_connection = {self.nb_connection(agents=True)}\n"
             f"file = {self.topology_file}\n"
+            + self._agent_tls(node) +
             "[metrics]\n"  # on the node's own loopback: `dvr lab node NODE -- curl ...`
             f"bind_host = {METRICS_HOST}\n"
             f"port = {METRICS_PORT}\n"
@@ -810,7 +912,8 @@ class Lab:
         cmd = [str(exe)] if exe.exists() else run.python("-m", "dvr.cli")
         with open(d / "scheduler.log", "ab") as log:
             proc = run.start(self.node_ns(node), [
-                *cmd, "scheduler", "--db", self.nb_connection(agents=True),
+                *cmd, "scheduler", "--db",
+                self.nb_connection(agents=True, port=NB_SCHEDULER_PORT), *self._node_tls(node),
                 "--agent-down-time", str(AGENT_DOWN_TIME),
                 "--status-file", str(d / "scheduler-status.json")],
                 env=run.python_env(), stdout=log, stderr=subprocess.STDOUT,
@@ -1132,6 +1235,10 @@ class Lab:
             "model": "clustered" if members else "standalone",
             "connection": self.nb_connection(),
             "agents_connection": self.nb_connection(agents=True),
+            "schedulers_connection": self.nb_connection(agents=True, port=NB_SCHEDULER_PORT),
+            "transport": "ssl" if self.nb_tls() else "tcp",
+            "remotes": [{"target": r.target, "role": r.role} for r in self.nb_remotes()],
+            **({"pki": str(self.pki.dir)} if self.nb_tls() else {}),
             "members": {m: {"namespace": self.nb_member_ns(m), "address": self.nb_member_ip(m),
                             "role": roles[m]} for m in members},
         }

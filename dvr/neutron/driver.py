@@ -33,6 +33,7 @@ from neutron_lib.plugins.ml2 import api
 from oslo_config import cfg
 from oslo_log import log as logging
 
+from agent import tls
 from dvr import nb
 from dvr.neutron import translate as tr
 from dvr.neutron.writer import Edit, NbWriter, Put
@@ -46,8 +47,14 @@ INTERFACE_OWNERS = (n_const.DEVICE_OWNER_ROUTER_INTF, n_const.DEVICE_OWNER_DVR_I
 
 OPTS = [
     cfg.StrOpt("northbound", default="unix:/run/dvr/nb.sock",
-               help="dvr's northbound database: unix:PATH or tcp:HOST:PORT, or the members "
-                    "of a cluster, comma-separated."),
+               help="dvr's northbound database: unix:PATH or ssl:HOST:PORT (plain "
+                    "tcp:HOST:PORT only where asked for), or the members of a cluster, "
+                    "comma-separated. Over the network, a remote without a role: the "
+                    "driver writes the desired state."),
+    cfg.StrOpt("nb_private_key", help="The driver's TLS private key, for ssl: remotes."),
+    cfg.StrOpt("nb_certificate", help="The driver's TLS certificate."),
+    cfg.StrOpt("nb_ca_cert", help="The CA certificate the database servers' are checked "
+                                   "against."),
     cfg.FloatOpt("agent_down_time", default=5.0,
                  help="Seconds after its last heartbeat that a dvr agent counts as dead: "
                       "no port is bound to its host."),
@@ -65,7 +72,22 @@ def _conf() -> Any:
 
 
 def _connect() -> nb.Northbound:
+    _tls()
     return nb.Northbound(_conf().northbound, timeout=_conf().timeout)
+
+
+def _tls() -> None:
+    """The driver's TLS identity, from [dvr] nb_private_key, nb_certificate, nb_ca_cert
+    (set once per process, before its first ssl: connection)."""
+    conf = _conf()
+    wanted = (conf.nb_private_key, conf.nb_certificate, conf.nb_ca_cert)
+    have = tls.identity()
+    try:
+        if any(wanted) and (have is None or have.files() != wanted):
+            tls.configure(*wanted)
+        tls.require(conf.northbound)
+    except tls.TlsError as exc:
+        raise nb.NbError(str(exc)) from None
 
 
 # --- the northbound writer (dvr.neutron.writer) -----------------------------------------------
@@ -304,7 +326,7 @@ def agent_alive(host: str) -> tuple[bool, str]:
     when, agents, roles = _AGENTS_READ
     if time.monotonic() - when > AGENTS_FRESH_S:
         try:
-            conn = nb.Northbound(_conf().northbound, timeout=_conf().timeout)
+            conn = _connect()
         except nb.NbError as exc:
             return False, f"the northbound database is unreachable ({exc})"
         try:
@@ -352,7 +374,7 @@ class StatusThread(threading.Thread):
 
     def poll(self) -> None:
         try:
-            conn = nb.Northbound(_conf().northbound, timeout=_conf().timeout)
+            conn = _connect()
         except nb.NbError:
             self.was_unreachable = True
             return

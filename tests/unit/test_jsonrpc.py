@@ -68,7 +68,9 @@ def test_a_closed_connection_is_an_error_not_a_hang(tmp_path: Path) -> None:
 
 
 def test_unknown_remotes_and_dead_servers_are_one_line(tmp_path: Path) -> None:
-    with pytest.raises(jsonrpc.RpcError, match="not a unix:PATH or tcp:HOST:PORT"):
+    with pytest.raises(jsonrpc.RpcError, match="not a unix:PATH, tcp:HOST:PORT or ssl:"):
+        jsonrpc.Connection("udp:1.2.3.4:6641", timeout=1)
+    with pytest.raises(jsonrpc.RpcError, match="no TLS identity configured"):
         jsonrpc.Connection("ssl:1.2.3.4:6641", timeout=1)
     with pytest.raises(jsonrpc.RpcError, match="No such file"):
         jsonrpc.Connection(f"unix:{tmp_path}/none", timeout=1)
