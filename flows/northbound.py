@@ -113,6 +113,7 @@ def document(results: list[dict[str, Any]], live: bool = False) -> dict[str, Any
     replaced), when it has one: what the agents plan by."""
     _, nodes, ext, nets, routers, ports = (r.get("rows", []) for r in results[:6])
     node_name = {n["_uuid"][1]: n["name"] for n in nodes}
+    network_nodes = {n["_uuid"][1] for n in nodes if n["role"] == "network"}
     net_name = {n["_uuid"][1]: n["name"] for n in nets}
     data: dict[str, Any] = {"nodes": {}}
     for n in sorted(nodes, key=lambda r: r["position"]):
@@ -137,7 +138,9 @@ def document(results: list[dict[str, Any]], live: bool = False) -> dict[str, Any
             spec["external_gateway"] = True
             spec["external_ip"] = _one(r["external_ip"])
             spec["snat_nodes"] = [node_name[u] for _, u in _pairs(r["snat_nodes"])]
-            chain = [node_name[u] for _, u in _pairs(r.get("snat_chain")) if u in node_name]
+            # the scheduler's role may write the chain: only network nodes count in it
+            chain = [node_name[u] for _, u in _pairs(r.get("snat_chain"))
+                     if u in node_name and u in network_nodes]
             if live and chain:
                 spec["snat_nodes"] = chain
         spec.update(_ids(r.get("external_ids")))
