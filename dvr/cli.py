@@ -299,6 +299,11 @@ def _print_status(st: dict) -> None:
             f"{m} {v['address']} {v['role']}" for m, v in nb["members"].items()))
     else:
         print(f"northbound: standalone, {nb['connection']}")
+    transport = nb.get("transport")
+    if transport:
+        print(f"  agents on {nb['agents_connection']}: "
+              + ("TLS, each writes only its own report" if transport == "ssl"
+                 else "plain TCP, no roles (--nb-tcp)"))
     print(f"{'NODE':<12} {'ROLE':<8} {'TUNNEL IP':<15} {'OVS':<5} {'AGENT':<16} "
           f"{'CONVERGED':<10} {'FLOWS':>6}  VMS")
     for name, n in st["nodes"].items():

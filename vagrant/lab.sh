@@ -247,6 +247,17 @@ case $verb in
       box="box built in $((SECONDS - started)) s"
     fi
     pool_ready
+    if [[ ${DVR_NB_TCP:-0} != 1 ]]; then   # the lab's PKI: a CA, a certificate per node
+      py=$(dirname "$HERE")/.venv/bin/python
+      [[ -x $py ]] || py=python3
+      topo_file=$(dirname "$HERE")/$(cat "$STATE/topology")
+      nodes=$(cd "$(dirname "$HERE")" && "$py" -c 'import sys, yaml
+print(" ".join(yaml.safe_load(open(sys.argv[1]))["nodes"]))' "$topo_file") ||
+        die "cannot read the nodes of $topo_file"
+      # shellcheck disable=SC2086
+      (cd "$(dirname "$HERE")" && "$py" -m dvr.lab.pki "$STATE/pki" $nodes admin) ||
+        die "cannot make the lab's PKI in $STATE/pki"
+    fi
     if ! vagrant up --provider=libvirt >"$STATE.up.log" 2>&1; then
       up_failed "vagrant up"
       # a machine whose provisioning failed is up: provision it once more (provision.sh is

@@ -41,15 +41,29 @@ done
 [[ -n $LOCAL_IP ]] || die "no underlay address for $NODE in '$UNDERLAY'"
 
 # the northbound database: a RAFT cluster, one member per node named here, the first
-# creating it; clients reach every member on NB_PORT, members talk RAFT on NB_RAFT_PORT
+# creating it; agents reach every member on NB_PORT, schedulers on NB_SCHEDULER_PORT (each
+# remote with its role: docs/security.md), members talk RAFT on NB_RAFT_PORT; all TLS with
+# the lab's PKI (vagrant/lab.sh makes it, the Vagrantfile copies this node's files to
+# /tmp/dvr-pki), plain TCP only with DVR_NB_TCP=1 (no roles then: one remote for all)
 NB_PORT=6641
+NB_SCHEDULER_PORT=6642
+NB_ADMIN_PORT=6644
 NB_RAFT_PORT=6643
+PKI=$ETC/pki
+if [[ ${DVR_NB_TCP:-0} == 1 ]]; then
+    PROTO=tcp
+    NB_SCHEDULER_PORT=$NB_PORT
+else
+    PROTO=ssl
+fi
 IFS=, read -ra NB_MEMBERS <<<"${DVR_NB_MEMBERS:-$(IFS=,; echo "${NODES[*]}")}"
 NB_REMOTES=""
+NB_SCHEDULER_REMOTES=""
 NB_MEMBER=no
 for m in "${NB_MEMBERS[@]}"; do
     [[ -n ${IP_OF[$m]:-} ]] || die "northbound member $m has no underlay address"
-    NB_REMOTES+="${NB_REMOTES:+,}tcp:${IP_OF[$m]}:$NB_PORT"
+    NB_REMOTES+="${NB_REMOTES:+,}$PROTO:${IP_OF[$m]}:$NB_PORT"
+    NB_SCHEDULER_REMOTES+="${NB_SCHEDULER_REMOTES:+,}$PROTO:${IP_OF[$m]}:$NB_SCHEDULER_PORT"
     [[ $m == "$NODE" ]] && NB_MEMBER=yes
 done
 NB_FIRST_IP=${IP_OF[${NB_MEMBERS[0]}]}
@@ -111,6 +125,21 @@ fi
 
 log "topology $ETC/topology.yaml (from $TOPOLOGY, with each node's tunnel_ip)"
 install -d -m 755 "$ETC" "$STATE"
+TLS_ARGS=()
+if [[ $PROTO == ssl ]]; then
+    log "TLS identity $PKI/$NODE-cert.pem (CN $NODE)"
+    install -d -m 700 "$PKI"
+    for f in cacert.pem "$NODE-cert.pem" "$NODE-privkey.pem"; do
+        if [[ -f /tmp/dvr-pki/$f ]]; then
+            install -m "$([[ $f == *privkey* ]] && echo 600 || echo 644)" "/tmp/dvr-pki/$f" "$PKI/$f"
+        fi
+        [[ -f $PKI/$f ]] || die "no $f for $NODE: bring the lab up with vagrant/lab.sh up (it \
+makes the lab's PKI), or set DVR_NB_TCP=1 for plain TCP"
+    done
+    rm -rf /tmp/dvr-pki
+    TLS_ARGS=(--private-key="$PKI/$NODE-privkey.pem" --certificate="$PKI/$NODE-cert.pem"
+              --ca-cert="$PKI/cacert.pem")
+fi
 "$VENV/bin/python" - "$SRC/$TOPOLOGY" "$UNDERLAY" "$ETC/topology.yaml" <<'EOF'
 import os, sys, yaml
 from flows.model import TopologyError, parse_topology
@@ -142,10 +171,10 @@ if [[ $NB_MEMBER == yes ]]; then
     if [[ ! -f $STATE/nb.db ]]; then
         if [[ $LOCAL_IP == "$NB_FIRST_IP" ]]; then
             ovsdb-tool create-cluster "$STATE/nb.db" "$SRC/flows/nb.ovsschema" \
-                "tcp:$LOCAL_IP:$NB_RAFT_PORT"
+                "$PROTO:$LOCAL_IP:$NB_RAFT_PORT"
         else
             ovsdb-tool join-cluster "$STATE/nb.db" DVR_Northbound \
-                "tcp:$LOCAL_IP:$NB_RAFT_PORT" "tcp:$NB_FIRST_IP:$NB_RAFT_PORT"
+                "$PROTO:$LOCAL_IP:$NB_RAFT_PORT" "$PROTO:$NB_FIRST_IP:$NB_RAFT_PORT"
         fi
     fi
     cat >/etc/systemd/system/dvr-nb.service <<EOF
@@ -159,7 +188,10 @@ After=network-online.target
 Type=simple
 RuntimeDirectory=dvr
 RuntimeDirectoryPreserve=yes
-ExecStart=/usr/sbin/ovsdb-server $STATE/nb.db --remote=ptcp:$NB_PORT:$LOCAL_IP \\
+ExecStart=/usr/sbin/ovsdb-server $STATE/nb.db $(if [[ $PROTO == ssl ]]; then
+    echo "--remote=db:DVR_Northbound,NB_Global,connections ${TLS_ARGS[*]}"
+else
+    echo "--remote=ptcp:$NB_PORT:$LOCAL_IP"; fi) \\
     --remote=punix:/run/dvr/nb.sock --unixctl=/run/dvr/nb.ctl \\
     --log-file=/var/log/dvr/nb.log --no-chdir -vconsole:off
 Restart=on-failure
@@ -196,13 +228,28 @@ EOF
         log "converting the northbound database to the project's schema"
         ovsdb-client convert unix:/run/dvr/nb.sock "$SRC/flows/nb.ovsschema"
     fi
+    if [[ $PROTO == ssl && $LOCAL_IP == "$NB_FIRST_IP" ]]; then
+        # the members' remotes and the roles of their clients (rows of the database: every
+        # member listens on them); the roleless one on each member's loopback only
+        log "the members' TLS remotes: agents :$NB_PORT, schedulers :$NB_SCHEDULER_PORT"
+        "$VENV/bin/dvr" nb --db unix:/run/dvr/nb.sock set-connection \
+            role=dvr-agent "pssl:$NB_PORT" role=dvr-scheduler "pssl:$NB_SCHEDULER_PORT" \
+            role= "pssl:$NB_ADMIN_PORT:127.0.0.1"
+    fi
 fi
 
-log "desired state into the northbound database ($NB_REMOTES)"
+# the desired state is written through a remote without a role: a member's own unix socket
+# (with TLS, the nodes' certificates may write only their agents' reports)
+LOAD_DB=$NB_REMOTES
+[[ $PROTO == ssl ]] && LOAD_DB=$([[ $NB_MEMBER == yes ]] && echo unix:/run/dvr/nb.sock)
+if [[ -z $LOAD_DB ]]; then
+    log "desired state: loaded by the northbound members (not one here)"
+else
+log "desired state into the northbound database ($LOAD_DB)"
 loaded=no
 started=$SECONDS
 while (( SECONDS - started < ${DVR_NB_JOIN_TIMEOUT:-900} )); do   # a leader may still be elected,
-    if "$VENV/bin/dvr" nb --db "$NB_REMOTES" load "$ETC/topology.yaml"; then   # or members be joining
+    if "$VENV/bin/dvr" nb --db "$LOAD_DB" load "$ETC/topology.yaml"; then   # or members be joining
         loaded=yes
         break
     fi
@@ -210,6 +257,7 @@ while (( SECONDS - started < ${DVR_NB_JOIN_TIMEOUT:-900} )); do   # a leader may
 done
 [[ $loaded == yes ]] || die "cannot load the topology into the northbound database \
 after $((SECONDS - started)) s"
+fi
 
 log "agent configuration $ETC/agent.ini (from the package's sample)"
 # the sample oslo-config-generator made of the agent's options, each value set in place
@@ -242,6 +290,11 @@ set_opt ovs local_ip "$LOCAL_IP"
 set_opt topology source nb
 set_opt topology nb_connection "$NB_REMOTES"
 set_opt topology file "$ETC/topology.yaml"
+if [[ $PROTO == ssl ]]; then
+    set_opt northbound private_key "$PKI/$NODE-privkey.pem"
+    set_opt northbound certificate "$PKI/$NODE-cert.pem"
+    set_opt northbound ca_cert "$PKI/cacert.pem"
+fi
 set_opt agent status_file "$STATE/agent-status.json"
 set_opt metrics bind_host 127.0.0.1
 
@@ -273,7 +326,12 @@ if [[ $ROLE == network ]]; then
     mkdir -p /etc/systemd/system/dvr-scheduler.service.d
     cat >/etc/systemd/system/dvr-scheduler.service.d/lab.conf <<EOF
 [Service]
-Environment=DVR_NB=$NB_REMOTES
+Environment=DVR_NB=$NB_SCHEDULER_REMOTES
+$(if [[ $PROTO == ssl ]]; then
+    echo "Environment=DVR_NB_PRIVATE_KEY=$PKI/$NODE-privkey.pem"
+    echo "Environment=DVR_NB_CERTIFICATE=$PKI/$NODE-cert.pem"
+    echo "Environment=DVR_NB_CA_CERT=$PKI/cacert.pem"
+fi)
 EOF
 fi
 

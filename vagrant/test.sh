@@ -11,7 +11,9 @@
 #      once on the source node, TTL 63, one tunnel crossing; a floating IP reached from the
 #      external host with its real source; SNAT through the network node; isolation
 #      between routers) and both give the same answers and the same offline traces;
-#   2. an agent restart on compute1 under a ping every 20 ms: no packet lost;
+#   2. the database's connections between the VMs are TLS and compute1's certificate may
+#      not change the desired state (RBAC); then an agent restart on compute1 under a ping
+#      every 20 ms: no packet lost;
 #   3. an OVS restart on compute1 (flow-restore-wait, the kernel datapath) under the same
 #      ping: no packet lost;
 #   4. net1, the network node serving r1's SNAT, killed (as a power cut): vm2's traffic to
@@ -111,6 +113,29 @@ diff -u "$TMP/namespaces" "$TMP/vms" >"$TMP/diff" \
 grep -v '^answer: trace' "$TMP/vms" | sed 's/^answer: /ok: /' | while read -r l; do say "$l"; done
 say "ok: the same $(grep -c '^answer: trace' "$TMP/vms") lines of offline trace and the same\
  $(grep -vc '^answer: trace' "$TMP/vms") answers on dvr lab and on the VMs"
+
+# the database over TLS between the VMs, each agent limited to its own report: compute1's
+# certificate may rewrite its own Agent row but not compute2's, nor remove a VM's port
+c1="-p /etc/dvr/pki/compute1-privkey.pem -c /etc/dvr/pki/compute1-cert.pem -C /etc/dvr/pki/cacert.pem"
+nbc=$("$LAB" node compute1 -- sed -n 's/^nb_connection = //p' /etc/dvr/agent.ini)
+[[ $nbc == ssl:* ]] || fail "compute1's agent is not on TLS: nb_connection = $nbc"
+first=${nbc%%,*}
+"$LAB" node compute1 -- ss -tnH state established "( dport = :6641 )" | grep -q . \
+  || fail "compute1's agent holds no connection to the database"
+if "$LAB" node compute1 -- /opt/dvr/venv/bin/dvr nb --db "$first" $c1 vm-del vm1 \
+    >"$TMP/forged" 2>&1; then
+  fail "compute1's certificate removed vm1's port"
+fi
+grep -q 'permission error: RBAC rules for client "compute1" role "dvr-agent"' "$TMP/forged" \
+  || fail "no RBAC refusal for compute1's certificate: $(tail -n 1 "$TMP/forged")"
+"$LAB" node compute1 -- /opt/dvr/venv/bin/dvr nb --db "$first" $c1 show | grep -q '^vm vm1 ' \
+  || fail "vm1's port is gone"
+if "$LAB" node compute1 -- /opt/dvr/venv/bin/dvr nb --db "${first/ssl:/tcp:}" show \
+    >/dev/null 2>&1; then
+  fail "the database answers plain TCP on $first"
+fi
+say "ok: the database is TLS between the VMs ($nbc); compute1's certificate is refused\
+ removing a port (RBAC), plain TCP gets no answer"
 
 # lost_across VERB NODE: pings every 20 ms from vm1 to vm2 (on compute2: through the
 # tunnel) and to vm3 (on compute1 too) across the verb: "SENT GOT SENT GOT"

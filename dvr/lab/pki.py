@@ -125,3 +125,24 @@ def subject_cn(cert: Path) -> str:
         if k.strip() == "commonName":
             return v.strip()
     raise PkiError(f"{cert}: no CN")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python3 -m dvr.lab.pki DIR NAME...`: the CA in DIR and a certificate for each NAME
+    that has none (vagrant/lab.sh makes the Vagrant lab's PKI so)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2:
+        print("usage: python3 -m dvr.lab.pki DIR NAME...", file=sys.stderr)
+        return 2
+    try:
+        Pki(Path(args[0])).ensure(args[1:])
+    except PkiError as exc:
+        print(f"dvr.lab.pki: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,6 +9,7 @@ stops, and the killed member rejoins with the cluster's state.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -387,8 +388,8 @@ def metric(lab: LabHandle, node: str, name: str) -> float:
 def test_every_member_refuses_a_client_it_cannot_trust(lab: LabHandle, tmp_path: Path
                                                        ) -> None:
     """No certificate, one of another CA, an expired one: refused at the handshake by
-    every member, and logged by it; plain TCP to the TLS remote gets no answer; the lab's
-    own certificate is let in."""
+    every member on each of its remotes (agents', schedulers', RAFT's), and logged by it;
+    plain TCP to a TLS remote gets no answer; the lab's own certificate is let in."""
     from dvr.lab.pki import Pki
 
     pki = Pki(lab.rundir / "pki")
@@ -401,11 +402,13 @@ def test_every_member_refuses_a_client_it_cannot_trust(lab: LabHandle, tmp_path:
     expired.issue("compute1", days=-1)
     ns = lab.node_ns("compute1")
     members = lab_northbound(lab)["members"]
-    for name, m in members.items():
-        remote = f"tcp:{m['address']}:6641"
+    for (name, m), port in itertools.product(members.items(), (6641, 6642, 6643)):
+        # the agents', the schedulers' and the members' own (RAFT) remotes
+        remote = f"tcp:{m['address']}:{port}"
         log = lab.rundir / name / "nb.log"
         before = log.read_text().count("SSL")
-        assert nbclient(lab, ns, remote, who=pki.files("compute1"))["stage"] == "answer"
+        if port != 6643:  # (RAFT speaks no JSON-RPC to a client)
+            assert nbclient(lab, ns, remote, who=pki.files("compute1"))["stage"] == "answer"
         for what, reply in (
                 ("no certificate", nbclient(lab, ns, remote, None, "--no-cert",
                                             who=("", "", str(pki.cacert)))),
@@ -425,8 +428,9 @@ def test_every_member_refuses_a_client_it_cannot_trust(lab: LabHandle, tmp_path:
             assert time.monotonic() < deadline, f"{name} logged no refused handshake"
             time.sleep(0.1)
         # the remote without a role is on the member's loopback only: not on the underlay
-        assert nbclient(lab, ns, f"tcp:{m['address']}:6644",
-                        who=pki.files("admin"))["stage"] == "connect"
+        if port == 6641:
+            assert nbclient(lab, ns, f"tcp:{m['address']}:6644",
+                            who=pki.files("admin"))["stage"] == "connect"
     # ... where operators' tools reach it with the admin certificate
     first = next(iter(members))
     out = subprocess.run(
