@@ -352,7 +352,8 @@ def lab_main(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         lab.up(args.topology, timeout=args.timeout, nb_cluster=args.nb_cluster,
                bfd_interval=args.bfd_interval, neutron=args.neutron,
-               l2_agents=[n for n in args.l2_agent.split(",") if n], nb_tls=not args.nb_tcp)
+               l2_agents=[n for n in args.l2_agent.split(",") if n],
+               nb_tls=False if args.nb_tcp else None)
         st = lab.status()
         print(f"lab {lab.prefix} up: {len(st['nodes'])} nodes, {len(st['vms'])} VMs, "
               f"converged in {time.monotonic() - t0:.2f}s"

@@ -382,7 +382,7 @@ class Lab:
     def up(self, topology: str | Path | None = None, timeout: float = CONVERGE_TIMEOUT,
            nb_cluster: int | None = None, bfd_interval: int | None = None,
            neutron: bool = False, l2_agents: list[str] | None = None,
-           nb_tls: bool = True) -> None:
+           nb_tls: bool | None = None) -> None:
         """Build the lab (its northbound database standalone, or a RAFT cluster of
         `nb_cluster` members; with `neutron`, driven by a Neutron API that holds the
         topology's objects), or apply `topology` to the running lab."""
@@ -403,7 +403,7 @@ class Lab:
                     raise LabError(f"lab {self.prefix} runs its northbound database "
                                    f"{f'as {have} members' if have else 'standalone'}: "
                                    "`dvr lab down` first to change that")
-                if nb_tls != self.nb_tls():
+                if nb_tls is not None and nb_tls != self.nb_tls():
                     raise LabError(f"lab {self.prefix}'s northbound database speaks "
                                    f"{'TLS' if self.nb_tls() else 'plain TCP'}: "
                                    "`dvr lab down` first to change that")
@@ -416,7 +416,7 @@ class Lab:
             try:
                 self._create(topo, raw, path, timeout, nb_cluster or 0,
                              BFD_INTERVAL if bfd_interval is None else bfd_interval,
-                             neutron, sorted(set(l2_agents or [])), nb_tls)
+                             neutron, sorted(set(l2_agents or [])), nb_tls is not False)
             except BaseException:
                 if os.environ.get("DVR_LAB_KEEP"):  # for a post-mortem; `down` removes it
                     LOG.error("lab %s: up failed; kept as it is (DVR_LAB_KEEP)", self.prefix)
