@@ -52,6 +52,11 @@ LOG = logging.getLogger(__name__)
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 UNDERLAY = ipaddress.IPv4Network("198.18.0.0/16")  # RFC 2544 benchmarking range
 UNDERLAY_MTU = 1600
+# the management network: how the nodes' agents and schedulers reach the northbound
+# database, through their kernel (a veth `mg0`, 198.19.X.Y for the underlay's 198.18.X.Y), not
+# through their own Open vSwitch, as a hypervisor's management NIC: a node whose
+# ovs-vswitchd holds its datapath (flow-restore-wait) still reaches the desired state
+MGMT = ipaddress.IPv4Network("198.19.0.0/16")
 VSWITCH_SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 DEFAULT_TOPOLOGY = Path(__file__).parents[1] / "examples" / "default.yaml"
 CONVERGE_TIMEOUT = 60.0
@@ -165,11 +170,18 @@ class Lab:
 
     @staticmethod
     def nb_member_ip(member: str) -> str:
-        return str(UNDERLAY.network_address + NB_MEMBER_NET * 256 + int(member[2:]))
+        """A member's address, on the management network."""
+        return str(MGMT.network_address + NB_MEMBER_NET * 256 + int(member[2:]))
 
     @staticmethod
     def nb_standalone_ip() -> str:
-        return str(UNDERLAY.network_address + NB_MEMBER_NET * 256 + NB_STANDALONE_HOST)
+        return str(MGMT.network_address + NB_MEMBER_NET * 256 + NB_STANDALONE_HOST)
+
+    @staticmethod
+    def mgmt_ip(tunnel_ip: str) -> str:
+        """A node's management address: its underlay address's place in MGMT."""
+        offset = int(ipaddress.IPv4Address(tunnel_ip)) - int(UNDERLAY.network_address)
+        return str(MGMT.network_address + offset)
 
     @property
     def pki(self) -> Pki:
@@ -261,20 +273,19 @@ class Lab:
 
     def _create_nb_members(self, count: int) -> None:
         """A RAFT cluster of `count` ovsdb-servers, each in its own namespace with an
-        address on the underlay; the first creates the cluster, the others join it."""
+        address on the management network; the first creates the cluster, the others join
+        it."""
         members = [f"nb{i}" for i in range(1, count + 1)]
         with Netns(self.ul_ns) as ul:
             for m in members:
                 ensure_namespace(self.nb_member_ns(m))
                 ul.add_veth(f"u-{m}", "eth0", self.nb_member_ns(m), mtu=UNDERLAY_MTU)
-                ul.set_link(f"u-{m}", master="ul", up=True, mtu=UNDERLAY_MTU)
+                ul.set_link(f"u-{m}", master="mg", up=True, mtu=UNDERLAY_MTU)
         for m in members:
             with Netns(self.nb_member_ns(m)) as ns:
                 ns.up_loopback()
                 ns.set_link("eth0", up=True, mtu=UNDERLAY_MTU)
-                ns.add_address("eth0", f"{self.nb_member_ip(m)}/{UNDERLAY.prefixlen}")
-            # TCP to the nodes crosses their userspace datapath: no partial checksums
-            self._sh(self.nb_member_ns(m), ["ethtool", "-K", "eth0", "tx", "off"], check=False)
+                ns.add_address("eth0", f"{self.nb_member_ip(m)}/{MGMT.prefixlen}")
             d = self.dir / m
             d.mkdir(parents=True, exist_ok=True)
             raft = "ssl" if self.nb_tls() else "tcp"
@@ -456,9 +467,11 @@ class Lab:
 
     def _allocate_underlay(self, topo: Topology, current: dict[str, str]) -> dict[str, str]:
         out = {n: ip for n, ip in current.items() if n in topo.nodes}
-        used = set(out.values()) | {self.nb_member_ip(f"nb{i}")
-                                    for i in range(1, MAX_NB_MEMBERS + 1)}
-        used.add(self.nb_standalone_ip())
+        # (no node's management address may be a database server's)
+        servers = [self.nb_member_ip(f"nb{i}") for i in range(1, MAX_NB_MEMBERS + 1)]
+        servers.append(self.nb_standalone_ip())
+        used = set(out.values()) | {str(UNDERLAY.network_address + (
+            int(ipaddress.IPv4Address(ip)) - int(MGMT.network_address))) for ip in servers}
         hosts = (str(h) for h in UNDERLAY.hosts())
         for node in sorted(topo.nodes.values(), key=lambda n: n.index):
             if node.name in out:
@@ -506,11 +519,10 @@ class Lab:
             ul.up_loopback()
             ul.add_bridge("ul")
             ul.add_bridge("ex")
-            if not nb_cluster:  # the standalone database's address on the underlay
-                ul.set_link("ul", up=True, mtu=UNDERLAY_MTU)
-                ul.add_address("ul", f"{self.nb_standalone_ip()}/{UNDERLAY.prefixlen}")
-        if not nb_cluster:  # TCP to the nodes crosses their userspace datapath
-            self._sh(self.ul_ns, ["ethtool", "-K", "ul", "tx", "off"], check=False)
+            ul.add_bridge("mg")
+            ul.set_link("mg", up=True, mtu=UNDERLAY_MTU)
+            if not nb_cluster:  # the standalone database's address on the management net
+                ul.add_address("mg", f"{self.nb_standalone_ip()}/{MGMT.prefixlen}")
         if nb_cluster:
             self._create_nb_members(nb_cluster)
         else:
@@ -734,10 +746,15 @@ class Lab:
             # the provider (external) network: a flat segment every node is on
             ul.add_veth(f"e-{node}", "ex0", ns)
             ul.set_link(f"e-{node}", master="ex", up=True)
+            # the management network (the northbound database), through the node's kernel
+            ul.add_veth(f"m-{node}", "mg0", ns, mtu=UNDERLAY_MTU)
+            ul.set_link(f"m-{node}", master="mg", up=True, mtu=UNDERLAY_MTU)
         with Netns(ns) as n:
             n.up_loopback()
             n.set_link("ul0", up=True, mtu=UNDERLAY_MTU)
             n.set_link("ex0", up=True)
+            n.set_link("mg0", up=True, mtu=UNDERLAY_MTU)
+            n.add_address("mg0", f"{self.mgmt_ip(tunnel_ip)}/{MGMT.prefixlen}")
         db = d / "conf.db"
         if not db.exists():
             run.run(None, ["ovsdb-tool", "create", str(db), VSWITCH_SCHEMA])
