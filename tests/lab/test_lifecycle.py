@@ -647,6 +647,7 @@ def test_the_nodes_ovsdb_server_dies_and_comes_back(default_lab: LabHandle) -> N
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.alongside
 def test_the_northbound_down_for_a_minute_costs_no_packet(default_lab: LabHandle) -> None:
     """The northbound database down for 60 s: every node forwards on with its flows (a
     datagram every 10 ms, none lost), the agents say they are disconnected (metrics), and
