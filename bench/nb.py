@@ -556,6 +556,7 @@ def restart_agent(lb: Lab, node: str, generation: str, timeout: float) -> Restar
             started = now - t0
         if agent_ok(lb, node, generation, pid):
             sync_s = now - t0
+            st = lb.agent_status(node) or st  # the converged status (st may be older)
             break
         if now > deadline:
             raise BenchError(f"{node}: the restarted agent did not converge within "
