@@ -3,9 +3,11 @@ driver: networks and subnets created and listed over REST, then everything stopp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -88,6 +90,76 @@ def test_neutron_api_networks_and_subnets() -> None:
         passed = True
     finally:
         neutron.stop()
+        if passed:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"logs kept in {workdir}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(900)
+def test_the_dvr_driver_writes_over_tls_with_its_own_certificate() -> None:
+    """Neutron's dvr driver given only a TLS remote of the northbound database and its own
+    certificate (`[dvr] northbound = ssl:...`, `nb_private_key`, `nb_certificate`,
+    `nb_ca_cert`): a network and subnet created through the API are in the database, and
+    the server logged the driver's transactions on a TLS session (the unix socket is the
+    test's own)."""
+    import subprocess
+
+    from dvr import nb
+    from dvr.lab.pki import Pki
+    from flows import northbound
+    from flows.model import load_topology
+
+    if shutil.which("mariadbd") is None:
+        pytest.skip("mariadbd is not installed (Debian: apt-get install mariadb-server)")
+    venv = ensure_venv()
+    workdir = Path(f"/run/dvrnt-{uuid.uuid4().hex[:8]}")
+    workdir.mkdir(parents=True)
+    pki = Pki(workdir / "pki")
+    pki.ensure(["server", "neutron"])
+    db, sock, port = workdir / "nb.db", workdir / "nb.sock", _free_port()
+    subprocess.run(["ovsdb-tool", "create", str(db), str(northbound.SCHEMA)], check=True)
+    key, cert, ca = pki.files("server")
+    subprocess.run(["ovsdb-server", str(db), f"--remote=punix:{sock}",
+                    "--remote=db:DVR_Northbound,NB_Global,connections",
+                    f"--private-key={key}", f"--certificate={cert}", f"--ca-cert={ca}",
+                    f"--pidfile={workdir}/nb.pid", f"--unixctl={workdir}/nb.ctl",
+                    f"--log-file={workdir}/nb.log", "-vjsonrpc:file:dbg", "--detach",
+                    "--no-chdir", "-vconsole:off"], check=True)
+    neutron = None
+    passed = False
+    try:
+        admin = nb.Northbound(f"unix:{sock}")
+        admin.set_connections([northbound.Remote(f"pssl:{port}:127.0.0.1")])
+        topo = load_topology(Path(__file__).parents[2] / "dvr" / "examples" / "default.yaml")
+        admin.load(dataclasses.replace(topo, networks={}, routers={}, vms={}, _router_of={},
+                                       _by_port={}))   # the nodes, as `dvr lab` registers them
+        key, cert, ca = pki.files("neutron")
+        neutron = Neutron(workdir / "neutron", f"ssl:127.0.0.1:{port}", venv=venv,
+                          extra_config={"dvr": {"nb_private_key": key,
+                                                "nb_certificate": cert, "nb_ca_cert": ca}})
+        api = f"{neutron.start()}/v2.0"
+        network = _call(f"{api}/networks", "POST", {"network": {"name": "tlsnet"}})["network"]
+        _call(f"{api}/subnets", "POST", {"subnet": {
+            "network_id": network["id"], "cidr": "10.78.0.0/24", "ip_version": 4}})
+        deadline = time.monotonic() + 30   # the driver writes in its own thread
+        while not any(n["cidr"] == "10.78.0.0/24" for n in admin.dump()["networks"].values()):
+            assert time.monotonic() < deadline, admin.dump()["networks"]
+            time.sleep(0.2)
+        log = (workdir / "nb.log").read_text()
+        assert "ssl:127.0.0.1:" in log and "transact" in log, log[-2000:]
+        admin.close()
+        passed = True
+    finally:
+        if neutron is not None:
+            neutron.stop()
+        subprocess.run(["ovs-appctl", "-t", str(workdir / "nb.ctl"), "exit"], check=False)
         if passed:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
