@@ -240,8 +240,13 @@ fi
 
 # the desired state is written through a remote without a role: a member's own unix socket
 # (with TLS, the nodes' certificates may write only their agents' reports)
-LOAD_DB=$NB_REMOTES
-[[ $PROTO == ssl ]] && LOAD_DB=$([[ $NB_MEMBER == yes ]] && echo unix:/run/dvr/nb.sock)
+if [[ $PROTO == tcp ]]; then
+    LOAD_DB=$NB_REMOTES
+elif [[ $NB_MEMBER == yes ]]; then
+    LOAD_DB=unix:/run/dvr/nb.sock
+else
+    LOAD_DB=""
+fi
 if [[ -z $LOAD_DB ]]; then
     log "desired state: loaded by the northbound members (not one here)"
 else
