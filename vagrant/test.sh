@@ -120,16 +120,16 @@ c1="-p /etc/dvr/pki/compute1-privkey.pem -c /etc/dvr/pki/compute1-cert.pem -C /e
 nbc=$("$LAB" node compute1 -- sed -n 's/^nb_connection = //p' /etc/dvr/agent.ini)
 [[ $nbc == ssl:* ]] || fail "compute1's agent is not on TLS: nb_connection = $nbc"
 first=${nbc%%,*}
-"$LAB" node compute1 -- ss -tnH state established "( dport = :6641 )" | grep -q . \
-  || fail "compute1's agent holds no connection to the database"
+conns=$("$LAB" node compute1 -- ss -tnH state established "( dport = :6641 )")
+[[ -n $conns ]] || fail "compute1's agent holds no connection to the database"
 if "$LAB" node compute1 -- /opt/dvr/venv/bin/dvr nb --db "$first" $c1 vm-del vm1 \
     >"$TMP/forged" 2>&1; then
   fail "compute1's certificate removed vm1's port"
 fi
 grep -q 'permission error: RBAC rules for client "compute1" role "dvr-agent"' "$TMP/forged" \
   || fail "no RBAC refusal for compute1's certificate: $(tail -n 1 "$TMP/forged")"
-"$LAB" node compute1 -- /opt/dvr/venv/bin/dvr nb --db "$first" $c1 show | grep -q '^vm vm1 ' \
-  || fail "vm1's port is gone"
+shown=$("$LAB" node compute1 -- /opt/dvr/venv/bin/dvr nb --db "$first" $c1 show)
+grep -q '^vm vm1 ' <<<"$shown" || fail "vm1's port is gone"
 if "$LAB" node compute1 -- /opt/dvr/venv/bin/dvr nb --db "${first/ssl:/tcp:}" show \
     >/dev/null 2>&1; then
   fail "the database answers plain TCP on $first"
