@@ -43,7 +43,7 @@ def _pid_runs(pid: int) -> bool:
 
 
 @pytest.mark.timeout(900)  # the first run installs the Neutron venv (about a minute)
-def test_neutron_api_networks_and_subnets() -> None:
+def test_neutron_api_networks_and_subnets(tmp_path: Path) -> None:
     if shutil.which("mariadbd") is None:
         pytest.skip("mariadbd is not installed (Debian: apt-get install mariadb-server)")
     venv = ensure_venv()
@@ -90,10 +90,17 @@ def test_neutron_api_networks_and_subnets() -> None:
         passed = True
     finally:
         neutron.stop()
-        if passed:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs kept in {workdir}")
+        _clean_up(workdir, passed, tmp_path)
+
+
+def _clean_up(workdir: Path, passed: bool, keep: Path) -> None:
+    """Remove the test's run directory, failed or not; on failure its logs (not the
+    database files) go to pytest's own temporary directory first."""
+    if not passed and workdir.exists():
+        shutil.copytree(workdir, keep / workdir.name, ignore=shutil.ignore_patterns("mysql"),
+                        dirs_exist_ok=True)
+        print(f"logs kept in {keep / workdir.name}")
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -103,7 +110,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.timeout(900)
-def test_the_dvr_driver_writes_over_tls_with_its_own_certificate() -> None:
+def test_the_dvr_driver_writes_over_tls_with_its_own_certificate(tmp_path: Path) -> None:
     """Neutron's dvr driver given only a TLS remote of the northbound database and its own
     certificate (`[dvr] northbound = ssl:...`, `nb_private_key`, `nb_certificate`,
     `nb_ca_cert`): a network and subnet created through the API are in the database, and
@@ -159,8 +166,6 @@ def test_the_dvr_driver_writes_over_tls_with_its_own_certificate() -> None:
     finally:
         if neutron is not None:
             neutron.stop()
-        subprocess.run(["ovs-appctl", "-t", str(workdir / "nb.ctl"), "exit"], check=False)
-        if passed:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs kept in {workdir}")
+        subprocess.run(["ovs-appctl", "-t", str(workdir / "nb.ctl"), "exit"], check=False,
+                       capture_output=True)
+        _clean_up(workdir, passed, tmp_path)
