@@ -210,12 +210,10 @@ class NbSource(Source):
         self._pending_since: float | None = None
         self._report: Any = None  # the report transaction in flight (ovs.db.idl.Transaction)
         self.refused = 0  # reports the database refused (RBAC: not this node's row)
-        self.reconnects = 0  # reconnections asked for (a rotated certificate)
 
     def reconnect(self, why: str) -> None:
         """Drop the connection and make a new one now (the copy is kept meanwhile)."""
         LOG.info("northbound database: reconnecting (%s)", why)
-        self.reconnects += 1
         self.idl.force_reconnect()
 
     def wait(self, poller: Any) -> bool:
