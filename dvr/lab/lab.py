@@ -203,8 +203,9 @@ class Lab:
         brought up with plain TCP; `port` NB_SCHEDULER_PORT: as the schedulers do)."""
         members = self.nb_members()
         if agents:
-            proto = "ssl" if self.nb_tls() else "tcp"
-            if not self.nb_tls():
+            tls = self.nb_tls()  # (the lab's state file, read once)
+            proto = "ssl" if tls else "tcp"
+            if not tls:
                 port = NB_PORT  # no roles: one remote for all
             ips = ([self.nb_member_ip(m) for m in members] if members
                    else [self.nb_standalone_ip()])
